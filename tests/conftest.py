@@ -1,0 +1,144 @@
+"""Shared fixtures: a clean environment, tiny artifacts from the real exporter, real servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from training.config import ModelConfig
+from training.evaluate import anomaly_scores, calibrate
+from training.export import build_manifest, export_artifact
+from training.model import VAE
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO.parent / "shared" / "datasets" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ() -> Iterator[None]:
+    """No VAE_* variable from the developer's shell may leak into a test (cf. httpx's tests)."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith("VAE_"):
+            del os.environ[key]
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def make_artifact(
+    path: Path,
+    *,
+    input_shape: tuple[int, ...] = (2, 2),
+    hidden: tuple[int, ...] = (8,),
+    latent_dim: int = 2,
+    likelihood: str = "bernoulli",
+    seed: int = 0,
+) -> Path:
+    """A small untrained VAE (4-8-2 by default) exported by the real exporter."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        input_dim=int(np.prod(input_shape)),
+        hidden_dims=hidden,
+        latent_dim=latent_dim,
+        likelihood=likelihood,  # type: ignore[arg-type]
+    )
+    model = VAE(cfg).eval()
+    x_val = torch.rand(64, cfg.input_dim)
+    if likelihood == "bernoulli":
+        x_val = torch.bernoulli(x_val)
+    calibration = calibrate(anomaly_scores(model, x_val, samples=4), 4)
+    manifest = build_manifest(
+        model,
+        input_shape=input_shape,
+        model_config=cfg.to_dict(),
+        train_config={"preset": "test"},
+        dataset={"name": "random", "train_size": 0, "val_size": 64, "test_size": 0},
+        metrics={},
+        calibration=calibration,
+    )
+    export_artifact(model, manifest, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("tiny") / "vae.pt")
+
+
+@pytest.fixture(scope="session")
+def gaussian_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(
+        tmp_path_factory.mktemp("gauss") / "vae.pt", input_shape=(3,), likelihood="gaussian"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    """A real `python -m app` process on a free port."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {**os.environ, **env, "VAE_PORT": str(self.port), "VAE_HOST": "127.0.0.1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            cwd=REPO,
+            env=full_env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Server]]:
+    """Start real servers with the given VAE_* variables; all are stopped after the test."""
+    servers: list[Server] = []
+
+    def start(env: dict[str, str]) -> Server:
+        server = Server(env, tmp_path / f"server{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

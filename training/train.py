@@ -1,0 +1,144 @@
+"""The training loop: Adam on the negative ELBO, per-epoch validation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from training.config import TrainConfig
+from training.evaluate import mean_elbo
+from training.model import VAE
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+@dataclass
+class TrainResult:
+    best_state: dict[str, Tensor]
+    best_val_elbo: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(
+    model: VAE,
+    x_train: Tensor,
+    x_val: Tensor,
+    cfg: TrainConfig,
+    *,
+    binarize: bool,
+    checkpoint_dir: Path,
+    meta: dict[str, Any],
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Maximise the ELBO on `x_train` (N, D); keep the state with the best validation ELBO.
+
+    `x_val` is evaluated as given (already binarised with a fixed seed where that applies).
+    After every epoch `last.pt` holds everything needed to resume, so an interrupted run loses
+    at most one epoch; `best.pt` holds the best model so far. Both carry `meta` (the configs),
+    and a resume refuses a checkpoint whose model config differs.
+    """
+    device = x_train.device
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    latent_dim = model.enc_out.out_features // 2
+    torch.manual_seed(cfg.seed)
+    result = TrainResult(best_state=_copy_state(model), best_val_elbo=-math.inf, best_epoch=0)
+    start_epoch = 1
+    last = checkpoint_dir / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location=device, weights_only=False)
+        if ckpt["meta"]["model"] != meta["model"]:
+            raise TrainingError(
+                f"{last}: cannot resume: it was trained with model config {ckpt['meta']['model']}, "
+                f"not {meta['model']}."
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # a resumed run may ask for another learning rate
+            group["lr"] = cfg.lr
+        torch.set_rng_state(ckpt["rng"])
+        result = ckpt["result"]
+        start_epoch = ckpt["epoch"] + 1
+        log.info("resumed from %s after epoch %d", last, ckpt["epoch"])
+
+    t0 = time.perf_counter() - result.seconds
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(x_train.shape[0]).to(device)
+        batches = order.split(cfg.batch_size)[: cfg.max_batches]
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        total, seen = 0.0, 0
+        for i, idx in enumerate(bar):
+            xb = x_train[idx]
+            if binarize:
+                # Dynamic binarisation: a fresh draw every time an image is shown (Burda et al.).
+                xb = torch.bernoulli(xb)
+            eps = torch.randn(xb.shape[0], latent_dim, device=device)
+            loss = -model.elbo(xb, eps).mean()
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch}, batch {i + 1}; stopping. "
+                    f"The last good checkpoint stays at {last if last.exists() else 'none yet'}."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * xb.shape[0]
+            seen += xb.shape[0]
+            bar.set_postfix(loss=f"{total / seen:.2f}")
+
+        model.eval()
+        val_elbo = mean_elbo(model, x_val, seed=cfg.seed)
+        row = {"epoch": epoch, "train_elbo": -total / seen, "val_elbo": val_elbo}
+        result.history.append(row)
+        if val_elbo > result.best_val_elbo:
+            result.best_val_elbo, result.best_epoch = val_elbo, epoch
+            result.best_state = _copy_state(model)
+            _atomic_save(
+                {"model": result.best_state, "epoch": epoch, "meta": meta},
+                checkpoint_dir / "best.pt",
+            )
+        result.seconds = time.perf_counter() - t0
+        log.info(
+            "epoch %d: train ELBO %.2f, val ELBO %.2f%s (%.0fs)",
+            epoch, row["train_elbo"], val_elbo,
+            " *best*" if result.best_epoch == epoch else "", result.seconds,
+        )  # fmt: skip
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "result": result,
+                "epoch": epoch,
+                "meta": meta,
+            },
+            last,
+        )
+    return result
+
+
+def _copy_state(model: VAE) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
