@@ -1,0 +1,3 @@
+"""vae-service: serve a trained VAE artifact over REST."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Domain exceptions and their one mapping to HTTP.
+
+Every error answer keeps FastAPI's `{"detail": ...}` shape with a one-sentence reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(
+        description="One sentence saying what was wrong.",
+        examples=["instances[2] has 783 values; this model takes 784 (or a 28x28 array)."],
+    )
+
+
+class VAEServiceError(Exception):
+    """Base of the errors the service answers with a 4xx or 503."""
+
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInputError(VAEServiceError):
+    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
+
+
+class NotReadyError(VAEServiceError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+
+
+class ModelLoadError(Exception):
+    """The artifact cannot be served; the message names the file and the problem."""
+
+
+# Documented on every route that takes a body, instead of FastAPI's list-shaped default.
+VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {
+    422: {"model": ErrorResponse, "description": "The request is not valid for this model."},
+    503: {"model": ErrorResponse, "description": "The model is not loaded yet."},
+}
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """One sentence from pydantic's errors, e.g. "instances[2][5]: Input should be a finite number."
+
+    A union (flat or nested instance) reports one error per branch; the deepest one is the
+    branch the client meant, and an error about the value beats one about the container.
+    """
+    errors = exc.errors()
+    first = max(errors, key=lambda e: (len(_plain_loc(e)), e.get("type") != "list_type"))
+    loc = _plain_loc(first)
+    if first.get("type") == "extra_forbidden":
+        return f"Unknown field '{loc[-1]}' in the request body."
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON."
+    if first.get("type") == "missing" and len(loc) <= 1:
+        return "The request body is missing or empty."
+    where = _format_loc(loc)
+    msg = str(first.get("msg", "invalid value")).rstrip(".")
+    return f"{where}: {msg}." if where else f"{msg}."
+
+
+def _plain_loc(error: Any) -> list[str]:
+    # Union branches appear in loc as their type, e.g. "list[float]"; they mean nothing to a client.
+    return [str(p) for p in error.get("loc", ()) if not (isinstance(p, str) and "[" in p)]
+
+
+def _format_loc(loc: list[str]) -> str:
+    # ["body", "instances", "2", "5"] -> "instances[2][5]"
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(VAEServiceError)
+    async def _service_error(_: Request, exc: VAEServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": describe_validation_error(exc)},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )

@@ -1,0 +1,90 @@
+"""The app factory: `create_app(settings)`, its lifespan, error handlers and routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+
+from app import __version__
+from app.errors import ModelLoadError, install_error_handlers
+from app.model import VAEService
+from app.routes import model_router, router
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """
+Serves a trained Variational Autoencoder (Kingma & Welling 2013) from one TorchScript artifact.
+
+* **/encode**: the posterior q(z|x), its mean is the representation.
+* **/decode**, **/sample**: outputs from latents, or from prior draws.
+* **/anomaly-score**: KL(q(z|x) || p(z)) and An & Cho's reconstruction probability.
+
+A request with a `seed` gets a byte-identical answer every time.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        if settings.torch_interop_threads:
+            try:
+                torch.set_num_interop_threads(settings.torch_interop_threads)
+            except RuntimeError:  # torch allows it once per process, before any parallel work
+                log.warning("torch inter-op threads were already set; keeping them")
+        try:
+            vae = await run_in_threadpool(VAEService.load, settings.model_path, settings.device)
+            await run_in_threadpool(vae.warm_up)
+        except ModelLoadError as e:
+            log.error("cannot start: %s", e)
+            raise
+        app.state.vae = vae
+        app.state.ready = True
+        log.info("ready: %s", {k: vae.manifest.get(k) for k in ("input_shape", "likelihood")})
+        yield
+        app.state.ready = False
+
+    app = FastAPI(
+        title="vae-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.vae = None
+    app.state.ready = False
+    install_error_handlers(app)
+    app.include_router(model_router)
+    app.include_router(router)
+    app.openapi = lambda: _openapi_for_model(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
+    """The schema, with examples sized to the loaded model so "Try it out" works as it is."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    vae: VAEService | None = app.state.vae
+    if vae is None:  # before the model loads: keep the static examples, don't cache
+        return schema
+    comps = schema["components"]["schemas"]
+    instance = [0.0] * vae.input_dim
+    for name in ("EncodeRequest", "AnomalyScoreRequest"):
+        comps[name]["properties"]["instances"]["examples"] = [[instance]]
+    comps["DecodeRequest"]["properties"]["latents"]["examples"] = [[[0.0] * vae.latent_dim]]
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,125 @@
+"""Request and response models: constraints, descriptions and working examples live here.
+
+The examples fit a 784-dimensional MNIST model with a 32-dimensional latent; `main.py` rewrites
+them from the loaded artifact's manifest, so "Try it out" on /docs works for any model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Strict: a JSON `true` is not the number 1. Finite: NaN and Infinity are refused by index.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+FlatInstance = list[Number]
+NestedInstance = list[list[Number]]
+Seed = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=2**63 - 1,
+        description="Makes the answer reproducible: the same seed gives byte-identical output.",
+        examples=[0],
+    ),
+]
+Output = Annotated[
+    Literal["mean", "mode"],
+    Field(
+        description="`mean`: E[x|z] (Bernoulli probabilities or the Gaussian mean); `mode`: the "
+        "most probable x (rounded probabilities for Bernoulli, the mean for Gaussian).",
+    ),
+]
+
+EXAMPLE_INPUT_DIM = 784
+EXAMPLE_LATENT_DIM = 32
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncodeRequest(_Strict):
+    instances: list[FlatInstance | NestedInstance] = Field(
+        min_length=1,
+        description="Inputs, each flat (length D) or nested to the model's input shape (e.g. "
+        "28x28). Values must be finite, and in [0, 1] for a Bernoulli model.",
+        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
+    )
+    samples: int = Field(
+        0, ge=0, description="S: draws from q(z|x) to return per instance (0 for none)."
+    )
+    seed: Seed | None = None
+
+
+class EncodeResponse(BaseModel):
+    mean: list[list[float]] = Field(description="Posterior means, (B, Z): the representation.")
+    std: list[list[float]] = Field(description="Posterior standard deviations, (B, Z).")
+    samples: list[list[list[float]]] | None = Field(
+        None, description="(B, S, Z) draws z = mean + std * eps, when samples > 0."
+    )
+
+
+class DecodeRequest(_Strict):
+    latents: list[list[Number]] = Field(
+        min_length=1,
+        description="Latent vectors, each of length Z.",
+        examples=[[[0.0] * EXAMPLE_LATENT_DIM]],
+    )
+    output: Output = "mean"
+
+
+class DecodeResponse(BaseModel):
+    outputs: list[list[float]] = Field(description="Decoded outputs, (B, D).")
+
+
+class SampleRequest(_Strict):
+    n: int = Field(1, ge=1, description="How many samples to draw from the prior.", examples=[4])
+    seed: Seed | None = None
+    output: Output = "mean"
+
+
+class SampleResponse(BaseModel):
+    latents: list[list[float]] = Field(description="The prior draws z ~ N(0, I), (n, Z).")
+    outputs: list[list[float]] = Field(description="Their decoded outputs, (n, D).")
+
+
+class AnomalyScoreRequest(_Strict):
+    instances: list[FlatInstance | NestedInstance] = Field(
+        min_length=1,
+        description="Inputs, as for /encode.",
+        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
+    )
+    samples: int | None = Field(
+        None,
+        ge=1,
+        description="L: posterior samples for the reconstruction probability (default: "
+        "VAE_DEFAULT_ANOMALY_SAMPLES).",
+        examples=[16],
+    )
+    seed: Seed | None = None
+
+
+class AnomalyScoreResponse(BaseModel):
+    kl_divergence: list[float] = Field(
+        description="KL(q(z|x) || p(z)) in nats per instance; higher is more anomalous."
+    )
+    reconstruction_log_prob: list[float] = Field(
+        description="log of the reconstruction probability (An & Cho 2015), log mean_l "
+        "p(x|z_l), in nats; lower is more anomalous."
+    )
+    samples: int = Field(description="L, the posterior samples used.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ModelResponse(BaseModel):
+    sha256: str = Field(description="SHA-256 of the artifact file being served.")
+    path: str = Field(description="Where the artifact was read from.")
+    device: str = Field(description="The torch device the model runs on.")
+    manifest: dict[str, Any] = Field(
+        description="The artifact's manifest: shapes, likelihood, dataset, training config, "
+        "test metrics and calibration summary."
+    )

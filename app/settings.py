@@ -1,0 +1,49 @@
+"""The service's one settings class: every `VAE_*` environment variable, documented and bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    # protected_namespaces=(): `model_path` is our field, not pydantic's `model_` namespace.
+    model_config = SettingsConfigDict(env_prefix="VAE_", protected_namespaces=(), extra="ignore")
+
+    model_path: Path = Field(
+        Path("models/vae.pt"), description="The TorchScript artifact to serve (read locally only)."
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when available), cpu, cuda or cuda:N; an explicit CUDA device "
+        "that is absent stops start-up.",
+    )
+    host: str = Field("127.0.0.1", description="Interface for `python -m app` to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port for `python -m app`.")
+    max_instances: int = Field(
+        1024, ge=1, le=65536, description="Most instances (or latents) in one request."
+    )
+    max_samples: int = Field(
+        1024, ge=1, le=65536, description="Most samples per request: L for /anomaly-score, S for "
+        "/encode, n for /sample.",
+    )  # fmt: skip
+    max_total_samples: int = Field(
+        65536, ge=1, description="Most instances x samples in one request: each is one decoder "
+        "pass, so this bounds a request's memory (65536 x 784 floats is about 200 MB).",
+    )  # fmt: skip
+    default_anomaly_samples: int = Field(
+        16, ge=1, description="L for /anomaly-score when a request does not give one."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads (default: torch's own choice)."
+    )
+    torch_interop_threads: int | None = Field(
+        None, ge=1, le=256, description="torch inter-op threads (default: torch's own choice)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the service and uvicorn."
+    )

@@ -1,0 +1,84 @@
+"""Checks that need the loaded model, in one place, each failing with a one-sentence reason.
+
+Pydantic has already checked types, finiteness and the request's own bounds; what is left
+depends on the artifact (shapes, the likelihood's range) or on settings (limits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.errors import InvalidInputError
+from app.model import Array, VAEService
+from app.settings import Settings
+
+
+def instances_array(instances: Sequence[object], vae: VAEService, settings: Settings) -> Array:
+    """(B, D) float32 from flat or nested instances; checks count, shape and range."""
+    _check_count("instances", len(instances), settings.max_instances)
+    shape, dim = vae.input_shape, vae.input_dim
+    try:
+        arr = np.asarray(instances, dtype=np.float32)
+    except ValueError:  # ragged: find the first instance that does not fit
+        arr = None
+    if arr is None or arr.shape[1:] not in ((dim,), shape):
+        for i, inst in enumerate(instances):
+            got = np.asarray(inst, dtype=object).shape if _is_regular(inst) else None
+            if got not in ((dim,), shape):
+                nested = "x".join(map(str, shape))
+                if got is None:
+                    what = "ragged rows"
+                elif len(got) == 1:
+                    what = f"{got[0]} values"
+                else:
+                    what = f"shape {'x'.join(map(str, got))}"
+                raise InvalidInputError(
+                    f"instances[{i}] has {what}; this model takes {dim} values"
+                    + (f" or a {nested} array." if len(shape) > 1 else ".")
+                )
+    arr = arr.reshape(len(instances), dim)  # type: ignore[union-attr]
+    if vae.likelihood == "bernoulli":
+        bad = np.flatnonzero(((arr < 0.0) | (arr > 1.0)).any(axis=1))
+        if bad.size:
+            raise InvalidInputError(
+                f"instances[{bad[0]}] has values outside [0, 1], which this Bernoulli model needs."
+            )
+    return arr
+
+
+def latents_array(latents: Sequence[Sequence[float]], vae: VAEService, settings: Settings) -> Array:
+    """(B, Z) float32; checks count and each latent's length."""
+    _check_count("latents", len(latents), settings.max_instances)
+    for i, z in enumerate(latents):
+        if len(z) != vae.latent_dim:
+            raise InvalidInputError(
+                f"latents[{i}] has {len(z)} values; this model's latent size is {vae.latent_dim}."
+            )
+    return np.asarray(latents, dtype=np.float32)
+
+
+def check_samples(name: str, value: int, settings: Settings, instances: int = 1) -> None:
+    if value > settings.max_samples:
+        raise InvalidInputError(
+            f"{name}={value} is over the limit of {settings.max_samples} (VAE_MAX_SAMPLES)."
+        )
+    if value * instances > settings.max_total_samples:
+        raise InvalidInputError(
+            f"{instances} instances x {name}={value} is over the limit of "
+            f"{settings.max_total_samples} (VAE_MAX_TOTAL_SAMPLES)."
+        )
+
+
+def _check_count(name: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise InvalidInputError(f"{n} {name} is over the limit of {limit} (VAE_MAX_INSTANCES).")
+
+
+def _is_regular(inst: object) -> bool:
+    try:
+        np.asarray(inst, dtype=np.float32)
+    except ValueError:
+        return False
+    return True
