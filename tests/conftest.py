@@ -97,12 +97,13 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self._log_file = log.open("wb")
         full_env = {**os.environ, **env, "VAE_PORT": str(self.port), "VAE_HOST": "127.0.0.1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app"],
             cwd=REPO,
             env=full_env,
-            stdout=log.open("wb"),
+            stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
 
@@ -127,6 +128,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._log_file.close()
 
 
 @pytest.fixture
