@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--val-size", type=int, help=f"validation images (default: {TrainConfig.val_size})"
     )
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {TrainConfig.lr})")
+    p.add_argument("--lr-min-factor", type=float, help="cosine-decay the lr to lr * this")
+    p.add_argument("--kl-warmup-epochs", type=float, help="ramp the KL weight 0 -> 1 over these")
+    p.add_argument("--patience", type=int, help="early-stop after this many epochs w/o progress")
     p.add_argument("--seed", type=int, default=0, help="makes a run reproducible")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     overrides = {
         "epochs": args.epochs, "val_size": args.val_size, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed,
+        "lr": args.lr, "seed": args.seed, "lr_min_factor": args.lr_min_factor,
+        "kl_warmup_epochs": args.kl_warmup_epochs, "patience": args.patience,
         "eval_k": args.eval_k, "eval_images": args.eval_images, "device": str(device),
         "dynamic_binarization": False if args.no_dynamic_binarization else None,
         "preset": args.preset,

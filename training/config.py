@@ -30,6 +30,9 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128  # the IWAE paper's 100-ish; 128 keeps 2 cores busy
     lr: float = 1e-3  # Adam's default, as in Kingma & Welling's MNIST runs
+    lr_min_factor: float = 1.0  # cosine decay to lr * this by the last epoch; 1.0 = constant lr
+    kl_warmup_epochs: float = 0.0  # KL weight ramps 0 -> 1 over these epochs (Sonderby et al. 2016)
+    patience: int | None = None  # stop after this many epochs without a better val ELBO
     seed: int = 0
     val_size: int = 2000  # held out from the training files, ~9% of the 22,699-image prefix
     dynamic_binarization: bool = True  # fresh Bernoulli draw per presentation (Burda et al. 2015)

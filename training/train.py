@@ -12,8 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+try:  # the progress bar is in the `train` extra; the lean serving image trains without it
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover - exercised in the container
+    tqdm = None
 from training.config import TrainConfig
 from training.evaluate import mean_elbo
 from training.model import VAE
@@ -55,6 +58,11 @@ def train(
     """
     device = x_train.device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = min(-(-x_train.shape[0] // cfg.batch_size), cfg.max_batches or 2**62)
+    # Cosine decay over the whole run (Loshchilov & Hutter 2017), stepped per batch.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr * cfg.lr_min_factor
+    )
     latent_dim = model.enc_out.out_features // 2
     torch.manual_seed(cfg.seed)
     result = TrainResult(best_state=_copy_state(model), best_val_elbo=-math.inf, best_epoch=0)
@@ -69,8 +77,11 @@ def train(
             )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # a resumed run may ask for another learning rate
-            group["lr"] = cfg.lr
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["meta"]["train"]["lr"] != cfg.lr:  # a resumed run may ask for another rate
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr
+            scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
         torch.set_rng_state(ckpt["rng"])
         result = ckpt["result"]
         start_epoch = ckpt["epoch"] + 1
@@ -78,10 +89,14 @@ def train(
 
     t0 = time.perf_counter() - result.seconds
     for epoch in range(start_epoch, cfg.epochs + 1):
+        if cfg.patience and epoch - result.best_epoch > cfg.patience:
+            log.info("early stop: no better val ELBO in %d epochs", cfg.patience)
+            break
         model.train()
         order = torch.randperm(x_train.shape[0]).to(device)
         batches = order.split(cfg.batch_size)[: cfg.max_batches]
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        show = progress and tqdm is not None
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False) if show else batches
         total, seen = 0.0, 0
         for i, idx in enumerate(bar):
             xb = x_train[idx]
@@ -89,7 +104,12 @@ def train(
                 # Dynamic binarisation: a fresh draw every time an image is shown (Burda et al.).
                 xb = torch.bernoulli(xb)
             eps = torch.randn(xb.shape[0], latent_dim, device=device)
-            loss = -model.elbo(xb, eps).mean()
+            log_px, kl = model.elbo_terms(xb, eps)
+            # KL warm-up (Sonderby et al. 2016): a small KL weight early lets the decoder use
+            # more latent units before the prior pulls them shut.
+            progress_epochs = epoch - 1 + i / len(batches)
+            beta = min(1.0, progress_epochs / cfg.kl_warmup_epochs) if cfg.kl_warmup_epochs else 1.0
+            loss = -(log_px - beta * kl).mean()
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at epoch {epoch}, batch {i + 1}; stopping. "
@@ -98,9 +118,12 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * xb.shape[0]
+            scheduler.step()
+            # Report the true ELBO, not the warm-up objective.
+            total += (kl - log_px).sum().item()
             seen += xb.shape[0]
-            bar.set_postfix(loss=f"{total / seen:.2f}")
+            if show:
+                bar.set_postfix(loss=f"{total / seen:.2f}")
 
         model.eval()
         val_elbo = mean_elbo(model, x_val, seed=cfg.seed)
@@ -123,6 +146,7 @@ def train(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "result": result,
                 "epoch": epoch,
