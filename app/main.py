@@ -86,5 +86,15 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
     for name in ("EncodeRequest", "AnomalyScoreRequest"):
         comps[name]["properties"]["instances"]["examples"] = [[instance]]
     comps["DecodeRequest"]["properties"]["latents"]["examples"] = [[[0.0] * vae.latent_dim]]
+    # The calibrated L and K, within this server's limits.
+    limit = app.state.settings.max_samples
+    anomaly = comps["AnomalyScoreRequest"]["properties"]
+    for field, score in (
+        ("samples", "reconstruction_log_prob"),
+        ("log_likelihood_samples", "log_likelihood"),
+    ):
+        cal = vae.calibration.scores.get(score)
+        if cal and cal.samples:
+            anomaly[field]["examples"] = [min(cal.samples, limit)]
     app.openapi_schema = schema
     return schema

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from app.calibration import Calibration
 from app.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ REQUIRED_METHODS = (
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
 
 Array = npt.NDArray[np.float32]
+SCORES = ("kl_divergence", "reconstruction_log_prob", "log_likelihood")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class VAEService:
         self.input_dim: int = manifest["input_dim"]
         self.latent_dim: int = manifest["latent_dim"]
         self.likelihood: str = manifest["likelihood"]
+        self.calibration = Calibration.from_manifest(manifest, "artifact")
 
     @classmethod
     def load(cls, path: Path, device: str = "auto") -> VAEService:
@@ -104,6 +107,7 @@ class VAEService:
                 f"{path}: not a readable TorchScript artifact ({type(e).__name__})."
             ) from e
         manifest = _parse_manifest(path, extra["manifest.json"])
+        Calibration.from_manifest(manifest, str(path))  # refuse a broken one naming the file
         missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
         if missing:
             raise ModelLoadError(f"{path}: the artifact lacks the methods {', '.join(missing)}.")
@@ -123,8 +127,8 @@ class VAEService:
         std = torch.exp(0.5 * logvar)
         drawn = None
         if samples > 0:
-            eps = self._eps((x.shape[0], samples, self.latent_dim), seed)  # (B, S, Z)
-            drawn = _numpy(mean.unsqueeze(1) + std.unsqueeze(1) * eps)
+            eps = self._eps((x.shape[0], samples, self.latent_dim), self._generator(seed))
+            drawn = _numpy(mean.unsqueeze(1) + std.unsqueeze(1) * eps)  # (B, S, Z)
         return Encoded(_numpy(mean), _numpy(std), drawn)
 
     @torch.no_grad()
@@ -136,17 +140,26 @@ class VAEService:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None, mode: bool = False) -> tuple[Array, Array]:
-        z = self._eps((n, self.latent_dim), seed)  # z ~ p(z) = N(0, I)
+        z = self._eps((n, self.latent_dim), self._generator(seed))  # z ~ p(z) = N(0, I)
         return _numpy(z), self.decode(_numpy(z), mode)
 
     @torch.no_grad()
-    def anomaly_scores(self, x: Array, samples: int, seed: int | None = None) -> dict[str, Array]:
+    def anomaly_scores(
+        self, x: Array, samples: int, seed: int | None = None, ll_samples: int = 0
+    ) -> dict[str, Array]:
+        """KL, log reconstruction probability over L=`samples`, and with K=`ll_samples` > 0 the
+        importance-sampled log-likelihood; each (B,)."""
         xt = self._tensor(x)
-        eps = self._eps((samples, x.shape[0], self.latent_dim), seed)  # (L, B, Z)
-        return {
+        g = self._generator(seed)
+        eps = self._eps((samples, x.shape[0], self.latent_dim), g)  # (L, B, Z)
+        scores = {
             "kl_divergence": _numpy(self.module.kl_divergence(xt)),
             "reconstruction_log_prob": _numpy(self.module.reconstruction_log_prob(xt, eps)),
         }
+        if ll_samples:
+            eps = self._eps((ll_samples, x.shape[0], self.latent_dim), g)  # (K, B, Z)
+            scores["log_likelihood"] = _numpy(self.module.log_likelihood(xt, eps))
+        return scores
 
     def warm_up(self) -> None:
         """Run every operation once, so the first request pays no TorchScript profiling cost."""
@@ -154,7 +167,7 @@ class VAEService:
         for _ in range(3):  # the profiling executor specialises after a couple of calls
             self.encode(x, samples=2, seed=0)
             self.sample(2, seed=0)
-            self.anomaly_scores(x, samples=2, seed=0)
+            self.anomaly_scores(x, samples=2, seed=0, ll_samples=2)
 
     def public_manifest(self) -> dict[str, Any]:
         """The manifest without the bulky calibration quantiles and training history."""
@@ -172,11 +185,13 @@ class VAEService:
     def _tensor(self, a: Array) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device)
 
-    def _eps(self, shape: tuple[int, ...], seed: int | None) -> torch.Tensor:
+    def _generator(self, seed: int | None) -> torch.Generator:
         # A CPU generator per request: reproducible, independent of other requests, and the same
         # numbers on every device. Unseeded requests get a fresh random seed.
-        g = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-        return torch.randn(shape, generator=g).to(self.device)
+        return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+
+    def _eps(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(self.device)
 
 
 def _numpy(t: torch.Tensor) -> Array:

@@ -23,9 +23,10 @@ from app.schemas import (
     ModelResponse,
     SampleRequest,
     SampleResponse,
+    ScorePercentiles,
 )
 from app.settings import Settings
-from app.validation import check_samples, instances_array, latents_array
+from app.validation import check_samples, instances_array, latents_array, plan_scores
 
 
 def get_vae(request: Request) -> VAEService:
@@ -79,15 +80,19 @@ def sample_prior(body: SampleRequest, vae: VaeDep, settings: SettingsDep) -> Sam
 def score_anomalies(
     body: AnomalyScoreRequest, vae: VaeDep, settings: SettingsDep
 ) -> AnomalyScoreResponse:
-    """Score inputs: KL(q(z|x) || p(z)) and the log reconstruction probability over L samples."""
+    """Score inputs (KL, reconstruction probability, optionally log-likelihood) and decide."""
     x = instances_array(body.instances, vae, settings)
-    samples = body.samples or settings.default_anomaly_samples
-    check_samples("samples", samples, settings, len(x))
-    scores = vae.anomaly_scores(x, samples, body.seed)
+    plan = plan_scores(body, vae, settings, len(x))
+    scores = vae.anomaly_scores(x, plan.samples, body.seed, plan.ll_samples)
+    percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
     return AnomalyScoreResponse(
-        kl_divergence=scores["kl_divergence"].tolist(),
-        reconstruction_log_prob=scores["reconstruction_log_prob"].tolist(),
-        samples=samples,
+        **{name: v.tolist() for name, v in scores.items()},
+        percentiles=ScorePercentiles(**{n: p.tolist() for n, p in percentiles.items()}),
+        is_anomaly=(percentiles[plan.decision_score] > plan.threshold).tolist(),
+        decision_score=plan.decision_score,
+        threshold_percentile=plan.threshold,
+        samples=plan.samples,
+        log_likelihood_samples=plan.ll_samples or None,
     )
 
 

@@ -84,6 +84,9 @@ class SampleResponse(BaseModel):
     outputs: list[list[float]] = Field(description="Their decoded outputs, (n, D).")
 
 
+ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"]
+
+
 class AnomalyScoreRequest(_Strict):
     instances: list[FlatInstance | NestedInstance] = Field(
         min_length=1,
@@ -93,11 +96,38 @@ class AnomalyScoreRequest(_Strict):
     samples: int | None = Field(
         None,
         ge=1,
-        description="L: posterior samples for the reconstruction probability (default: "
-        "VAE_DEFAULT_ANOMALY_SAMPLES).",
+        description="L: posterior samples for the reconstruction probability (default: the L "
+        "the artifact was calibrated with).",
         examples=[16],
     )
+    log_likelihood_samples: int | None = Field(
+        None,
+        ge=1,
+        description="K: importance samples for the log-likelihood score (the IWAE bound). Given, "
+        "the answer includes `log_likelihood`; it is also computed, with the calibrated K, "
+        "when it drives the decision.",
+        examples=[100],
+    )
+    threshold_percentile: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Flag instances more anomalous than this share of normal data (default: "
+        "VAE_ANOMALY_PERCENTILE).",
+        examples=[0.99],
+    )
+    decision_score: ScoreName | None = Field(
+        None, description="The score that drives `is_anomaly` (default: VAE_ANOMALY_SCORE)."
+    )
     seed: Seed | None = None
+
+
+class ScorePercentiles(BaseModel):
+    """Per score, the share of normal validation data less anomalous than each instance."""
+
+    kl_divergence: list[float]
+    reconstruction_log_prob: list[float]
+    log_likelihood: list[float] | None = None
 
 
 class AnomalyScoreResponse(BaseModel):
@@ -108,7 +138,24 @@ class AnomalyScoreResponse(BaseModel):
         description="log of the reconstruction probability (An & Cho 2015), log mean_l "
         "p(x|z_l), in nats; lower is more anomalous."
     )
+    log_likelihood: list[float] | None = Field(
+        None,
+        description="Importance-sampled log p(x) with K samples (Burda et al. 2015), in nats; "
+        "lower is more anomalous. Present when asked for or when it drives the decision.",
+    )
+    percentiles: ScorePercentiles = Field(
+        description="Per score, the share of normal validation data that is less anomalous "
+        "than each instance, from the artifact's calibration quantiles (0.1% resolution)."
+    )
+    is_anomaly: list[bool] = Field(
+        description="Whether each instance's decision-score percentile exceeds the threshold."
+    )
+    decision_score: ScoreName = Field(description="The score that drove `is_anomaly`.")
+    threshold_percentile: float = Field(description="The percentile threshold applied.")
     samples: int = Field(description="L, the posterior samples used.")
+    log_likelihood_samples: int | None = Field(
+        None, description="K, the importance samples used, when log_likelihood was computed."
+    )
 
 
 class HealthResponse(BaseModel):

@@ -35,9 +35,22 @@ class Settings(BaseSettings):
         65536, ge=1, description="Most instances x samples in one request: each is one decoder "
         "pass, so this bounds a request's memory (65536 x 784 floats is about 200 MB).",
     )  # fmt: skip
-    default_anomaly_samples: int = Field(
-        16, ge=1, description="L for /anomaly-score when a request does not give one."
-    )
+    default_anomaly_samples: int | None = Field(
+        None, ge=1, description="L for /anomaly-score when a request gives none (default: the L "
+        "the artifact's calibration used, so percentiles compare like with like).",
+    )  # fmt: skip
+    default_log_likelihood_samples: int | None = Field(
+        None, ge=1, description="K for the log-likelihood score when it is needed and a request "
+        "gives none (default: the K of the artifact's calibration).",
+    )  # fmt: skip
+    anomaly_percentile: float = Field(
+        0.99, gt=0.0, lt=1.0, description="Flag an instance as anomalous when its decision "
+        "score is more anomalous than this share of normal validation data.",
+    )  # fmt: skip
+    anomaly_score: Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"] = Field(
+        "log_likelihood", description="The score that drives is_anomaly (the best measured in "
+        "README's leave-one-digit-out benchmark).",
+    )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's own choice)."
     )

@@ -7,11 +7,13 @@ depends on the artifact (shapes, the likelihood's range) or on settings (limits)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from app.errors import InvalidInputError
 from app.model import Array, VAEService
+from app.schemas import AnomalyScoreRequest
 from app.settings import Settings
 
 
@@ -69,6 +71,34 @@ def check_samples(name: str, value: int, settings: Settings, instances: int = 1)
             f"{instances} instances x {name}={value} is over the limit of "
             f"{settings.max_total_samples} (VAE_MAX_TOTAL_SAMPLES)."
         )
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    samples: int  # L
+    ll_samples: int  # K, 0 when the log-likelihood is not computed
+    decision_score: str
+    threshold: float
+
+
+def plan_scores(
+    body: AnomalyScoreRequest, vae: VAEService, settings: Settings, instances: int
+) -> ScorePlan:
+    """Resolve L, K, the decision score and threshold from the request, settings and artifact."""
+    cal = vae.calibration.scores
+    decision = body.decision_score or settings.anomaly_score
+    if decision not in cal:
+        raise InvalidInputError(f"This artifact has no calibration for {decision}.")
+    samples = body.samples or settings.default_anomaly_samples
+    samples = samples or cal["reconstruction_log_prob"].samples or 16
+    check_samples("samples", samples, settings, instances)
+    ll_samples = body.log_likelihood_samples or 0
+    if not ll_samples and decision == "log_likelihood":
+        ll_samples = settings.default_log_likelihood_samples or cal["log_likelihood"].samples or 100
+    if ll_samples:
+        check_samples("log_likelihood_samples", ll_samples, settings, instances)
+    threshold = body.threshold_percentile or settings.anomaly_percentile
+    return ScorePlan(samples, ll_samples, decision, threshold)
 
 
 def _check_count(name: str, n: int, limit: int) -> None:

@@ -57,7 +57,8 @@ def make_artifact(
     x_val = torch.rand(64, cfg.input_dim)
     if likelihood == "bernoulli":
         x_val = torch.bernoulli(x_val)
-    calibration = calibrate(anomaly_scores(model, x_val, samples=4), 4)
+    samples = {"reconstruction_log_prob": 4, "log_likelihood": 8}
+    calibration = calibrate(anomaly_scores(model, x_val, samples=4, ll_samples=8), samples)
     manifest = build_manifest(
         model,
         input_shape=input_shape,
@@ -81,6 +82,18 @@ def gaussian_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_artifact(
         tmp_path_factory.mktemp("gauss") / "vae.pt", input_shape=(3,), likelihood="gaussian"
     )
+
+
+@pytest.fixture(scope="session")
+def mnist_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short real training run on the real MNIST files (3 epochs, about 15 s on 2 cores)."""
+    from training.__main__ import main
+
+    out = tmp_path_factory.mktemp("mnist") / "vae.pt"
+    args = ["--data-dir", str(MNIST_DIR), "--out", str(out), "--epochs", "3", "--eval-k", "50",
+            "--eval-images", "1000", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    return out
 
 
 def free_port() -> int:

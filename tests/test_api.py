@@ -97,15 +97,22 @@ def test_anomaly_score_returns_both_scores_per_instance(client: TestClient) -> N
     assert out["samples"] == 8
 
 
-def test_anomaly_score_defaults_to_the_configured_samples(client: TestClient) -> None:
-    assert post(client, "/anomaly-score", {"instances": GOOD})["samples"] == 16
+def test_anomaly_score_defaults_to_the_calibrated_samples(client: TestClient) -> None:
+    # The tiny artifact was calibrated with L=4 and K=8 (tests/conftest.py).
+    out = post(client, "/anomaly-score", {"instances": GOOD, "decision_score": "log_likelihood"})
+    assert out["samples"] == 4
+    assert out["log_likelihood_samples"] == 8
 
 
 def test_model_reports_the_artifact_sha256(client: TestClient, tiny_artifact: Path) -> None:
     out = client.get("/model").json()
     assert out["sha256"] == sha256_of(tiny_artifact)
     assert out["manifest"]["input_shape"] == [2, 2]
-    assert out["manifest"]["calibration"]["scores"] == ["kl_divergence", "reconstruction_log_prob"]
+    assert out["manifest"]["calibration"]["scores"] == [
+        "kl_divergence",
+        "log_likelihood",
+        "reconstruction_log_prob",
+    ]
 
 
 def test_health_and_ready_answer_200(client: TestClient) -> None:

@@ -34,11 +34,8 @@ def run(data: Path, out: Path, *args: str) -> int:
 
 
 @pytest.mark.slow
-def test_training_learns_mnist_and_scores_separate_noise(tmp_path: Path) -> None:
-    out = tmp_path / "vae.pt"
-    assert main(["--data-dir", str(MNIST_DIR), "--out", str(out), "--epochs", "3",
-                 "--eval-k", "50", "--eval-images", "1000", "--no-progress"]) == 0  # fmt: skip
-    scripted, manifest = load_artifact(out)
+def test_training_learns_mnist_and_scores_separate_noise(mnist_artifact: Path) -> None:
+    scripted, manifest = load_artifact(mnist_artifact)
 
     data = load_data(MNIST_DIR)
     x_test = torch.from_numpy(binarize_fixed(data.x_test[:1000], TEST_BINARIZATION_SEED))
@@ -58,6 +55,28 @@ def test_training_learns_mnist_and_scores_separate_noise(tmp_path: Path) -> None
         rec = [scripted.reconstruction_log_prob(x, eps).numpy() for x in (x_test, noise)]
     assert auroc(kl[0], kl[1]) >= 0.99
     assert auroc(-rec[0], -rec[1]) >= 0.99  # a lower reconstruction probability is anomalous
+
+
+@pytest.mark.slow
+def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> None:
+    _, manifest = load_artifact(mnist_artifact)
+    cal = manifest["calibration"]
+    assert cal["n"] == manifest["dataset"]["val_size"] == 2000
+    levels = np.asarray(cal["levels"])
+    assert len(levels) == 1001  # a percentile to 0.1%
+    assert levels[0] == 0.0
+    assert levels[-1] == 1.0
+    np.testing.assert_allclose(np.diff(levels), 0.001, atol=1e-9)
+    assert set(cal["scores"]) == {"kl_divergence", "reconstruction_log_prob", "log_likelihood"}
+    for entry in cal["scores"].values():
+        q = np.asarray(entry["quantiles"])
+        assert q.shape == levels.shape
+        assert np.isfinite(q).all()
+        assert (np.diff(q) >= 0).all()
+        assert q[-1] > q[0]
+    assert cal["scores"]["reconstruction_log_prob"]["samples"] == 16
+    assert cal["scores"]["log_likelihood"]["samples"] == 100
+    assert 1 <= manifest["metrics"]["active_units"] <= manifest["latent_dim"]
 
 
 def test_dry_run_exports_a_loadable_artifact(vectors: Path, tmp_path: Path) -> None:

@@ -13,7 +13,13 @@ import torch
 
 from training.config import PRESETS, ModelConfig, TrainConfig, apply
 from training.data import DataError, binarize_fixed, download_mnist, load_data, train_val_split
-from training.evaluate import anomaly_scores, calibrate, iwae_log_likelihood, mean_elbo
+from training.evaluate import (
+    active_units,
+    anomaly_scores,
+    calibrate,
+    iwae_log_likelihood,
+    mean_elbo,
+)
 from training.export import build_manifest, export_artifact
 from training.model import VAE
 from training.train import TrainingError, train
@@ -182,15 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         "test_log_likelihood": test_ll.mean().item(),
         "log_likelihood_k": cfg.eval_k,
         "test_images": len(x_test),
+        "active_units": active_units(model, x_test),
         "best_val_elbo": result.best_val_elbo,
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
     }
-    calibration = calibrate(
-        anomaly_scores(model, x_val, samples=cfg.calibration_samples, seed=cfg.seed),
-        cfg.calibration_samples,
-    )
+    samples = {"reconstruction_log_prob": cfg.calibration_samples,
+               "log_likelihood": cfg.calibration_ll_samples}  # fmt: skip
+    val_scores = anomaly_scores(
+        model, x_val, samples=cfg.calibration_samples, ll_samples=cfg.calibration_ll_samples,
+        seed=cfg.seed,
+    )  # fmt: skip
+    calibration = calibrate(val_scores, samples)
     manifest = build_manifest(
         model,
         input_shape=data.input_shape,

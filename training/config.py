@@ -38,7 +38,8 @@ class TrainConfig:
     dynamic_binarization: bool = True  # fresh Bernoulli draw per presentation (Burda et al. 2015)
     eval_k: int = 5000  # importance samples for the reported test log-likelihood (IWAE bound)
     eval_images: int | None = None  # None = the whole test set
-    calibration_samples: int = 16  # L for the reconstruction-probability calibration
+    calibration_samples: int = 16  # L for the reconstruction probability: the service default
+    calibration_ll_samples: int = 100  # K for the log-likelihood score: the service default
     max_batches: int | None = None  # --dry-run: a single batch per epoch
     device: str = "cpu"
     preset: str = "custom"

@@ -18,7 +18,11 @@ from training.model import VAE
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
 
 # For each score: does a higher value mean more anomalous?
-SCORE_DIRECTIONS = {"kl_divergence": "higher", "reconstruction_log_prob": "lower"}
+SCORE_DIRECTIONS = {
+    "kl_divergence": "higher",
+    "reconstruction_log_prob": "lower",
+    "log_likelihood": "lower",
+}
 
 
 @torch.no_grad()
@@ -55,37 +59,55 @@ def iwae_log_likelihood(
 
 @torch.no_grad()
 def anomaly_scores(
-    model: VAE, x: Tensor, *, samples: int, batch_size: int = 500, seed: int = 0
+    model: VAE,
+    x: Tensor,
+    *,
+    samples: int,
+    ll_samples: int = 0,
+    batch_size: int = 250,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The service's two scores, computed the same way: KL and log reconstruction probability."""
+    """The service's scores, computed the same way: KL, log reconstruction probability with L =
+    `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`."""
     g = torch.Generator().manual_seed(seed)
-    kl, rec = [], []
+    scores: dict[str, list[Tensor]] = {name: [] for name in SCORE_DIRECTIONS}
+    z = _latent_dim(model)
     for xb in x.split(batch_size):
-        eps = torch.randn(samples, xb.shape[0], _latent_dim(model), generator=g).to(xb.device)
-        kl.append(model.kl_divergence(xb))
-        rec.append(model.reconstruction_log_prob(xb, eps))
-    return {
-        "kl_divergence": torch.cat(kl).cpu().numpy(),
-        "reconstruction_log_prob": torch.cat(rec).cpu().numpy(),
-    }
+        eps = torch.randn(samples, xb.shape[0], z, generator=g).to(xb.device)
+        scores["kl_divergence"].append(model.kl_divergence(xb))
+        scores["reconstruction_log_prob"].append(model.reconstruction_log_prob(xb, eps))
+        if ll_samples:
+            eps = torch.randn(ll_samples, xb.shape[0], z, generator=g).to(xb.device)
+            scores["log_likelihood"].append(model.log_likelihood(xb, eps))
+    return {name: torch.cat(v).cpu().numpy() for name, v in scores.items() if v}
 
 
-def calibrate(scores: dict[str, np.ndarray], samples: int) -> dict[str, Any]:
-    """Quantiles of each score on held-out normal data, for percentiles in the service."""
+def calibrate(scores: dict[str, np.ndarray], samples: dict[str, int]) -> dict[str, Any]:
+    """Quantiles of each score on held-out normal data, for percentiles in the service.
+
+    `samples` gives the L or K each score was computed with (0 for KL, which draws none).
+    """
     n = len(next(iter(scores.values())))
     return {
         "source": "validation split (held-out normal training data)",
         "n": n,
-        "samples": samples,
         "levels": QUANTILE_LEVELS.round(4).tolist(),
         "scores": {
             name: {
                 "anomalous_when": SCORE_DIRECTIONS[name],
+                "samples": samples.get(name, 0),
                 "quantiles": np.quantile(values.astype(np.float64), QUANTILE_LEVELS).tolist(),
             }
             for name, values in scores.items()
         },
     }
+
+
+@torch.no_grad()
+def active_units(model: VAE, x: Tensor, threshold: float = 0.01) -> int:
+    """Units whose posterior mean varies across data, Var_x(E_q[z_u]) > 0.01 (Burda et al.)."""
+    means = torch.cat([model.encode(xb)[0] for xb in x.split(1000)])  # (N, Z)
+    return int((means.var(0) > threshold).sum().item())
 
 
 def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
