@@ -10,24 +10,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from training.config import PRESETS, ModelConfig, TrainConfig, apply
-from training.data import DataError, binarize_fixed, download_mnist, load_data, train_val_split
-from training.evaluate import (
-    active_units,
-    anomaly_scores,
-    calibrate,
-    iwae_log_likelihood,
-    mean_elbo,
-)
+from training.data import DataError, download_mnist, load_data
 from training.export import build_manifest, export_artifact
-from training.model import VAE
-from training.train import TrainingError, train
+from training.pipeline import TEST_BINARIZATION_SEED, calibration, fit, split, test_metrics
+from training.train import TrainingError, rank_and_world
 
 log = logging.getLogger("training")
 
-# The test set's binarisation is fixed across runs and configs, so figures compare.
-TEST_BINARIZATION_SEED = 1234
+__all__ = ["TEST_BINARIZATION_SEED", "main"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,9 +101,22 @@ def resolve_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t_start = time.perf_counter()
     device = resolve_device(args.device)
+    # Under torchrun (WORLD_SIZE > 1) train data-parallel: gloo on CPU, NCCL on GPUs.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":  # one GPU per rank; "cuda" then means this rank's
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            return main(argv)
+        finally:
+            dist.destroy_process_group()
+    rank = rank_and_world()[0]
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     preset = PRESETS[args.preset]
     overrides = {
         "epochs": args.epochs, "val_size": args.val_size, "batch_size": args.batch_size,
@@ -125,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg: TrainConfig = apply(apply(TrainConfig(), preset.train), overrides)
 
     try:
-        if args.download:
+        if args.download and rank == 0:
             download_mnist(args.data_dir)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks read what rank 0 downloaded
         data = load_data(args.data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -147,69 +155,37 @@ def main(argv: list[str] | None = None) -> int:
     if likelihood == "bernoulli" and (data.x_train.min() < 0.0 or data.x_train.max() > 1.0):
         print(f"error: {args.data_dir}: a Bernoulli model needs data in [0, 1].", file=sys.stderr)
         return 2
-    binarize = likelihood == "bernoulli" and cfg.dynamic_binarization
-    torch.manual_seed(cfg.seed)
-
-    # Small data sets keep 90% for training, whatever val_size asks.
-    val_size = min(cfg.val_size, max(1, len(data.x_train) // 10))
-    train_idx, val_idx = train_val_split(len(data.x_train), val_size, cfg.seed)
-    x_train = torch.from_numpy(data.x_train[train_idx]).to(device)  # (N, D)
-    x_val_np = data.x_train[val_idx]
-    x_test_np = data.x_test[: cfg.eval_images]
-    if binarize:
-        x_val_np = binarize_fixed(x_val_np, TEST_BINARIZATION_SEED)
-        x_test_np = binarize_fixed(x_test_np, TEST_BINARIZATION_SEED)
-    x_val = torch.from_numpy(x_val_np).to(device)
-    x_test = torch.from_numpy(x_test_np).to(device)
-
-    model = VAE(model_cfg).to(device)
-    if likelihood == "gaussian":
-        model.x_shift.copy_(x_train.mean(0))
-        model.x_scale.copy_(x_train.std(0).clamp_min(1e-3))
+    splits = split(data, cfg, likelihood, device)
     ckpt_dir = args.checkpoint_dir or args.out.parent / "checkpoints"
     log.info("training %s on %s (%d train, %d val) on %s", model_cfg, data.name,
-             len(train_idx), len(val_idx), device)  # fmt: skip
+             len(splits.x_train), len(splits.x_val), device)  # fmt: skip
     try:
-        result = train(
-            model, x_train, x_val, cfg, binarize=binarize, checkpoint_dir=ckpt_dir,
-            meta={"model": model_cfg.to_dict(), "train": cfg.to_dict()},
-            resume=args.resume, progress=not args.no_progress,
+        model, result = fit(
+            splits, model_cfg, cfg, checkpoint_dir=ckpt_dir, resume=args.resume,
+            progress=not args.no_progress,
         )  # fmt: skip
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    model.load_state_dict(result.best_state)
-    model.eval()
+    if rank != 0:
+        return 0  # only rank 0 evaluates and writes the artifact
 
-    log.info("evaluating on %d test images (K=%d)", len(x_test), cfg.eval_k)
-    test_ll = iwae_log_likelihood(model, x_test, k=cfg.eval_k, seed=cfg.seed)
-    metrics = {
-        "test_elbo": mean_elbo(model, x_test, seed=cfg.seed),
-        "test_log_likelihood": test_ll.mean().item(),
-        "log_likelihood_k": cfg.eval_k,
-        "test_images": len(x_test),
-        "active_units": active_units(model, x_test),
+    metrics = test_metrics(model, splits, cfg) | {
         "best_val_elbo": result.best_val_elbo,
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
     }
-    samples = {"reconstruction_log_prob": cfg.calibration_samples,
-               "log_likelihood": cfg.calibration_ll_samples}  # fmt: skip
-    val_scores = anomaly_scores(
-        model, x_val, samples=cfg.calibration_samples, ll_samples=cfg.calibration_ll_samples,
-        seed=cfg.seed,
-    )  # fmt: skip
-    calibration = calibrate(val_scores, samples)
     manifest = build_manifest(
         model,
         input_shape=data.input_shape,
         model_config=model_cfg.to_dict(),
         train_config=cfg.to_dict(),
-        dataset={"name": data.name, "train_size": len(train_idx), "val_size": len(val_idx),
-                 "test_size": len(data.x_test), "binarized": binarize},
+        dataset={"name": data.name, "train_size": len(splits.x_train),
+                 "val_size": len(splits.x_val), "test_size": len(data.x_test),
+                 "binarized": splits.binarize},
         metrics=metrics,
-        calibration=calibration,
+        calibration=calibration(model, splits, cfg),
     )  # fmt: skip
     sha = export_artifact(model, manifest, args.out)
     print(
@@ -217,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sha256       {sha}\n"
         f"test ELBO    {metrics['test_elbo']:.2f} nats/image\n"
         f"test log p(x) {metrics['test_log_likelihood']:.2f} nats/image "
-        f"(IWAE bound, K={cfg.eval_k}, {len(x_test)} test images)\n"
+        f"(IWAE bound, K={cfg.eval_k}, {metrics['test_images']} test images)\n"
         f"best epoch   {result.best_epoch}/{cfg.epochs} (val ELBO {result.best_val_elbo:.2f})\n"
         f"train time   {result.seconds:.0f}s; wall time {time.perf_counter() - t_start:.0f}s"
     )

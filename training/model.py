@@ -35,7 +35,8 @@ class VAE(nn.Module):
         self.dec_out = nn.Linear(hidden[0], cfg.input_dim)  # logits, or the Gaussian mean
         # Gaussian decoder only: a learned per-feature log-variance, and the data's own scale so
         # real-valued inputs reach the network standardised (set from the training data).
-        self.dec_logvar = nn.Parameter(torch.zeros(cfg.input_dim))
+        # A Bernoulli model never uses it: frozen, so DistributedDataParallel expects no grad.
+        self.dec_logvar = nn.Parameter(torch.zeros(cfg.input_dim), requires_grad=not self.bernoulli)
         self.register_buffer("x_shift", torch.zeros(cfg.input_dim))
         self.register_buffer("x_scale", torch.ones(cfg.input_dim))
 
@@ -119,5 +120,6 @@ class VAE(nn.Module):
         kl = 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar).sum(-1)
         return self.log_px_given_z(x, z.unsqueeze(0)).squeeze(0), kl
 
-    def forward(self, x: Tensor, eps: Tensor) -> Tensor:
-        return self.elbo(x, eps)
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """The ELBO's terms, so DistributedDataParallel (which wraps forward) can train it."""
+        return self.elbo_terms(x, eps)

@@ -1,4 +1,8 @@
-"""The training loop: Adam on the negative ELBO, per-epoch validation, checkpoints and resume."""
+"""The training loop: Adam on the negative ELBO, per-epoch validation, checkpoints and resume.
+
+Under `torchrun` the same loop runs data-parallel (DistributedDataParallel): every rank takes a
+disjoint shard of each epoch's shuffled order, gradients are averaged, and only rank 0 writes.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from training.config import TrainConfig
+from training.evaluate import mean_elbo
+from training.model import VAE
 
 try:  # the progress bar is in the `train` extra; the lean serving image trains without it
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - exercised in the container
     tqdm = None
-from training.config import TrainConfig
-from training.evaluate import mean_elbo
-from training.model import VAE
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,12 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def train(
@@ -56,15 +68,24 @@ def train(
     at most one epoch; `best.pt` holds the best model so far. Both carry `meta` (the configs),
     and a resume refuses a checkpoint whose model config differs.
     """
+    rank, world = rank_and_world()
     device = x_train.device
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = min(-(-x_train.shape[0] // cfg.batch_size), cfg.max_batches or 2**62)
+    # The global batch stays cfg.batch_size whatever the number of ranks, so results compare.
+    local_batch = max(1, cfg.batch_size // world)
+    usable = x_train.shape[0] - x_train.shape[0] % world  # equal shards: no rank waits alone
+    steps_per_epoch = min(-(-usable // world // local_batch), cfg.max_batches or 2**62)
     # Cosine decay over the whole run (Loshchilov & Hutter 2017), stepped per batch.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr * cfg.lr_min_factor
     )
     latent_dim = model.enc_out.out_features // 2
-    torch.manual_seed(cfg.seed)
+    # One shuffle shared by all ranks; the noise (binarisation, eps) differs per rank.
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)
     result = TrainResult(best_state=_copy_state(model), best_val_elbo=-math.inf, best_epoch=0)
     start_epoch = 1
     last = checkpoint_dir / "last.pt"
@@ -82,7 +103,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr
             scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
-        torch.set_rng_state(ckpt["rng"])
+        order_gen.set_state(ckpt["order_rng"])
+        torch.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         result = ckpt["result"]
         start_epoch = ckpt["epoch"] + 1
         log.info("resumed from %s after epoch %d", last, ckpt["epoch"])
@@ -92,10 +114,10 @@ def train(
         if cfg.patience and epoch - result.best_epoch > cfg.patience:
             log.info("early stop: no better val ELBO in %d epochs", cfg.patience)
             break
-        model.train()
-        order = torch.randperm(x_train.shape[0]).to(device)
-        batches = order.split(cfg.batch_size)[: cfg.max_batches]
-        show = progress and tqdm is not None
+        net.train()
+        order = torch.randperm(x_train.shape[0], generator=order_gen)[:usable]
+        batches = order[rank::world].to(device).split(local_batch)[: cfg.max_batches]
+        show = progress and tqdm is not None and rank == 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False) if show else batches
         total, seen = 0.0, 0
         for i, idx in enumerate(bar):
@@ -104,13 +126,13 @@ def train(
                 # Dynamic binarisation: a fresh draw every time an image is shown (Burda et al.).
                 xb = torch.bernoulli(xb)
             eps = torch.randn(xb.shape[0], latent_dim, device=device)
-            log_px, kl = model.elbo_terms(xb, eps)
+            log_px, kl = net(xb, eps)
             # KL warm-up (Sonderby et al. 2016): a small KL weight early lets the decoder use
             # more latent units before the prior pulls them shut.
-            progress_epochs = epoch - 1 + i / len(batches)
-            beta = min(1.0, progress_epochs / cfg.kl_warmup_epochs) if cfg.kl_warmup_epochs else 1.0
+            done = epoch - 1 + i / len(batches)
+            beta = min(1.0, done / cfg.kl_warmup_epochs) if cfg.kl_warmup_epochs else 1.0
             loss = -(log_px - beta * kl).mean()
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, world):
                 raise TrainingError(
                     f"the loss became {loss.item()} at epoch {epoch}, batch {i + 1}; stopping. "
                     f"The last good checkpoint stays at {last if last.exists() else 'none yet'}."
@@ -126,35 +148,56 @@ def train(
                 bar.set_postfix(loss=f"{total / seen:.2f}")
 
         model.eval()
-        val_elbo = mean_elbo(model, x_val, seed=cfg.seed)
+        val_elbo = mean_elbo(model, x_val, seed=cfg.seed)  # the same on every rank
         row = {"epoch": epoch, "train_elbo": -total / seen, "val_elbo": val_elbo}
         result.history.append(row)
         if val_elbo > result.best_val_elbo:
             result.best_val_elbo, result.best_epoch = val_elbo, epoch
             result.best_state = _copy_state(model)
-            _atomic_save(
-                {"model": result.best_state, "epoch": epoch, "meta": meta},
-                checkpoint_dir / "best.pt",
-            )
+            if rank == 0:
+                state = {"model": result.best_state, "epoch": epoch, "meta": meta}
+                _atomic_save(state, checkpoint_dir / "best.pt")
         result.seconds = time.perf_counter() - t0
-        log.info(
-            "epoch %d: train ELBO %.2f, val ELBO %.2f%s (%.0fs)",
-            epoch, row["train_elbo"], val_elbo,
-            " *best*" if result.best_epoch == epoch else "", result.seconds,
-        )  # fmt: skip
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "result": result,
-                "epoch": epoch,
-                "meta": meta,
-            },
-            last,
-        )
+        if rank == 0:
+            log.info(
+                "epoch %d: train ELBO %.2f, val ELBO %.2f%s (%.0fs)",
+                epoch, row["train_elbo"], val_elbo,
+                " *best*" if result.best_epoch == epoch else "", result.seconds,
+            )  # fmt: skip
+        rng = _gather_rng_states(world)
+        if rank == 0:
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "order_rng": order_gen.get_state(),
+                    "rng": rng,
+                    "result": result,
+                    "epoch": epoch,
+                    "meta": meta,
+                },
+                last,
+            )
     return result
+
+
+def _finite_everywhere(loss: Tensor, world: int) -> bool:
+    # Every rank must stop together, or the others would wait forever in the next all-reduce.
+    flag = torch.tensor(float(torch.isfinite(loss)))
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gather_rng_states(world: int) -> list[Tensor]:
+    """Each rank's torch RNG state, so a resumed data-parallel run draws the same noise."""
+    state = torch.get_rng_state()
+    if world == 1:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
 
 
 def _copy_state(model: VAE) -> dict[str, Tensor]:
