@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
     }
+    log.info("test metrics: %s", {k: v for k, v in metrics.items() if k != "history"})
     manifest = build_manifest(
         model,
         input_shape=data.input_shape,

@@ -5,7 +5,9 @@ Every estimate draws its noise from a seeded generator, so figures compare acros
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,11 @@ import torch
 from torch import Tensor
 
 from training.model import VAE
+
+log = logging.getLogger(__name__)
+
+# Evaluations with fewer decoder passes than this run eagerly: compiling costs ~20 s.
+COMPILE_ABOVE_SAMPLES = 20_000_000
 
 # Quantile levels 0, 0.001, ..., 1: a percentile to 0.1% from linear interpolation.
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
@@ -46,15 +53,36 @@ def iwae_log_likelihood(
     memory: one chunk holds (k_chunk, batch_size, D) decoder outputs.
     """
     g = torch.Generator().manual_seed(seed)
+    chunk_shape = (min(k_chunk, k), min(batch_size, x.shape[0]), _latent_dim(model))
+    log_weights = _compiled_log_weights(model, k * x.shape[0], chunk_shape)
     out = []
     for xb in x.split(batch_size):
         acc = torch.full((xb.shape[0],), -math.inf, device=xb.device)
         for start in range(0, k, k_chunk):
             n = min(k_chunk, k - start)
             eps = torch.randn(n, xb.shape[0], _latent_dim(model), generator=g).to(xb.device)
-            acc = torch.logaddexp(acc, torch.logsumexp(model.log_importance_weights(xb, eps), 0))
+            acc = torch.logaddexp(acc, torch.logsumexp(log_weights(xb, eps), 0))
         out.append(acc - math.log(k))
     return torch.cat(out)
+
+
+def _compiled_log_weights(
+    model: VAE, samples: int, chunk_shape: tuple[int, int, int]
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """torch.compile fuses the 784-wide softplus and sums, which take about half the eager time:
+    measured 1.8x faster for K=5000 on 2 CPU cores (~20 s to compile). Only worth it for large
+    evaluations, and eager stays the fallback where no C++ compiler is at hand."""
+    if samples < COMPILE_ABOVE_SAMPLES:
+        return model.log_importance_weights
+    try:
+        fn: Callable[[Tensor, Tensor], Tensor] = torch.compile(model.log_importance_weights)
+        # Compile now, at the chunk's shape, so that a failure falls back here.
+        x = torch.zeros(chunk_shape[1], model.dec_out.out_features)
+        fn(x, torch.zeros(chunk_shape))
+        return fn
+    except Exception as e:  # inductor raises many kinds (missing compiler, unsupported op)
+        log.warning("torch.compile unavailable (%s); evaluating eagerly", type(e).__name__)
+        return model.log_importance_weights
 
 
 @torch.no_grad()
