@@ -23,24 +23,27 @@ def instances_array(instances: Sequence[object], vae: VAEService, settings: Sett
     shape, dim = vae.input_shape, vae.input_dim
     try:
         arr = np.asarray(instances, dtype=np.float32)
-    except ValueError:  # ragged: find the first instance that does not fit
+    except ValueError:  # ragged, or flat and nested instances mixed
         arr = None
     if arr is None or arr.shape[1:] not in ((dim,), shape):
+        # The slow path: look at each instance, to name the first one that does not fit.
+        rows = []
         for i, inst in enumerate(instances):
-            got = np.asarray(inst, dtype=object).shape if _is_regular(inst) else None
-            if got not in ((dim,), shape):
-                nested = "x".join(map(str, shape))
-                if got is None:
+            one = _regular(inst)
+            if one is None or one.shape not in ((dim,), shape):
+                if one is None:
                     what = "ragged rows"
-                elif len(got) == 1:
-                    what = f"{got[0]} values"
+                elif one.ndim == 1:
+                    what = f"{one.shape[0]} values"
                 else:
-                    what = f"shape {'x'.join(map(str, got))}"
+                    what = f"shape {'x'.join(map(str, one.shape))}"
+                nested = f" or a {'x'.join(map(str, shape))} array" if len(shape) > 1 else ""
                 raise InvalidInputError(
-                    f"instances[{i}] has {what}; this model takes {dim} values"
-                    + (f" or a {nested} array." if len(shape) > 1 else ".")
+                    f"instances[{i}] has {what}; this model takes {dim} values{nested}."
                 )
-    arr = arr.reshape(len(instances), dim)  # type: ignore[union-attr]
+            rows.append(one.reshape(dim))
+        arr = np.stack(rows)
+    arr = arr.reshape(len(instances), dim)
     if vae.likelihood == "bernoulli":
         bad = np.flatnonzero(((arr < 0.0) | (arr > 1.0)).any(axis=1))
         if bad.size:
@@ -106,9 +109,8 @@ def _check_count(name: str, n: int, limit: int) -> None:
         raise InvalidInputError(f"{n} {name} is over the limit of {limit} (VAE_MAX_INSTANCES).")
 
 
-def _is_regular(inst: object) -> bool:
+def _regular(inst: object) -> Array | None:
     try:
-        np.asarray(inst, dtype=np.float32)
+        return np.asarray(inst, dtype=np.float32)
     except ValueError:
-        return False
-    return True
+        return None

@@ -53,6 +53,12 @@ def test_encode_accepts_instances_nested_to_the_input_shape(client: TestClient) 
     assert flat == nested
 
 
+def test_encode_accepts_flat_and_nested_instances_mixed(client: TestClient) -> None:
+    flat = post(client, "/encode", {"instances": GOOD * 2})
+    mixed = post(client, "/encode", {"instances": [GOOD[0], [[0.0, 1.0], [0.5, 0.25]]]})
+    assert mixed == flat
+
+
 def test_encode_draws_samples_from_the_posterior(client: TestClient) -> None:
     out = post(client, "/encode", {"instances": GOOD * 2, "samples": 5, "seed": 1})
     assert [len(out["samples"]), len(out["samples"][0]), len(out["samples"][0][0])] == [2, 5, 2]
