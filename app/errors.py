@@ -37,6 +37,10 @@ class InvalidInputError(VAEServiceError):
     status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
 
 
+class UnsupportedMediaTypeError(VAEServiceError):
+    status_code = status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
+
+
 class NotReadyError(VAEServiceError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
 
@@ -47,6 +51,7 @@ class ModelLoadError(Exception):
 
 # Documented on every route that takes a body, instead of FastAPI's list-shaped default.
 VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {
+    415: {"model": ErrorResponse, "description": "The body is neither JSON nor .npy."},
     422: {"model": ErrorResponse, "description": "The request is not valid for this model."},
     503: {"model": ErrorResponse, "description": "The model is not loaded yet."},
 }
@@ -62,6 +67,8 @@ def describe_validation_error(exc: RequestValidationError) -> str:
     first = max(errors, key=lambda e: (len(_plain_loc(e)), e.get("type") != "list_type"))
     loc = _plain_loc(first)
     if first.get("type") == "extra_forbidden":
+        if loc and loc[0] == "query":
+            return f"Unknown query parameter '{loc[-1]}'."
         return f"Unknown field '{loc[-1]}' in the request body."
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON."

@@ -16,6 +16,7 @@ from app import __version__
 from app.errors import ModelLoadError, install_error_handlers
 from app.model import VAEService
 from app.routes import model_router, router
+from app.schemas import AnomalyScoreRequest, DecodeRequest, EncodeRequest
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -72,16 +73,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
-    """The schema, with examples sized to the loaded model so "Try it out" works as it is."""
+    """The schema, with the manually read request bodies in its components and examples sized
+    to the loaded model, so "Try it out" works as it is."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (EncodeRequest, DecodeRequest, AnomalyScoreRequest):
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(model_schema.pop("$defs", {}))
+        comps[model.__name__] = model_schema
     vae: VAEService | None = app.state.vae
     if vae is None:  # before the model loads: keep the static examples, don't cache
         return schema
-    comps = schema["components"]["schemas"]
     instance = [0.0] * vae.input_dim
     for name in ("EncodeRequest", "AnomalyScoreRequest"):
         comps[name]["properties"]["instances"]["examples"] = [[instance]]

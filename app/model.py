@@ -195,7 +195,7 @@ class VAEService:
 
 
 def _numpy(t: torch.Tensor) -> Array:
-    return t.detach().to("cpu", torch.float32).numpy()
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 def _parse_manifest(path: Path, raw: str | bytes) -> dict[str, Any]:

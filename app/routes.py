@@ -1,29 +1,35 @@
 """Thin handlers: validate against the loaded model, call VAEService, shape the answer.
 
-Handlers are plain `def`s, so FastAPI runs them in its thread pool and torch never blocks the
-event loop: /health answers at once while a long /anomaly-score runs.
+Torch never runs on the event loop: `async` handlers parse the body there (fast) and hand the
+model call to a worker thread; plain `def` handlers run in FastAPI's thread pool. So /health
+answers at once while a long /anomaly-score runs.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import VALIDATION_RESPONSES, ErrorResponse, NotReadyError
 from app.model import VAEService
+from app.payloads import JSON, NPY, array_response, json_response, read_array_request
 from app.schemas import (
+    AnomalyScoreParams,
     AnomalyScoreRequest,
     AnomalyScoreResponse,
+    DecodeParams,
     DecodeRequest,
     DecodeResponse,
+    EncodeParams,
     EncodeRequest,
     EncodeResponse,
     HealthResponse,
     ModelResponse,
     SampleRequest,
     SampleResponse,
-    ScorePercentiles,
 )
 from app.settings import Settings
 from app.validation import check_samples, instances_array, latents_array, plan_scores
@@ -48,51 +54,96 @@ router = APIRouter()
 model_router = APIRouter(responses=VALIDATION_RESPONSES)
 
 
-@model_router.post("/encode", tags=["model"])
-def encode_instances(body: EncodeRequest, vae: VaeDep, settings: SettingsDep) -> EncodeResponse:
+def body_doc(request_model: type[BaseModel], array_doc: str) -> dict[str, Any]:
+    """OpenAPI for a body read by `read_array_request`: the model as JSON, or a .npy array."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}},
+                NPY: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"{array_doc} The other options go in the query string.",
+                },
+            },
+        }
+    }
+
+
+NPY_OUT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}
+}
+
+
+@model_router.post(
+    "/encode",
+    tags=["model"],
+    response_model=EncodeResponse,
+    responses=NPY_OUT,
+    openapi_extra=body_doc(EncodeRequest, "A .npy array of instances, N x D or N x H x W."),
+)
+async def encode_instances(request: Request, vae: VaeDep, settings: SettingsDep) -> Response:
     """Encode inputs to their posterior q(z|x): mean, standard deviation, optional samples."""
-    x = instances_array(body.instances, vae, settings)
-    check_samples("samples", body.samples, settings, len(x))
-    enc = vae.encode(x, body.samples, body.seed)
-    return EncodeResponse(
-        mean=enc.mean.tolist(),
-        std=enc.std.tolist(),
-        samples=None if enc.samples is None else enc.samples.tolist(),
-    )
+    params, instances = await read_array_request(request, EncodeParams, EncodeRequest, "instances")
+    x = instances_array(instances, vae, settings)
+    check_samples("samples", params.samples, settings, len(x))
+    enc = await run_in_threadpool(vae.encode, x, params.samples, params.seed)
+    return array_response(request, {"mean": enc.mean, "std": enc.std, "samples": enc.samples})
 
 
-@model_router.post("/decode", tags=["model"])
-def decode_latents(body: DecodeRequest, vae: VaeDep, settings: SettingsDep) -> DecodeResponse:
+@model_router.post(
+    "/decode",
+    tags=["model"],
+    response_model=DecodeResponse,
+    responses=NPY_OUT,
+    openapi_extra=body_doc(DecodeRequest, "A .npy array of latents, N x Z."),
+)
+async def decode_latents(request: Request, vae: VaeDep, settings: SettingsDep) -> Response:
     """Decode latent vectors to outputs: the decoder's mean, or its most probable x."""
-    z = latents_array(body.latents, vae, settings)
-    return DecodeResponse(outputs=vae.decode(z, mode=body.output == "mode").tolist())
+    params, latents = await read_array_request(request, DecodeParams, DecodeRequest, "latents")
+    z = latents_array(latents, vae, settings)
+    outputs = await run_in_threadpool(vae.decode, z, params.output == "mode")
+    return array_response(request, {"outputs": outputs})
 
 
-@model_router.post("/sample", tags=["model"])
-def sample_prior(body: SampleRequest, vae: VaeDep, settings: SettingsDep) -> SampleResponse:
+@model_router.post("/sample", tags=["model"], response_model=SampleResponse, responses=NPY_OUT)
+def sample_prior(
+    body: SampleRequest, request: Request, vae: VaeDep, settings: SettingsDep
+) -> Response:
     """Draw n latents from the prior N(0, I) and decode them."""
     check_samples("n", body.n, settings)
     z, x = vae.sample(body.n, body.seed, mode=body.output == "mode")
-    return SampleResponse(latents=z.tolist(), outputs=x.tolist())
+    return array_response(request, {"latents": z, "outputs": x})
 
 
-@model_router.post("/anomaly-score", tags=["model"])
-def score_anomalies(
-    body: AnomalyScoreRequest, vae: VaeDep, settings: SettingsDep
-) -> AnomalyScoreResponse:
+@model_router.post(
+    "/anomaly-score",
+    tags=["model"],
+    response_model=AnomalyScoreResponse,
+    openapi_extra=body_doc(AnomalyScoreRequest, "A .npy array of instances, as for /encode."),
+)
+async def score_anomalies(request: Request, vae: VaeDep, settings: SettingsDep) -> Response:
     """Score inputs (KL, reconstruction probability, optionally log-likelihood) and decide."""
-    x = instances_array(body.instances, vae, settings)
-    plan = plan_scores(body, vae, settings, len(x))
-    scores = vae.anomaly_scores(x, plan.samples, body.seed, plan.ll_samples)
+    params, instances = await read_array_request(
+        request, AnomalyScoreParams, AnomalyScoreRequest, "instances"
+    )
+    x = instances_array(instances, vae, settings)
+    plan = plan_scores(params, vae, settings, len(x))
+    scores = await run_in_threadpool(
+        vae.anomaly_scores, x, plan.samples, params.seed, plan.ll_samples
+    )
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
-    return AnomalyScoreResponse(
-        **{name: v.tolist() for name, v in scores.items()},
-        percentiles=ScorePercentiles(**{n: p.tolist() for n, p in percentiles.items()}),
-        is_anomaly=(percentiles[plan.decision_score] > plan.threshold).tolist(),
-        decision_score=plan.decision_score,
-        threshold_percentile=plan.threshold,
-        samples=plan.samples,
-        log_likelihood_samples=plan.ll_samples or None,
+    return json_response(
+        {
+            **scores,
+            "percentiles": {"log_likelihood": None, **percentiles},
+            "is_anomaly": percentiles[plan.decision_score] > plan.threshold,
+            "decision_score": plan.decision_score,
+            "threshold_percentile": plan.threshold,
+            "samples": plan.samples,
+            "log_likelihood_samples": plan.ll_samples or None,
+            "log_likelihood": scores.get("log_likelihood"),
+        }
     )
 
 

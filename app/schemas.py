@@ -39,17 +39,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EncodeRequest(_Strict):
+class EncodeParams(_Strict):
+    """/encode's options: JSON fields, or query parameters with a .npy body."""
+
+    samples: int = Field(
+        0, ge=0, description="S: draws from q(z|x) to return per instance (0 for none)."
+    )
+    seed: Seed | None = None
+
+
+class EncodeRequest(EncodeParams):
     instances: list[FlatInstance | NestedInstance] = Field(
         min_length=1,
         description="Inputs, each flat (length D) or nested to the model's input shape (e.g. "
         "28x28). Values must be finite, and in [0, 1] for a Bernoulli model.",
         examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
     )
-    samples: int = Field(
-        0, ge=0, description="S: draws from q(z|x) to return per instance (0 for none)."
-    )
-    seed: Seed | None = None
 
 
 class EncodeResponse(BaseModel):
@@ -60,13 +65,16 @@ class EncodeResponse(BaseModel):
     )
 
 
-class DecodeRequest(_Strict):
+class DecodeParams(_Strict):
+    output: Output = "mean"
+
+
+class DecodeRequest(DecodeParams):
     latents: list[list[Number]] = Field(
         min_length=1,
         description="Latent vectors, each of length Z.",
         examples=[[[0.0] * EXAMPLE_LATENT_DIM]],
     )
-    output: Output = "mean"
 
 
 class DecodeResponse(BaseModel):
@@ -87,12 +95,7 @@ class SampleResponse(BaseModel):
 ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"]
 
 
-class AnomalyScoreRequest(_Strict):
-    instances: list[FlatInstance | NestedInstance] = Field(
-        min_length=1,
-        description="Inputs, as for /encode.",
-        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
-    )
+class AnomalyScoreParams(_Strict):
     samples: int | None = Field(
         None,
         ge=1,
@@ -120,6 +123,14 @@ class AnomalyScoreRequest(_Strict):
         None, description="The score that drives `is_anomaly` (default: VAE_ANOMALY_SCORE)."
     )
     seed: Seed | None = None
+
+
+class AnomalyScoreRequest(AnomalyScoreParams):
+    instances: list[FlatInstance | NestedInstance] = Field(
+        min_length=1,
+        description="Inputs, as for /encode.",
+        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
+    )
 
 
 class ScorePercentiles(BaseModel):

@@ -13,16 +13,25 @@ import numpy as np
 
 from app.errors import InvalidInputError
 from app.model import Array, VAEService
-from app.schemas import AnomalyScoreRequest
+from app.schemas import AnomalyScoreParams
 from app.settings import Settings
 
 
-def instances_array(instances: Sequence[object], vae: VAEService, settings: Settings) -> Array:
+def float32(values: object) -> Array:
+    """float32 from lists or arrays; values beyond float32 become inf, which the finiteness
+    checks then report by index (so numpy's overflow warning says nothing new)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(values, dtype=np.float32)
+
+
+def instances_array(
+    instances: Sequence[object] | np.ndarray, vae: VAEService, settings: Settings
+) -> Array:
     """(B, D) float32 from flat or nested instances; checks count, shape and range."""
     _check_count("instances", len(instances), settings.max_instances)
     shape, dim = vae.input_shape, vae.input_dim
     try:
-        arr = np.asarray(instances, dtype=np.float32)
+        arr = float32(instances)
     except ValueError:  # ragged, or flat and nested instances mixed
         arr = None
     if arr is None or arr.shape[1:] not in ((dim,), shape):
@@ -44,6 +53,11 @@ def instances_array(instances: Sequence[object], vae: VAEService, settings: Sett
             rows.append(one.reshape(dim))
         arr = np.stack(rows)
     arr = arr.reshape(len(instances), dim)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():  # finite as JSON, but beyond float32 (e.g. 1e39)
+        raise InvalidInputError(
+            f"instances[{int(np.argmin(finite))}] has values too large for float32."
+        )
     if vae.likelihood == "bernoulli":
         bad = np.flatnonzero(((arr < 0.0) | (arr > 1.0)).any(axis=1))
         if bad.size:
@@ -53,15 +67,23 @@ def instances_array(instances: Sequence[object], vae: VAEService, settings: Sett
     return arr
 
 
-def latents_array(latents: Sequence[Sequence[float]], vae: VAEService, settings: Settings) -> Array:
-    """(B, Z) float32; checks count and each latent's length."""
+def latents_array(
+    latents: Sequence[Sequence[float]] | np.ndarray, vae: VAEService, settings: Settings
+) -> Array:
+    """(B, Z) float32; checks count, each latent's length, and float32 range."""
     _check_count("latents", len(latents), settings.max_instances)
     for i, z in enumerate(latents):
         if len(z) != vae.latent_dim:
             raise InvalidInputError(
                 f"latents[{i}] has {len(z)} values; this model's latent size is {vae.latent_dim}."
             )
-    return np.asarray(latents, dtype=np.float32)
+    arr = float32(latents)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        raise InvalidInputError(
+            f"latents[{int(np.argmin(finite))}] has values too large for float32."
+        )
+    return arr
 
 
 def check_samples(name: str, value: int, settings: Settings, instances: int = 1) -> None:
@@ -85,7 +107,7 @@ class ScorePlan:
 
 
 def plan_scores(
-    body: AnomalyScoreRequest, vae: VAEService, settings: Settings, instances: int
+    body: AnomalyScoreParams, vae: VAEService, settings: Settings, instances: int
 ) -> ScorePlan:
     """Resolve L, K, the decision score and threshold from the request, settings and artifact."""
     cal = vae.calibration.scores
@@ -111,6 +133,6 @@ def _check_count(name: str, n: int, limit: int) -> None:
 
 def _regular(inst: object) -> Array | None:
     try:
-        return np.asarray(inst, dtype=np.float32)
+        return float32(inst)
     except ValueError:
         return None
