@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from app import __version__
+from app.batching import Batcher
 from app.errors import ModelLoadError, install_error_handlers
 from app.model import VAEService
 from app.routes import model_router, router
@@ -46,15 +47,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("torch inter-op threads were already set; keeping them")
         try:
             vae = await run_in_threadpool(VAEService.load, settings.model_path, settings.device)
-            await run_in_threadpool(vae.warm_up)
+            await run_in_threadpool(vae.warm_up, settings.max_batch_size)
         except ModelLoadError as e:
             log.error("cannot start: %s", e)
             raise
-        app.state.vae = vae
+        batcher = Batcher(settings.max_batch_size, settings.max_batch_delay_ms / 1000)
+        batcher.start()
+        app.state.vae, app.state.batcher = vae, batcher
         app.state.ready = True
         log.info("ready: %s", {k: vae.manifest.get(k) for k in ("input_shape", "likelihood")})
         yield
         app.state.ready = False
+        batcher.stop()
 
     app = FastAPI(
         title="vae-service",

@@ -161,13 +161,17 @@ class VAEService:
             scores["log_likelihood"] = _numpy(self.module.log_likelihood(xt, eps))
         return scores
 
-    def warm_up(self) -> None:
-        """Run every operation once, so the first request pays no TorchScript profiling cost."""
-        x = np.full((2, self.input_dim), 0.5, dtype=np.float32)
-        for _ in range(3):  # the profiling executor specialises after a couple of calls
-            self.encode(x, samples=2, seed=0)
-            self.sample(2, seed=0)
-            self.anomaly_scores(x, samples=2, seed=0, ll_samples=2)
+    def warm_up(self, max_batch_size: int = 1) -> None:
+        """Run every operation at every batch size the batcher may form (powers of two and the
+        largest), so no request pays TorchScript's first-call profiling."""
+        sizes = sorted({1, max_batch_size} | {2**i for i in range(max_batch_size.bit_length())})
+        for size in (s for s in sizes if s <= max_batch_size):
+            x = np.full((size, self.input_dim), 0.5, dtype=np.float32)
+            for _ in range(2):  # the profiling executor specialises on the second call
+                self.encode(x, samples=2, seed=0)
+                self.decode(np.zeros((size, self.latent_dim), dtype=np.float32))
+                self.anomaly_scores(x, samples=2, seed=0, ll_samples=2)
+        self.sample(2, seed=0)
 
     def public_manifest(self) -> dict[str, Any]:
         """The manifest without the bulky calibration quantiles and training history."""

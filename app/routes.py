@@ -1,20 +1,21 @@
 """Thin handlers: validate against the loaded model, call VAEService, shape the answer.
 
 Torch never runs on the event loop: `async` handlers parse the body there (fast) and hand the
-model call to a worker thread; plain `def` handlers run in FastAPI's thread pool. So /health
-answers at once while a long /anomaly-score runs.
+model call to the batcher's inference thread; plain `def` handlers run in FastAPI's thread
+pool. So /health answers at once while a long /anomaly-score runs.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
+from app.batching import Batcher
 from app.errors import VALIDATION_RESPONSES, ErrorResponse, NotReadyError
-from app.model import VAEService
+from app.model import Array, VAEService
 from app.payloads import JSON, NPY, array_response, json_response, read_array_request
 from app.schemas import (
     AnomalyScoreParams,
@@ -47,7 +48,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_batcher(request: Request) -> Batcher:
+    batcher: Batcher = request.app.state.batcher
+    return batcher
+
+
 VaeDep = Annotated[VAEService, Depends(get_vae)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 router = APIRouter()
@@ -82,13 +89,22 @@ NPY_OUT: dict[int | str, dict[str, Any]] = {
     responses=NPY_OUT,
     openapi_extra=body_doc(EncodeRequest, "A .npy array of instances, N x D or N x H x W."),
 )
-async def encode_instances(request: Request, vae: VaeDep, settings: SettingsDep) -> Response:
+async def encode_instances(
+    request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
+) -> Response:
     """Encode inputs to their posterior q(z|x): mean, standard deviation, optional samples."""
     params, instances = await read_array_request(request, EncodeParams, EncodeRequest, "instances")
     x = instances_array(instances, vae, settings)
     check_samples("samples", params.samples, settings, len(x))
-    enc = await run_in_threadpool(vae.encode, x, params.samples, params.seed)
-    return array_response(request, {"mean": enc.mean, "std": enc.std, "samples": enc.samples})
+    key = None if params.seed is not None else ("encode", params.samples)
+
+    def encode(xb: Array) -> dict[str, Array]:
+        enc = vae.encode(xb, params.samples, params.seed)
+        out = {"mean": enc.mean, "std": enc.std}
+        return out if enc.samples is None else out | {"samples": enc.samples}
+
+    out = await batcher.submit(key, x, encode)
+    return array_response(request, {"samples": None, **out})
 
 
 @model_router.post(
@@ -98,22 +114,35 @@ async def encode_instances(request: Request, vae: VaeDep, settings: SettingsDep)
     responses=NPY_OUT,
     openapi_extra=body_doc(DecodeRequest, "A .npy array of latents, N x Z."),
 )
-async def decode_latents(request: Request, vae: VaeDep, settings: SettingsDep) -> Response:
+async def decode_latents(
+    request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
+) -> Response:
     """Decode latent vectors to outputs: the decoder's mean, or its most probable x."""
     params, latents = await read_array_request(request, DecodeParams, DecodeRequest, "latents")
     z = latents_array(latents, vae, settings)
-    outputs = await run_in_threadpool(vae.decode, z, params.output == "mode")
-    return array_response(request, {"outputs": outputs})
+    mode = params.output == "mode"
+    out = await batcher.submit(("decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)})
+    return array_response(request, out)
 
 
 @model_router.post("/sample", tags=["model"], response_model=SampleResponse, responses=NPY_OUT)
-def sample_prior(
-    body: SampleRequest, request: Request, vae: VaeDep, settings: SettingsDep
+async def sample_prior(
+    body: SampleRequest,
+    request: Request,
+    vae: VaeDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
 ) -> Response:
     """Draw n latents from the prior N(0, I) and decode them."""
     check_samples("n", body.n, settings)
-    z, x = vae.sample(body.n, body.seed, mode=body.output == "mode")
-    return array_response(request, {"latents": z, "outputs": x})
+
+    def sample(_: Array) -> dict[str, Array]:
+        z, x = vae.sample(body.n, body.seed, mode=body.output == "mode")
+        return {"latents": z, "outputs": x}
+
+    # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
+    out = await batcher.submit(None, np.empty((body.n, 0), dtype=np.float32), sample)
+    return array_response(request, out)
 
 
 @model_router.post(
@@ -122,15 +151,18 @@ def sample_prior(
     response_model=AnomalyScoreResponse,
     openapi_extra=body_doc(AnomalyScoreRequest, "A .npy array of instances, as for /encode."),
 )
-async def score_anomalies(request: Request, vae: VaeDep, settings: SettingsDep) -> Response:
+async def score_anomalies(
+    request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
+) -> Response:
     """Score inputs (KL, reconstruction probability, optionally log-likelihood) and decide."""
     params, instances = await read_array_request(
         request, AnomalyScoreParams, AnomalyScoreRequest, "instances"
     )
     x = instances_array(instances, vae, settings)
     plan = plan_scores(params, vae, settings, len(x))
-    scores = await run_in_threadpool(
-        vae.anomaly_scores, x, plan.samples, params.seed, plan.ll_samples
+    key = None if params.seed is not None else ("anomaly", plan.samples, plan.ll_samples)
+    scores = await batcher.submit(
+        key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
     )
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
     return json_response(

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         "log_likelihood", description="The score that drives is_anomaly (the best measured in "
         "README's leave-one-digit-out benchmark).",
     )  # fmt: skip
+    max_batch_size: int = Field(
+        64, ge=1, le=65536, description="Most instances the batcher merges into one forward "
+        "pass (concurrent unseeded requests; seeded ones always run alone).",
+    )  # fmt: skip
+    max_batch_delay_ms: float = Field(
+        0.0, ge=0.0, le=1000.0, description="How long the batcher waits for more requests "
+        "before a forward pass; 0 merges only what is already queued.",
+    )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's own choice)."
     )
