@@ -6,7 +6,6 @@ import logging
 
 import uvicorn
 
-from app.main import create_app
 from app.settings import Settings
 
 
@@ -15,10 +14,16 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # An import string and a factory, so that with several workers each process builds its
+    # own app (and loads its own model) from the same VAE_* environment.
     uvicorn.run(
-        create_app(settings),
+        "app.main:create_app",
+        factory=True,
         host=settings.host,
         port=settings.port,
+        workers=settings.workers,
+        loop=settings.loop,
+        http=settings.http,
         log_level=settings.log_level,
         # Let SIGTERM finish in-flight requests rather than cut them.
         timeout_graceful_shutdown=30,

@@ -24,6 +24,16 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface for `python -m app` to bind.")
     port: int = Field(8000, ge=1, le=65535, description="Port for `python -m app`.")
+    workers: int = Field(
+        1, ge=1, le=64, description="uvicorn worker processes for `python -m app`; each loads "
+        "the model and runs its own batcher (README \"Performance\" has the measurement).",
+    )  # fmt: skip
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="uvicorn event loop for `python -m app` (auto = uvloop if installed)."
+    )
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn HTTP parser for `python -m app` (auto = httptools)."
+    )
     max_instances: int = Field(
         1024, ge=1, le=65536, description="Most instances (or latents) in one request."
     )
