@@ -168,7 +168,7 @@ async def score_anomalies(
     return json_response(
         {
             **scores,
-            "percentiles": {"log_likelihood": None, **percentiles},
+            "percentiles": percentiles | ({} if plan.ll_samples else {"log_likelihood": None}),
             "is_anomaly": percentiles[plan.decision_score] > plan.threshold,
             "decision_score": plan.decision_score,
             "threshold_percentile": plan.threshold,
