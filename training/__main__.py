@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import PRESETS, ModelConfig, TrainConfig, apply
-from training.data import DataError, download_mnist, load_data
+from training.data import DataError, default_data_dir, download_mnist, load_data
 from training.export import build_manifest, export_artifact
 from training.pipeline import TEST_BINARIZATION_SEED, calibration, fit, split, test_metrics
 from training.train import TrainingError, rank_and_world
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("VAE_DATA_DIR", "data/mnist")),
+        default=default_data_dir(),
         help="MNIST IDX files, or train.npy + test.npy ($VAE_DATA_DIR, else data/mnist)",
     )
     p.add_argument("--out", type=Path, default=Path("models/vae.pt"), help="artifact path")

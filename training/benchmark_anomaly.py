@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from training.config import ModelConfig, TrainConfig
-from training.data import Dataset, load_data
+from training.data import Dataset, default_data_dir, load_data
 from training.evaluate import SCORE_DIRECTIONS, anomaly_scores, auroc
 from training.pipeline import fit, split
 
@@ -36,9 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("VAE_DATA_DIR", "data/mnist"))
-    )
+    p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--out", type=Path, default=Path("runs/benchmark_anomaly.json"))
     p.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--epochs", type=int, default=20)

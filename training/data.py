@@ -43,6 +43,11 @@ _IDX_UINT8 = 0x08
 _CHUNK_SIZE = 1 << 16
 
 
+def default_data_dir() -> Path:
+    """Where the trainers look without --data-dir: $VAE_DATA_DIR, else ./data/mnist."""
+    return Path(os.environ.get("VAE_DATA_DIR", "data/mnist"))
+
+
 class DataError(ValueError):
     """A data file is missing, truncated, corrupt or of the wrong shape.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from training.__main__ import TEST_BINARIZATION_SEED
-from training.data import DataError, binarize_fixed, load_data
+from training.data import DataError, binarize_fixed, default_data_dir, load_data
 from training.evaluate import auroc
 from training.export import load_artifact
 
@@ -43,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("VAE_DATA_DIR", "data/mnist")),
+        default=default_data_dir(),
         help="MNIST IDX files, or train.npy + test.npy; $VAE_DATA_DIR sets the default",
     )
     p.add_argument("--out", type=Path, default=Path("runs/report"), help="folder for the report")
