@@ -58,8 +58,8 @@ class Settings(BaseSettings):
         "score is more anomalous than this share of normal validation data.",
     )  # fmt: skip
     anomaly_score: Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"] = Field(
-        "log_likelihood", description="The score that drives is_anomaly (the best measured in "
-        "README's leave-one-digit-out benchmark).",
+        "reconstruction_log_prob", description="The score that drives is_anomaly (the best "
+        "measured in README's leave-one-digit-out benchmark).",
     )  # fmt: skip
     max_batch_size: int = Field(
         64, ge=1, le=65536, description="Most instances the batcher merges into one forward "

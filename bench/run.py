@@ -103,6 +103,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-memory", action="store_true", help="skip the memory run")
     p.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="VAE_NAME=VALUE",
+        help="a service setting to measure with (repeatable), e.g. VAE_MAX_BATCH_SIZE=32",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: --duration 3, --skip-memory, ceiling and naive at 16 connections only",
@@ -122,6 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         p.error("--warmup must be 0 or more")
+    for item in args.service_env:
+        if not item.startswith("VAE_") or "=" not in item:
+            p.error(f"--service-env takes VAE_NAME=VALUE, not {item!r}")
     return args
 
 
@@ -225,6 +235,7 @@ class Bench:
                 "VAE_LOG_LEVEL": "warning",
                 "VAE_HOST": "127.0.0.1",
                 "VAE_PORT": str(port),
+                **dict(item.split("=", 1) for item in self.args.service_env),
             }
         return Server(
             name,
