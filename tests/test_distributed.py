@@ -39,7 +39,7 @@ def test_torchrun_two_ranks_matches_a_single_process(tmp_path: Path) -> None:
     m2 = load_artifact(tmp_path / "two" / "vae.pt")[1]["metrics"]
     # Same global batch and epochs: the same quality, within the noise of different draws.
     assert abs(m1["test_elbo"] - m2["test_elbo"]) < 3.0, (m1["test_elbo"], m2["test_elbo"])
-    assert m2["test_elbo"] > -170  # it learned (an untrained model is near -540)
+    assert m2["test_elbo"] > -250  # it learned (an untrained model is near -540)
     assert [row["epoch"] for row in m2["history"]] == [1, 2]
     # Only rank 0 wrote: one artifact, one set of checkpoints, one summary.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "vae.pt"]

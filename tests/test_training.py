@@ -99,12 +99,13 @@ def test_same_seed_gives_the_same_model(vectors: Path, tmp_path: Path) -> None:
 def test_resume_continues_where_the_run_stopped(vectors: Path, tmp_path: Path) -> None:
     whole, parts = tmp_path / "whole" / "vae.pt", tmp_path / "parts" / "vae.pt"
     assert run(vectors, whole, "--epochs", "3") == 0
-    assert run(vectors, parts, "--epochs", "2") == 0  # "interrupted" after epoch 2
+    assert run(vectors, parts, "--epochs", "3", "--stop-after", "2") == 0  # "interrupted"
+    assert not parts.exists()  # no artifact from an unfinished run
     assert run(vectors, parts, "--epochs", "3", "--resume") == 0
     h_whole = load_artifact(whole)[1]["metrics"]["history"]
     h_parts = load_artifact(parts)[1]["metrics"]["history"]
     assert [row["epoch"] for row in h_parts] == [1, 2, 3]
-    assert h_parts == h_whole
+    assert h_parts == h_whole  # the same model, as if never interrupted
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(

@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=Path, help="(default: OUT's folder/checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument(
+        "--stop-after",
+        type=int,
+        help="end this invocation after N epochs (time-boxed or preemptible machines); "
+        "--resume goes on from there",
+    )
+    p.add_argument(
         "--download",
         action="store_true",
         help="fetch the official MNIST files into --data-dir first (md5-checked)",
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs, "val_size": args.val_size, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "lr_min_factor": args.lr_min_factor,
         "kl_warmup_epochs": args.kl_warmup_epochs, "patience": args.patience,
+        "stop_after": args.stop_after,
         "eval_k": args.eval_k, "eval_images": args.eval_images, "device": str(device),
         "dynamic_binarization": False if args.no_dynamic_binarization else None,
         "preset": args.preset,
@@ -167,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if result.stopped_early:
+        log.info("stopped after epoch %d as asked; --resume goes on", result.history[-1]["epoch"])
+        return 0
     if rank != 0:
         return 0  # only rank 0 evaluates and writes the artifact
 

@@ -46,6 +46,7 @@ class TrainConfig:
     calibration_samples: int = 16  # L for the reconstruction probability: the service default
     calibration_ll_samples: int = 100  # K for the log-likelihood score: the service default
     max_batches: int | None = None  # --dry-run: a single batch per epoch
+    stop_after: int | None = None  # end this invocation after N epochs; --resume goes on
     device: str = "cpu"
     preset: str = "custom"
 

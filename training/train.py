@@ -41,6 +41,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    stopped_early: bool = False  # --stop-after ended this invocation before the last epoch
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -179,6 +180,9 @@ def train(
                 },
                 last,
             )
+        if cfg.stop_after and epoch - start_epoch + 1 >= cfg.stop_after and epoch < cfg.epochs:
+            result.stopped_early = True
+            break
     return result
 
 
