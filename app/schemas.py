@@ -1,7 +1,8 @@
 """Request and response models: constraints, descriptions and working examples live here.
 
-The examples fit a 784-dimensional MNIST model with a 32-dimensional latent; `main.py` rewrites
-them from the loaded artifact's manifest, so "Try it out" on /docs works for any model.
+The request examples fit a 784-dimensional MNIST model with a 32-dimensional latent; `main.py`
+rewrites them from the loaded artifact's manifest, so "Try it out" on /docs works for any model.
+Response examples are shortened to a few values per row.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class EncodeRequest(EncodeParams):
 
 
 class EncodeResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"mean": [[0.12, -0.53]], "std": [[0.31, 0.95]], "samples": None}]
+        }
+    )
+
     mean: list[list[float]] = Field(description="Posterior means, (B, Z): the representation.")
     std: list[list[float]] = Field(description="Posterior standard deviations, (B, Z).")
     samples: list[list[list[float]]] | None = Field(
@@ -78,6 +85,10 @@ class DecodeRequest(DecodeParams):
 
 
 class DecodeResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"outputs": [[0.0, 0.01, 0.93, 0.88]]}]}
+    )
+
     outputs: list[list[float]] = Field(description="Decoded outputs, (B, D).")
 
 
@@ -88,6 +99,12 @@ class SampleRequest(_Strict):
 
 
 class SampleResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"latents": [[-1.53, 0.75]], "outputs": [[0.0, 0.02, 0.97, 0.6]]}]
+        }
+    )
+
     latents: list[list[float]] = Field(description="The prior draws z ~ N(0, I), (n, Z).")
     outputs: list[list[float]] = Field(description="Their decoded outputs, (n, D).")
 
@@ -142,6 +159,28 @@ class ScorePercentiles(BaseModel):
 
 
 class AnomalyScoreResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "kl_divergence": [20.7],
+                    "reconstruction_log_prob": [-45.0],
+                    "log_likelihood": None,
+                    "percentiles": {
+                        "kl_divergence": [0.13],
+                        "reconstruction_log_prob": [0.16],
+                        "log_likelihood": None,
+                    },
+                    "is_anomaly": [False],
+                    "decision_score": "reconstruction_log_prob",
+                    "threshold_percentile": 0.99,
+                    "samples": 16,
+                    "log_likelihood_samples": None,
+                }
+            ]
+        }
+    )
+
     kl_divergence: list[float] = Field(
         description="KL(q(z|x) || p(z)) in nats per instance; higher is more anomalous."
     )
@@ -170,7 +209,7 @@ class AnomalyScoreResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field("ok", description="Always `ok` when answered with 200.")
 
 
 class ModelResponse(BaseModel):
