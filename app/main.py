@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,6 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher.start()
         app.state.vae, app.state.batcher = vae, batcher
         app.state.ready = True
+        # Move everything start-up made (torch, FastAPI, the model) out of the collector's
+        # reach: full collections over it paused requests for up to ~100 ms under load; with
+        # it frozen, p99 at 16 connections fell from 124 ms to 14 ms (python -m bench --quick).
+        gc.freeze()
         log.info("ready: %s", {k: vae.manifest.get(k) for k in ("input_shape", "likelihood")})
         yield
         app.state.ready = False

@@ -36,19 +36,21 @@ from app.settings import Settings
 from app.validation import check_samples, instances_array, latents_array, plan_scores
 
 
-def get_vae(request: Request) -> VAEService:
+# The dependencies are `async` on purpose: FastAPI runs a plain `def` dependency in its thread
+# pool, which costs a thread hand-off per dependency per request.
+async def get_vae(request: Request) -> VAEService:
     vae: VAEService | None = request.app.state.vae
     if vae is None or not request.app.state.ready:
         raise NotReadyError("The model is not loaded yet; try again shortly.")
     return vae
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     batcher: Batcher = request.app.state.batcher
     return batcher
 
