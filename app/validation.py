@@ -1,7 +1,8 @@
 """Checks that need the loaded model, in one place, each failing with a one-sentence reason.
 
-Pydantic has already checked types, finiteness and the request's own bounds; what is left
-depends on the artifact (shapes, the likelihood's range) or on settings (limits).
+The body parser (payloads.py: numpy's fast path, or pydantic) has already checked types,
+finiteness and the request's own bounds; what is left depends on the artifact (shapes, the
+likelihood's range) or on settings (limits).
 """
 
 from __future__ import annotations
