@@ -8,6 +8,7 @@ request with a seed gets the same bytes back whatever else runs at that moment.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ class VAEService:
         manifest: dict[str, Any],
         sha256: str,
         device: torch.device,
+        calibration: Calibration,
     ) -> None:
         self.module = module
         self.manifest = manifest
@@ -80,7 +82,7 @@ class VAEService:
         self.input_dim: int = manifest["input_dim"]
         self.latent_dim: int = manifest["latent_dim"]
         self.likelihood: str = manifest["likelihood"]
-        self.calibration = Calibration.from_manifest(manifest, "artifact")
+        self.calibration = calibration
 
     @classmethod
     def load(cls, path: Path, device: str = "auto") -> VAEService:
@@ -101,18 +103,19 @@ class VAEService:
                     message=r"`torch\.jit\.load` is deprecated",
                     category=DeprecationWarning,
                 )
-                module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
+                # From the bytes already read: the sha256 reported is of exactly what runs.
+                module = torch.jit.load(io.BytesIO(data), map_location=dev, _extra_files=extra)
         except Exception as e:  # torch raises RuntimeError or ValueError with C++ traces
             raise ModelLoadError(
                 f"{path}: not a readable TorchScript artifact ({type(e).__name__})."
             ) from e
         manifest = _parse_manifest(path, extra["manifest.json"])
-        Calibration.from_manifest(manifest, str(path))  # refuse a broken one naming the file
+        calibration = Calibration.from_manifest(manifest, str(path))
         missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
         if missing:
             raise ModelLoadError(f"{path}: the artifact lacks the methods {', '.join(missing)}.")
         module.eval()
-        service = cls(module, manifest, hashlib.sha256(data).hexdigest(), dev)
+        service = cls(module, manifest, hashlib.sha256(data).hexdigest(), dev, calibration)
         log.info(
             "loaded %s: sha256 %s, input %s, latent %d, %s decoder, on %s",
             path, service.sha256, service.input_shape, service.latent_dim, service.likelihood, dev,
