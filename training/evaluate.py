@@ -38,7 +38,7 @@ def mean_elbo(model: VAE, x: Tensor, *, batch_size: int = 1000, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for xb in x.split(batch_size):
-        eps = torch.randn(xb.shape[0], _latent_dim(model), generator=g)
+        eps = torch.randn(xb.shape[0], model.latent_dim, generator=g)
         total += model.elbo(xb, eps.to(xb.device)).sum().item()
     return total / x.shape[0]
 
@@ -53,14 +53,14 @@ def iwae_log_likelihood(
     memory: one chunk holds (k_chunk, batch_size, D) decoder outputs.
     """
     g = torch.Generator().manual_seed(seed)
-    chunk_shape = (min(k_chunk, k), min(batch_size, x.shape[0]), _latent_dim(model))
+    chunk_shape = (min(k_chunk, k), min(batch_size, x.shape[0]), model.latent_dim)
     log_weights = _compiled_log_weights(model, k * x.shape[0], chunk_shape)
     out = []
     for xb in x.split(batch_size):
         acc = torch.full((xb.shape[0],), -math.inf, device=xb.device)
         for start in range(0, k, k_chunk):
             n = min(k_chunk, k - start)
-            eps = torch.randn(n, xb.shape[0], _latent_dim(model), generator=g).to(xb.device)
+            eps = torch.randn(n, xb.shape[0], model.latent_dim, generator=g).to(xb.device)
             acc = torch.logaddexp(acc, torch.logsumexp(log_weights(xb, eps), 0))
         out.append(acc - math.log(k))
     return torch.cat(out)
@@ -99,7 +99,7 @@ def anomaly_scores(
     `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`."""
     g = torch.Generator().manual_seed(seed)
     scores: dict[str, list[Tensor]] = {name: [] for name in SCORE_DIRECTIONS}
-    z = _latent_dim(model)
+    z = model.latent_dim
     for xb in x.split(batch_size):
         eps = torch.randn(samples, xb.shape[0], z, generator=g).to(xb.device)
         scores["kl_divergence"].append(model.kl_divergence(xb))
@@ -151,7 +151,3 @@ def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     n0, n1 = len(normal), len(anomalous)
     u = ranks[n0:].sum() - n1 * (n1 + 1) / 2
     return float(u / (n0 * n1))
-
-
-def _latent_dim(model: VAE) -> int:
-    return model.enc_out.out_features // 2

@@ -22,6 +22,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 class VAE(nn.Module):
     bernoulli: bool
+    latent_dim: int
     x_shift: Tensor  # buffers, (D,)
     x_scale: Tensor
 
@@ -29,6 +30,7 @@ class VAE(nn.Module):
         super().__init__()
         hidden = list(cfg.hidden_dims)
         self.bernoulli = cfg.likelihood == "bernoulli"
+        self.latent_dim = cfg.latent_dim
         self.encoder = mlp([cfg.input_dim, *hidden])
         self.enc_out = nn.Linear(hidden[-1], 2 * cfg.latent_dim)  # mean and log-variance
         self.decoder = mlp([cfg.latent_dim, *reversed(hidden)])

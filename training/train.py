@@ -83,7 +83,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr * cfg.lr_min_factor
     )
-    latent_dim = model.enc_out.out_features // 2
+    latent_dim = model.latent_dim
     # One shuffle shared by all ranks; the noise (binarisation, eps) differs per rank.
     order_gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)
