@@ -167,16 +167,18 @@ async def score_anomalies(
         key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
     )
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
+    # Without K the log-likelihood is not computed, but its keys stay in the answer, as null.
+    absent = {} if plan.ll_samples else {"log_likelihood": None}
     return json_response(
         {
             **scores,
-            "percentiles": percentiles | ({} if plan.ll_samples else {"log_likelihood": None}),
+            **absent,
+            "percentiles": percentiles | absent,
             "is_anomaly": percentiles[plan.decision_score] > plan.threshold,
             "decision_score": plan.decision_score,
             "threshold_percentile": plan.threshold,
             "samples": plan.samples,
             "log_likelihood_samples": plan.ll_samples or None,
-            "log_likelihood": scores.get("log_likelihood"),
         }
     )
 
