@@ -1,12 +1,15 @@
 """Dynamic micro-batching: one inference thread per device merges concurrent requests.
 
 Handlers submit a job and await it; the inference thread takes the oldest job, gathers queued
-jobs with the same key (the same operation and options) until `max_batch_size` instances or
+jobs with the same key (the same model, operation and options) until `max_batch_size` instances or
 `max_delay` has passed, runs the model once, and hands each job its rows back.
 
 Seeded jobs are never merged: oneDNN's matrix kernels round a row differently depending on how
 many rows share the call, so a seeded answer must always be computed alone to stay
 byte-identical. Unseeded jobs, where no such promise exists, are the ones that batch.
+
+A job whose request has gone (timed out, or the client hung up) before its turn is dropped
+unrun, so a backlog of abandoned work cannot keep the thread busy.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class Batcher:
             job = self._held.popleft() if self._held else self._queue.get()
             if job is None:
                 return
+            if job.future.cancelled():  # read across threads: at worst one job runs in vain
+                continue
             batch = self._gather(job)
             self._execute(batch)
 
@@ -86,6 +91,8 @@ class Batcher:
             if job is None:
                 self._held.append(job)  # stop after this batch
                 break
+            if job.future.cancelled():
+                continue
             if job.key == first.key and rows + len(job.x) <= self.max_batch_size:
                 batch.append(job)
                 rows += len(job.x)

@@ -45,15 +45,33 @@ class NotReadyError(VAEServiceError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
 
 
+class ReloadRefusedError(VAEServiceError):
+    """The artifact at VAE_MODEL_PATH cannot replace the one serving; the old one stays."""
+
+    status_code = status.HTTP_409_CONFLICT
+
+
 class ModelLoadError(Exception):
     """The artifact cannot be served; the message names the file and the problem."""
 
 
+# The refusals of app/middleware.py, which any route behind it can give.
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "A valid API key is required (VAE_API_KEYS)."},
+}
 # Documented on every route that takes a body, instead of FastAPI's list-shaped default.
 VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {
+    **AUTH_RESPONSES,
+    413: {"model": ErrorResponse, "description": "The body is over VAE_MAX_BODY_BYTES."},
     415: {"model": ErrorResponse, "description": "The body is neither JSON nor .npy."},
     422: {"model": ErrorResponse, "description": "The request is not valid for this model."},
-    503: {"model": ErrorResponse, "description": "The model is not loaded yet."},
+    503: {
+        "model": ErrorResponse,
+        "description": "The model is not loaded yet, the server is draining, or VAE_MAX_IN_FLIGHT "
+        "requests are already in flight; retry after `Retry-After` seconds.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+    504: {"model": ErrorResponse, "description": "Over VAE_REQUEST_TIMEOUT_S."},
 }
 
 

@@ -85,15 +85,29 @@ class VAEService:
         self.calibration = calibration
 
     @classmethod
-    def load(cls, path: Path, device: str = "auto") -> VAEService:
-        """Load and check an artifact; every failure is a ModelLoadError naming the file."""
+    def load(
+        cls, path: Path, device: str = "auto", expected_sha256: str | None = None
+    ) -> VAEService:
+        """Load and check an artifact; every failure is a ModelLoadError naming the file.
+
+        With `expected_sha256` (VAE_MODEL_SHA256), bytes that hash otherwise are refused
+        before torch deserialises any of them."""
         dev = resolve_device(device)
         if not path.is_file():
             raise ModelLoadError(
                 f"{path}: no artifact there; train one with "
                 f"`python -m training --out {path}` or set VAE_MODEL_PATH."
             )
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read the artifact ({e.strerror}).") from None
+        sha256 = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and sha256 != expected_sha256.lower():
+            raise ModelLoadError(
+                f"{path}: its sha256 is {sha256}, but VAE_MODEL_SHA256 pins "
+                f"{expected_sha256.lower()}; refusing to serve it."
+            )
         extra = {"manifest.json": ""}
         try:
             with warnings.catch_warnings():
@@ -115,7 +129,7 @@ class VAEService:
         if missing:
             raise ModelLoadError(f"{path}: the artifact lacks the methods {', '.join(missing)}.")
         module.eval()
-        service = cls(module, manifest, hashlib.sha256(data).hexdigest(), dev, calibration)
+        service = cls(module, manifest, sha256, dev, calibration)
         log.info(
             "loaded %s: sha256 %s, input %s, latent %d, %s decoder, on %s",
             path, service.sha256, service.input_shape, service.latent_dim, service.likelihood, dev,

@@ -14,9 +14,24 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from app.batching import Batcher
-from app.errors import VALIDATION_RESPONSES, ErrorResponse, NotReadyError
+from app.errors import (
+    AUTH_RESPONSES,
+    VALIDATION_RESPONSES,
+    ErrorResponse,
+    ModelLoadError,
+    NotReadyError,
+    ReloadRefusedError,
+)
+from app.lifecycle import Lifecycle, reload_model
 from app.model import Array, VAEService
-from app.payloads import JSON, NPY, array_response, json_response, read_array_request
+from app.payloads import (
+    JSON,
+    NPY,
+    array_response,
+    json_response,
+    read_array_request,
+    read_json_request,
+)
 from app.schemas import (
     AnomalyScoreParams,
     AnomalyScoreRequest,
@@ -29,6 +44,7 @@ from app.schemas import (
     EncodeResponse,
     HealthResponse,
     ModelResponse,
+    ReloadResponse,
     SampleRequest,
     SampleResponse,
 )
@@ -61,6 +77,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 router = APIRouter()
 model_router = APIRouter(responses=VALIDATION_RESPONSES)
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 def body_doc(request_model: type[BaseModel], array_doc: str) -> dict[str, Any]:
@@ -98,7 +115,7 @@ async def encode_instances(
     params, instances = await read_array_request(request, EncodeParams, EncodeRequest, "instances")
     x = instances_array(instances, vae, settings)
     check_samples("samples", params.samples, settings, len(x))
-    key = None if params.seed is not None else ("encode", params.samples)
+    key = None if params.seed is not None else (vae, "encode", params.samples)
 
     def encode(xb: Array) -> dict[str, Array]:
         enc = vae.encode(xb, params.samples, params.seed)
@@ -123,19 +140,29 @@ async def decode_latents(
     params, latents = await read_array_request(request, DecodeParams, DecodeRequest, "latents")
     z = latents_array(latents, vae, settings)
     mode = params.output == "mode"
-    out = await batcher.submit(("decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)})
+    out = await batcher.submit(
+        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}
+    )
     return array_response(request, out)
 
 
-@model_router.post("/sample", tags=["model"], response_model=SampleResponse, responses=NPY_OUT)
+@model_router.post(
+    "/sample",
+    tags=["model"],
+    response_model=SampleResponse,
+    responses=NPY_OUT,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/SampleRequest"}}},
+        }
+    },
+)
 async def sample_prior(
-    body: SampleRequest,
-    request: Request,
-    vae: VaeDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
+    request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
 ) -> Response:
     """Draw n latents from the prior N(0, I) and decode them."""
+    body = await read_json_request(request, SampleRequest)
     check_samples("n", body.n, settings)
 
     def sample(_: Array) -> dict[str, Array]:
@@ -162,7 +189,7 @@ async def score_anomalies(
     )
     x = instances_array(instances, vae, settings)
     plan = plan_scores(params, vae, settings, len(x))
-    key = None if params.seed is not None else ("anomaly", plan.samples, plan.ll_samples)
+    key = None if params.seed is not None else (vae, "anomaly", plan.samples, plan.ll_samples)
     scores = await batcher.submit(
         key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
     )
@@ -190,12 +217,15 @@ def get_health() -> HealthResponse:
 
 
 @router.get("/ready", tags=["ops"], responses={503: {"model": ErrorResponse}})
-def get_ready(vae: VaeDep) -> HealthResponse:
-    """Readiness: 200 once the model is loaded and warmed up, 503 before."""
+async def get_ready(request: Request, vae: VaeDep) -> HealthResponse:
+    """Readiness: 200 once the model is loaded and warmed up; 503 before, and while draining."""
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    if lifecycle.draining:
+        raise NotReadyError("The server is shutting down.")
     return HealthResponse()
 
 
-@router.get("/model", tags=["ops"], responses={503: {"model": ErrorResponse}})
+@router.get("/model", tags=["ops"], responses={**AUTH_RESPONSES, 503: {"model": ErrorResponse}})
 def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
     """The artifact being served: its sha256 and the public part of its manifest."""
     return ModelResponse(
@@ -203,4 +233,28 @@ def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
         path=str(settings.model_path),
         device=str(vae.device),
         manifest=vae.public_manifest(),
+    )
+
+
+@admin_router.post(
+    "/reload",
+    responses={
+        401: {"model": ErrorResponse, "description": "A valid API key is required."},
+        403: {"model": ErrorResponse, "description": "No API key is configured at all."},
+        409: {"model": ErrorResponse, "description": "The new artifact was refused."},
+        503: {"model": ErrorResponse, "description": "The model is not loaded yet."},
+    },
+)
+async def reload(request: Request, vae: VaeDep) -> ReloadResponse:
+    """Load the artifact at VAE_MODEL_PATH again and swap it in; requests in flight finish on
+    the old one. A bad artifact is refused (409) and the old one keeps serving. SIGHUP does
+    the same."""
+    try:
+        done = await reload_model(request.app)
+    except ModelLoadError as e:
+        raise ReloadRefusedError(f"Reload refused, the old model keeps serving: {e}") from None
+    return ReloadResponse(
+        sha256=done.sha256,
+        previous_sha256=done.previous_sha256,
+        changed=done.sha256 != done.previous_sha256,
     )

@@ -220,3 +220,9 @@ class ModelResponse(BaseModel):
         description="The artifact's manifest: shapes, likelihood, dataset, training config, "
         "test metrics and calibration summary."
     )
+
+
+class ReloadResponse(BaseModel):
+    sha256: str = Field(description="SHA-256 of the artifact now serving.")
+    previous_sha256: str = Field(description="SHA-256 of the artifact it replaced.")
+    changed: bool = Field(description="Whether the file's contents differ from before.")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A comma-separated environment variable, read as a list (not as JSON).
+CommaList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]  # never shown in a repr or a log
 
 
 class Settings(BaseSettings):
@@ -16,6 +20,10 @@ class Settings(BaseSettings):
     model_path: Path = Field(
         Path("models/vae.pt"), description="The TorchScript artifact to serve (read locally only)."
     )
+    model_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="Pins the artifact: start-up and "
+        "reload refuse a file whose sha256 differs.",
+    )  # fmt: skip
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -69,6 +77,33 @@ class Settings(BaseSettings):
         0.0, ge=0.0, le=1000.0, description="How long the batcher waits for more requests "
         "before a forward pass; 0 merges only what is already queued.",
     )  # fmt: skip
+    max_body_bytes: int = Field(
+        32 * 2**20, ge=1024, description="Largest request body; a bigger one gets 413 before it "
+        "is read (32 MiB holds 1024 MNIST images as JSON).",
+    )  # fmt: skip
+    max_in_flight: int = Field(
+        256, ge=1, description="Most model requests (POST) accepted at once; more get 503 with "
+        "Retry-After, so a flood cannot grow memory or queueing without bound.",
+    )  # fmt: skip
+    request_timeout_s: float = Field(
+        60.0, gt=0.0, description="A model request that has not answered after this long gets "
+        "504; work not yet started is dropped.",
+    )  # fmt: skip
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0.0, description="On SIGTERM: refuse new model requests with 503, finish those "
+        "accepted, and exit within this many seconds.",
+    )  # fmt: skip
+    api_keys: SecretList = Field(
+        default_factory=list, description="Comma-separated API keys; when any is set (here or in "
+        "the keys file), every route but /health, /ready and the docs needs one.",
+    )  # fmt: skip
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one per line (for Docker or Kubernetes secrets)."
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS (e.g. "
+        "https://app.example.com, or *); empty turns CORS off.",
+    )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: torch's own choice)."
     )
@@ -78,3 +113,23 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the service and uvicorn."
     )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def load_api_keys(self) -> list[SecretStr]:
+        """The keys from VAE_API_KEYS and VAE_API_KEYS_FILE, read once at start-up."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as e:
+                raise ValueError(
+                    f"{self.api_keys_file}: cannot read the API keys file ({e.strerror})."
+                ) from None
+            keys += [line.strip() for line in text.splitlines() if line.strip()]
+        return [SecretStr(k) for k in keys]

@@ -1,0 +1,124 @@
+"""The process's serving life: load (and reload) the model, drain on SIGTERM, reload on SIGHUP.
+
+Reload swaps `app.state.vae` in one assignment. A request takes its model once, at its start
+(the `get_vae` dependency), and the batcher keys jobs by model too, so requests in flight
+finish on the model they started with while new ones get the new model.
+
+Drain: uvicorn on its own would stop listening at SIGTERM, so a request arriving then would
+find the port closed. We first keep serving, answer new model requests with 503 (callers and
+balancers retry elsewhere), let the accepted ones finish, and only then hand the signal to
+uvicorn, leaving it a short grace for what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import ModelLoadError
+from app.model import VAEService
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+@dataclass
+class Lifecycle:
+    """Serving state shared by the middleware, the routes and the signal handlers."""
+
+    in_flight: int = 0  # model requests accepted and not yet answered
+    draining: bool = False
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    sha256: str
+    previous_sha256: str
+
+
+def uvicorn_grace_s(settings: Settings) -> float:
+    """What uvicorn gets after our drain, within VAE_SHUTDOWN_TIMEOUT_S: a tenth, at most 2 s."""
+    return min(2.0, settings.shutdown_timeout_s / 10)
+
+
+def load_model(settings: Settings) -> VAEService:
+    """Load, check the pin, and warm up every batch size, before anyone is served by it."""
+    vae = VAEService.load(settings.model_path, settings.device, settings.model_sha256)
+    vae.warm_up(settings.max_batch_size)
+    return vae
+
+
+async def reload_model(app: FastAPI) -> Reloaded:
+    """Load VAE_MODEL_PATH again and swap it in; a ModelLoadError leaves the old one serving."""
+    lifecycle: Lifecycle = app.state.lifecycle
+    async with lifecycle.reload_lock:  # one reload at a time; a second waits and reloads again
+        new = await run_in_threadpool(load_model, app.state.settings)
+        old: VAEService = app.state.vae
+        app.state.vae = new
+        app.openapi_schema = None  # its examples are sized to the model
+    log.info("reloaded %s: sha256 %s (was %s)", app.state.settings.model_path, new.sha256,
+             old.sha256)  # fmt: skip
+    return Reloaded(new.sha256, old.sha256)
+
+
+def install_signal_handlers(app: FastAPI) -> None:
+    """SIGTERM drains, SIGHUP reloads. Only in the main thread (signals are delivered there;
+    a test client that runs the lifespan elsewhere simply gets neither)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    def spawn(coro_fn: Callable[[], Any]) -> None:
+        def start() -> None:
+            task = loop.create_task(coro_fn())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    uvicorn_exit = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda sig, frame: spawn(lambda: _drain(app, uvicorn_exit, sig)))
+    signal.signal(signal.SIGHUP, lambda sig, frame: spawn(lambda: _reload_on_signal(app)))
+
+
+async def _drain(app: FastAPI, then: Handler, sig: int) -> None:
+    lifecycle: Lifecycle = app.state.lifecycle
+    if lifecycle.draining:
+        return
+    lifecycle.draining = True
+    settings: Settings = app.state.settings
+    budget = settings.shutdown_timeout_s - uvicorn_grace_s(settings)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    log.info("SIGTERM: draining %d request(s) in flight, for at most %g s",
+             lifecycle.in_flight, budget)  # fmt: skip
+    while lifecycle.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if lifecycle.in_flight:
+        log.warning("drain timed out with %d request(s) in flight", lifecycle.in_flight)
+    if callable(then):  # uvicorn's own handler: stop listening, close connections, exit
+        then(sig, None)
+    else:  # not under uvicorn: take the signal's default action
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+
+
+async def _reload_on_signal(app: FastAPI) -> None:
+    try:
+        await reload_model(app)
+    except ModelLoadError as e:
+        log.error("SIGHUP reload refused, the old model keeps serving: %s", e)

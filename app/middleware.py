@@ -1,0 +1,176 @@
+"""Admission control in front of every route: API keys, body size, in-flight bound, timeout.
+
+A pure ASGI middleware, not Starlette's `BaseHTTPMiddleware`: it adds no task or stream per
+request, and it can answer before the body is read. Its order of checks is the order of cost:
+
+1. the API key (401), so an unauthenticated caller gets nothing else;
+2. the declared body size (413), before a byte of the body is read; a body without a declared
+   size (chunked) is counted as it arrives and cut off at the limit;
+3. for model requests (every POST outside /admin): draining (503 once SIGTERM arrived), then
+   the in-flight bound (503 with Retry-After), then the timeout (504).
+
+Every refusal is the service's usual `{"detail": "<one sentence>"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+
+import orjson
+from pydantic import SecretStr
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.lifecycle import Lifecycle
+from app.settings import Settings
+
+# Open without a key: probes, and the docs (they describe the API, they serve no data).
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        "/openapi.json", "/v2/health/live", "/v2/health/ready"})  # fmt: skip
+OPEN_PREFIXES = ("/docs/static/",)
+ADMIN_PREFIX = "/admin/"
+RETRY_AFTER_S = 1
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, settings: Settings, keys: list[SecretStr]) -> None:
+        self.app = app
+        self.settings = settings
+        # Compare digests, not keys: equal lengths, so the comparison time says nothing.
+        self._digests = [_digest(k.get_secret_value().encode()) for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = dict(scope["headers"])  # lower-case names, as ASGI guarantees
+        if refusal := self._check_key(path, headers):
+            status, detail, extra = refusal
+            await _refuse(send, status, detail, extra)
+            return
+        limit = self.settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _refuse(send, 413, _too_large(limit), [(b"connection", b"close")])
+            return
+        if scope["method"] != "POST" or path.startswith(ADMIN_PREFIX):
+            await self._call(scope, receive, send, limit)
+            return
+        lifecycle: Lifecycle = scope["app"].state.lifecycle
+        if lifecycle.draining:
+            detail = "The server is shutting down; send the request to another replica."
+            await _refuse(send, 503, detail, [_retry_after(), (b"connection", b"close")])
+            return
+        if lifecycle.in_flight >= self.settings.max_in_flight:
+            detail = (
+                f"The server already has {self.settings.max_in_flight} requests in flight, its "
+                f"limit (VAE_MAX_IN_FLIGHT); retry after {RETRY_AFTER_S} s."
+            )
+            await _refuse(send, 503, detail, [_retry_after()])
+            return
+        lifecycle.in_flight += 1
+        try:
+            await self._call(scope, receive, send, limit, self.settings.request_timeout_s)
+        finally:
+            lifecycle.in_flight -= 1
+
+    def _check_key(
+        self, path: str, headers: dict[bytes, bytes]
+    ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+        admin = path.startswith(ADMIN_PREFIX)
+        if not admin and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
+            return None
+        if not self._digests:
+            if admin:  # never open: an admin route changes what every caller gets
+                return 403, "Admin routes are off: set VAE_API_KEYS or VAE_API_KEYS_FILE.", []
+            return None
+        if self._valid(_presented_key(headers)):
+            return None
+        challenge = [(b"www-authenticate", b'Bearer realm="vae-service"')]
+        detail = "A valid API key is required: send Authorization: Bearer <key> or X-API-Key."
+        return 401, detail, challenge
+
+    def _valid(self, key: bytes | None) -> bool:
+        if key is None:
+            return False
+        given = _digest(key)
+        # No early exit: every configured key is compared, whichever matches.
+        return sum(hmac.compare_digest(given, d) for d in self._digests) > 0
+
+    async def _call(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, timeout: float | None = None
+    ) -> None:
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:  # read by a route that let it through, e.g. a plain Request
+            if started:
+                raise
+            await _refuse(send, 413, _too_large(limit), [(b"connection", b"close")])
+        except TimeoutError:
+            if started or not deadline.expired():  # half an answer cannot be taken back
+                raise
+            detail = f"The request took longer than {timeout:g} s (VAE_REQUEST_TIMEOUT_S)."
+            await _refuse(send, 504, detail, [])
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a streamed body passes the limit. An HTTPException, so a
+    route that reads the body through FastAPI still answers 413, not "error parsing the body"."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large(limit), headers={"Connection": "close"})
+
+
+def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+    auth = headers.get(b"authorization")
+    if auth is not None:
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+    return headers.get(b"x-api-key")
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than {limit} bytes, the limit (VAE_MAX_BODY_BYTES)."
+
+
+def _retry_after() -> tuple[bytes, bytes]:
+    return b"retry-after", str(math.ceil(RETRY_AFTER_S)).encode()
+
+
+async def _refuse(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]]) -> None:
+    body = orjson.dumps({"detail": detail})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
