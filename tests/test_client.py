@@ -1,0 +1,556 @@
+"""app.client against real servers: real `python -m app` (uvicorn) processes on real ports.
+
+The equality tests compare every method of both clients, in both the .npy and the JSON mode,
+with the raw JSON REST answer to the same seeded request. The retry tests use servers that
+really refuse connections, or really answer 503 because their model is not loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from app.client import (
+    AnomalyScores,
+    AsyncVAEClient,
+    Encoded,
+    ModelInfo,
+    RetryPolicy,
+    Samples,
+    VAEAuthError,
+    VAEClient,
+    VAEConnectionError,
+    VAEError,
+    VAETimeoutError,
+    VAEUnavailableError,
+    VAEValidationError,
+    error_from_response,
+    parse_retry_after,
+)
+from app.settings import Settings
+from tests.conftest import REPO, Server, free_port
+
+StartServer = Callable[[dict[str, str]], Server]
+
+X = [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.5, 0.25]]
+LATENTS = [[0.3, -1.2], [2.0, 0.5], [0.0, 0.0]]
+# Every /anomaly-score option, the threshold low enough that some instance is flagged.
+SCORE_OPTIONS: dict[str, Any] = {
+    "samples": 2,
+    "log_likelihood_samples": 8,
+    "seed": 1,
+    "threshold_percentile": 0.2,
+    "decision_score": "kl_divergence",
+}
+NOT_READY = "The model is not loaded yet; try again shortly."
+# Fast retries that still wait long enough (minutes at most) for a server to start.
+PATIENT = RetryPolicy(retries=600, backoff=0.05, max_backoff=0.25)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real server for the tests that only read from it."""
+    with pytest.MonkeyPatch.context() as env:
+        for key in [k for k in os.environ if k.startswith("VAE_")]:
+            env.delenv(key)
+        srv = Server({"VAE_MODEL_PATH": str(tiny_artifact)}, tmp_path_factory.mktemp("s") / "log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+class Process:
+    """A server command on a port chosen in advance (conftest's Server picks its own)."""
+
+    def __init__(self, args: list[str], port: int, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            env={**clean, **env, "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port)},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    procs: list[Process] = []
+
+    def start(port: int, env: dict[str, str], *, ready: bool = True) -> Process:
+        # `ready=False`: the real app with its lifespan off, so the model never loads and the
+        # model routes answer 503, as a server does before its warm-up ends (uvicorn only
+        # listens once the lifespan has finished, so a starting server refuses connections
+        # instead: no other real way to meet its 503 today).
+        args = ["-m", "app"]
+        if not ready:
+            args = ["-m", "uvicorn", "app.main:create_app", "--factory", "--lifespan", "off",
+                    "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        proc = Process(args, port, env, tmp_path / f"server{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def wait_listening(url: str, proc: Process, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.proc.poll() is None, proc.log.read_text()
+        try:
+            httpx.get(f"{url}/health", timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"not listening in {timeout}s:\n{proc.log.read_text()}")
+
+
+class OnRecord(logging.Handler):
+    """Calls `action` once, at the first app.client log record whose message has `text`."""
+
+    def __init__(self, text: str, action: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.text, self.action, self.messages = text, action, list[str]()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if len(self.messages) == 1:
+            assert self.text in self.messages[0], self.messages[0]
+            self.action()
+
+
+@pytest.fixture
+def client_log() -> Iterator[Callable[[logging.Handler], None]]:
+    logger = logging.getLogger("app.client")
+    added: list[logging.Handler] = []
+
+    def add(handler: logging.Handler) -> None:
+        logger.addHandler(handler)
+        added.append(handler)
+
+    yield add
+    for handler in added:
+        logger.removeHandler(handler)
+
+
+# -- the same answers as the raw REST API -------------------------------------------------------
+
+
+def raw_answers(url: str) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=10) as http:
+
+        def post(path: str, body: dict[str, Any]) -> Any:
+            response = http.post(path, json=body)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        return {
+            "encode": post("/encode", {"instances": X, "samples": 3, "seed": 5}),
+            "encode0": post("/encode", {"instances": X, "seed": 5}),
+            "decode": post("/decode", {"latents": LATENTS}),
+            "decode_mode": post("/decode", {"latents": LATENTS, "output": "mode"}),
+            "sample": post("/sample", {"n": 3, "seed": 9}),
+            "sample_mode": post("/sample", {"n": 2, "seed": 9, "output": "mode"}),
+            "scores": post("/anomaly-score", {"instances": X, "samples": 4, "seed": 1}),
+            "scores_ll": post("/anomaly-score", {"instances": X, **SCORE_OPTIONS}),
+            "model": http.get("/model").json(),
+        }
+
+
+def call_every_method(client: VAEClient) -> dict[str, Any]:
+    return {
+        "encode": client.encode(X, samples=3, seed=5),
+        "encode0": client.encode(X, seed=5),
+        "decode": client.decode(LATENTS),
+        "decode_mode": client.decode(LATENTS, output="mode"),
+        "sample": client.sample(3, seed=9),
+        "sample_mode": client.sample(2, seed=9, output="mode"),
+        "scores": client.anomaly_score(X, samples=4, seed=1),
+        "scores_ll": client.anomaly_score(X, **SCORE_OPTIONS),
+        "model": client.model_info(),
+        "health": client.health(),
+        "ready": client.ready(),
+    }
+
+
+async def acall_every_method(client: AsyncVAEClient) -> dict[str, Any]:
+    return {
+        "encode": await client.encode(X, samples=3, seed=5),
+        "encode0": await client.encode(X, seed=5),
+        "decode": await client.decode(LATENTS),
+        "decode_mode": await client.decode(LATENTS, output="mode"),
+        "sample": await client.sample(3, seed=9),
+        "sample_mode": await client.sample(2, seed=9, output="mode"),
+        "scores": await client.anomaly_score(X, samples=4, seed=1),
+        "scores_ll": await client.anomaly_score(X, **SCORE_OPTIONS),
+        "model": await client.model_info(),
+        "health": await client.health(),
+        "ready": await client.ready(),
+    }
+
+
+def same(got: np.ndarray | None, raw: Any) -> None:
+    if raw is None:
+        assert got is None
+        return
+    assert isinstance(got, np.ndarray)
+    expected = np.asarray(raw)
+    # The server computes in float32 and prints each float32 exactly, so equality is exact.
+    assert got.dtype == (np.bool_ if expected.dtype == np.bool_ else np.float32)
+    np.testing.assert_array_equal(got, expected.astype(got.dtype), strict=True)
+
+
+def assert_matches_raw(got: dict[str, Any], raw: dict[str, Any]) -> None:
+    for name in ("encode", "encode0"):
+        enc = got[name]
+        assert isinstance(enc, Encoded)
+        for field in ("mean", "std", "samples"):
+            same(getattr(enc, field), raw[name][field])
+    assert got["encode"].samples.shape == (2, 3, 2)
+    for name in ("decode", "decode_mode"):
+        same(got[name], raw[name]["outputs"])
+    for name in ("sample", "sample_mode"):
+        assert isinstance(got[name], Samples)
+        same(got[name].latents, raw[name]["latents"])
+        same(got[name].outputs, raw[name]["outputs"])
+    for name in ("scores", "scores_ll"):
+        scores, expected = got[name], raw[name]
+        assert isinstance(scores, AnomalyScores)
+        for field in ("kl_divergence", "reconstruction_log_prob", "log_likelihood", "is_anomaly"):
+            same(getattr(scores, field), expected[field])
+        for field, values in expected["percentiles"].items():
+            same(getattr(scores.percentiles, field), values)
+        for field in ("decision_score", "threshold_percentile", "samples"):
+            assert getattr(scores, field) == expected[field]
+        assert scores.log_likelihood_samples == expected["log_likelihood_samples"]
+    assert got["scores_ll"].is_anomaly.any()  # the 0.2 threshold really reached the server
+    assert got["model"] == ModelInfo(**raw["model"])
+    assert got["health"] is True
+    assert got["ready"] is True
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["npy", "json"])
+def test_sync_client_matches_the_raw_json_api(server: Server, binary: bool) -> None:
+    with VAEClient(server.url, binary=binary) as client:
+        got = call_every_method(client)
+    assert_matches_raw(got, raw_answers(server.url))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["npy", "json"])
+def test_async_client_matches_the_raw_json_api(server: Server, binary: bool) -> None:
+    async def main() -> dict[str, Any]:
+        async with AsyncVAEClient(server.url, binary=binary) as client:
+            return await acall_every_method(client)
+
+    assert_matches_raw(asyncio.run(main()), raw_answers(server.url))
+
+
+def test_binary_mode_sends_and_receives_npy(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="app.client")
+    with VAEClient(server.url) as client:
+        client.encode(X, seed=0)
+        client.sample(2, seed=0)
+        client.anomaly_score(X, seed=0)
+    with VAEClient(server.url, binary=False) as client:
+        client.encode(X, seed=0)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "POST /encode (application/x-npy",
+        "POST /sample (application/json",  # /sample takes JSON only, but answers .npy
+        "POST /anomaly-score (application/x-npy",  # and /anomaly-score answers JSON only
+        "POST /encode (application/json",
+    ]
+    answers = [r.getMessage().split("-> ")[1].split(",")[0] for r in caplog.records]
+    assert answers == ["200 (application/x-npy", "200 (application/x-npy",
+                       "200 (application/json", "200 (application/json"]  # fmt: skip
+
+
+def test_server_parses_the_npy_body(server: Server) -> None:
+    # The two body parsers word a non-finite value differently: proof of which one ran.
+    x = [[0.0, float("nan"), 0.0, 0.0]]
+    with VAEClient(server.url) as client, pytest.raises(VAEValidationError) as npy:
+        client.encode(x)
+    with (
+        VAEClient(server.url, binary=False) as client,
+        pytest.raises(VAEValidationError) as as_json,
+    ):
+        client.encode(x)
+    assert npy.value.detail == "instances[0] has a non-finite value."
+    assert as_json.value.detail == "instances[0][1]: Input should be a finite number."
+
+
+def test_shaped_and_mixed_instances_give_the_same_posterior(server: Server) -> None:
+    with VAEClient(server.url) as client:
+        flat = client.encode(np.array(X), seed=3)
+        shaped = client.encode(np.array(X).reshape(2, 2, 2), seed=3)  # N x H x W, as .npy
+        mixed = client.encode([X[0], [X[1][:2], X[1][2:]]], seed=3)  # no array holds it: JSON
+    for enc in (shaped, mixed):
+        np.testing.assert_array_equal(enc.mean, flat.mean)
+        np.testing.assert_array_equal(enc.std, flat.std)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_422_raises_the_typed_error_with_the_servers_detail_and_is_not_retried(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="app.client")
+    with VAEClient(server.url, retry=RetryPolicy(retries=3)) as client:
+        with pytest.raises(VAEValidationError) as bad_shape:
+            client.encode([[0.0, 1.0, 1.0]])
+        with pytest.raises(VAEValidationError) as bad_option:
+            client.anomaly_score(X, samples=2000)
+    assert bad_shape.value.status_code == 422
+    assert bad_shape.value.detail == (
+        "instances[0] has 3 values; this model takes 4 values or a 2x2 array."
+    )
+    assert str(bad_shape.value) == f"HTTP 422: {bad_shape.value.detail}"
+    assert bad_option.value.detail == "samples=2000 is over the limit of 1024 (VAE_MAX_SAMPLES)."
+    assert len(caplog.records) == 2  # one exchange each, no retries
+
+
+def test_async_client_raises_the_same_typed_errors(server: Server) -> None:
+    async def main() -> VAEValidationError:
+        async with AsyncVAEClient(server.url) as client:
+            with pytest.raises(VAEValidationError) as e:
+                await client.decode([[0.0, 0.0, 0.0]])
+            return e.value
+
+    error = asyncio.run(main())
+    assert error.status_code == 422
+    assert error.detail == "latents[0] has 3 values; this model's latent size is 2."
+
+
+def test_client_timeout_raises_timeout_error_without_retrying(server: Server) -> None:
+    # 64 instances x 1024 samples, twice, on one thread: far longer than 1 ms.
+    x = np.full((64, 4), 0.5, dtype=np.float32)
+    timeout = httpx.Timeout(10.0, read=0.001)
+    with VAEClient(server.url, timeout=timeout, retry=RetryPolicy(retries=3)) as client:
+        t0 = time.monotonic()
+        with pytest.raises(VAETimeoutError) as e:
+            client.anomaly_score(x, samples=1024, log_likelihood_samples=1024)
+    assert time.monotonic() - t0 < 1.0
+    assert e.value.status_code is None
+    assert e.value.detail.startswith("No answer to POST http://127.0.0.1:")
+    assert e.value.detail.endswith("within the timeout (ReadTimeout).")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "error", "detail"),
+    [
+        (401, {"www-authenticate": "Bearer"}, b'{"detail": "Invalid API key."}', VAEAuthError,
+         "Invalid API key."),
+        (403, {}, b'{"detail": "Not allowed."}', VAEAuthError, "Not allowed."),
+        (413, {}, b'{"detail": "The body is over 1 MB."}', VAEValidationError,
+         "The body is over 1 MB."),
+        (415, {}, b'{"detail": "Nope."}', VAEValidationError, "Nope."),
+        (503, {"retry-after": "1"}, b'{"detail": "Busy."}', VAEUnavailableError, "Busy."),
+        (504, {}, b'{"detail": "The model took too long."}', VAETimeoutError,
+         "The model took too long."),
+        (404, {}, b'{"detail": "Not Found"}', VAEError, "Not Found"),
+        (500, {}, b"Internal Server Error", VAEError, "Internal Server Error"),
+        (502, {}, b"", VAEError, "Bad Gateway"),
+        (422, {}, b'{"detail": [{"loc": ["body"]}]}', VAEValidationError,
+         '[{"loc": ["body"]}]'),
+    ],
+)  # fmt: skip
+def test_status_maps_to_its_typed_error(
+    status: int, headers: dict[str, str], body: bytes, error: type[VAEError], detail: str
+) -> None:
+    # The statuses the server does not send yet (401, 413, 504) or only under faults (500):
+    # the mapping alone, on real httpx responses.
+    response = httpx.Response(
+        status, headers={"content-type": "application/json", **headers}, content=body
+    )
+    exc = error_from_response(response)
+    assert type(exc) is error
+    assert (exc.status_code, exc.detail) == (status, detail)
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+
+def test_retries_until_a_late_server_comes_up(
+    spawn: Callable[..., Process],
+    tiny_artifact: Path,
+    client_log: Callable[[logging.Handler], None],
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started: list[Process] = []
+    # The server starts only once the first attempt has failed.
+    on_first = OnRecord(
+        "ConnectError; retry 1 of 600",
+        lambda: started.append(spawn(port, {"VAE_MODEL_PATH": str(tiny_artifact)})),
+    )
+    client_log(on_first)
+    with VAEClient(url, retry=PATIENT) as client:
+        got = client.sample(3, seed=9)
+    assert len(started) == 1
+    assert len(on_first.messages) >= 2  # it kept retrying while the server started
+    raw = httpx.post(f"{url}/sample", json={"n": 3, "seed": 9}).json()
+    same(got.outputs, raw["outputs"])
+
+
+def test_no_retries_raises_the_connection_error_at_once(
+    client_log: Callable[[logging.Handler], None],
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    retries = OnRecord("", lambda: None)
+    client_log(retries)
+    with VAEClient(url, retry=RetryPolicy(retries=0)) as client:
+        t0 = time.monotonic()
+        with pytest.raises(VAEConnectionError) as e:
+            client.encode(X)
+        assert time.monotonic() - t0 < 1.0
+        assert client.health() is False  # a probe reports no answer as "not up"
+    assert e.value.status_code is None
+    assert e.value.detail.startswith(f"Cannot connect for POST {url}/encode")
+    assert retries.messages == []
+
+
+def test_503_is_retried_then_raised_with_the_servers_detail(
+    spawn: Callable[..., Process],
+    tiny_artifact: Path,
+    client_log: Callable[[logging.Handler], None],
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = spawn(port, {"VAE_MODEL_PATH": str(tiny_artifact)}, ready=False)
+    wait_listening(url, proc)
+    retries = OnRecord("503; retry 1 of 2", lambda: None)
+    client_log(retries)
+    with VAEClient(url, retry=RetryPolicy(retries=2, backoff=0.01)) as client:
+        with pytest.raises(VAEUnavailableError) as e:
+            client.encode(X)
+        assert client.health() is True
+        assert client.ready() is False  # a probe's 503 is an answer, not retried
+    assert (e.value.status_code, e.value.detail) == (503, NOT_READY)
+    assert len(retries.messages) == 2
+    proc.stop()
+    log = proc.log.read_text()
+    assert log.count('"POST /encode?samples=0 HTTP/1.1" 503') == 3  # 1 + 2 retries, really sent
+    assert log.count('"GET /ready HTTP/1.1" 503') == 1
+
+
+def test_async_client_waits_out_503_until_the_model_is_ready(
+    spawn: Callable[..., Process],
+    tiny_artifact: Path,
+    server: Server,
+    client_log: Callable[[logging.Handler], None],
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"VAE_MODEL_PATH": str(tiny_artifact)}
+    not_ready = spawn(port, env, ready=False)
+    wait_listening(url, not_ready)
+
+    def replace() -> None:
+        # The not-ready server goes away and a real one takes its port: the client meets
+        # 503s, then refused connections, then answers. This runs inside the client's retry
+        # (blocking its loop a moment), so the old server is gone before the next attempt and
+        # no attempt races its shutdown.
+        not_ready.stop()
+        spawn(port, env)
+
+    client_log(OnRecord("503; retry 1 of 600", replace))
+
+    async def main() -> Encoded:
+        async with AsyncVAEClient(url, retry=PATIENT) as client:
+            return await client.encode(X, samples=2, seed=4)
+
+    got = asyncio.run(main())
+    raw = httpx.post(
+        f"{server.url}/encode", json={"instances": X, "samples": 2, "seed": 4}
+    ).json()  # the same artifact on another server: the same answer
+    same(got.samples, raw["samples"])
+    assert '"POST /encode?samples=2&seed=4 HTTP/1.1" 503' in not_ready.log.read_text()
+
+
+def test_retry_waits_grow_and_honour_retry_after_up_to_the_cap() -> None:
+    policy = RetryPolicy(retries=10, backoff=0.5, max_backoff=4.0, max_retry_after=10.0)
+    for attempt, step in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (6, 4.0)]:
+        waits = [policy.delay(attempt) for _ in range(200)]
+        assert step / 2 <= min(waits) <= max(waits) <= step
+        assert max(waits) - min(waits) > step / 4  # jittered, not one fixed wait
+    assert 3.0 <= policy.delay(0, retry_after=3.0) <= 3.5
+    assert policy.delay(0, retry_after=120.0) == 10.0
+    with pytest.raises(ValueError, match="must not be negative"):
+        RetryPolicy(retries=-1)
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
+    assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0  # already past
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after(None) is None
+
+
+# -- API keys ------------------------------------------------------------------------------------
+
+SERVER_HAS_API_KEYS = "api_keys" in Settings.model_fields
+
+
+@pytest.mark.skipif(
+    not SERVER_HAS_API_KEYS, reason="the server has no VAE_API_KEYS yet (no Settings.api_keys)"
+)
+def test_api_key_is_sent_as_a_bearer_token(start_server: StartServer, tiny_artifact: Path) -> None:
+    server = start_server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_API_KEYS": "k1"})
+    with VAEClient(server.url, api_key="k1") as client:
+        deadline = time.monotonic() + 60
+        while not client.ready():  # /ready may itself want the key
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.1)
+        assert client.encode(X, seed=0).mean.shape == (2, 2)
+    for key in (None, "wrong"):
+        with VAEClient(server.url, api_key=key) as client, pytest.raises(VAEAuthError) as e:
+            client.encode(X)
+        assert e.value.status_code == 401
+        assert e.value.detail
+
+
+# -- packaging -----------------------------------------------------------------------------------
+
+
+def test_importing_the_client_loads_no_torch_and_no_fastapi() -> None:
+    code = (
+        "import sys, app.client; "
+        "print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'pydantic') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
