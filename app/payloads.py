@@ -117,8 +117,8 @@ def _refuse_duplicate_keys(raw: bytes, model: type[BaseModel]) -> None:
         raise InvalidInputError(
             f"The request body gives the key '{e.key}' more than once."
         ) from None
-    except ValueError:  # not JSON at all: the parsers that follow say so precisely
-        return
+    except (ValueError, RecursionError):  # not JSON, or too deep: the parsers that follow
+        return  # say so precisely
 
 
 class _DuplicateKeyError(ValueError):
@@ -164,7 +164,7 @@ def _fast_json(raw: bytes, params_model: type[P], field: str) -> tuple[P, np.nda
 
 def _validate(model: type[P], values: Mapping[str, Any]) -> P:
     try:
-        return model.model_validate(values)
+        return model.model_validate(values, strict=False)  # query values are all text
     except ValidationError as e:
         # Query parameters: point the client at where the option came from.
         errors = [{**err, "loc": ("query", *err["loc"])} for err in e.errors()]

@@ -37,7 +37,9 @@ EXAMPLE_LATENT_DIM = 32
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON `true` is not the count 1, nor 2.0 the count 2. (Query parameters, which
+    # arrive as text, are validated leniently instead: see payloads.py.)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EncodeParams(_Strict):
