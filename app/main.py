@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import __version__
 from app.batching import Batcher
+from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
 from app.model import VAEService
 from app.routes import model_router, router
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.docs serves /docs and /redoc with local assets instead
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.vae = None
@@ -77,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(model_router)
     app.include_router(router)
+    install_docs(app)
     app.openapi = lambda: _openapi_for_model(app)  # type: ignore[method-assign]
     return app
 
