@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import __version__
 from app.batching import Batcher
+from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
 from app.lifecycle import Lifecycle, install_signal_handlers, load_model
 from app.middleware import Guard
@@ -74,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.docs serves /docs and /redoc with local assets instead
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.vae = None
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model_router)
     app.include_router(router)
     app.include_router(admin_router)
+    install_docs(app)
     app.add_middleware(Guard, settings=settings, keys=keys)
     if settings.cors_origins:  # outermost, so refusals carry CORS headers too
         app.add_middleware(
