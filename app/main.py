@@ -20,6 +20,7 @@ from app.model import VAEService
 from app.routes import model_router, router
 from app.schemas import AnomalyScoreRequest, DecodeRequest, EncodeRequest
 from app.settings import Settings
+from app.v2 import router as v2_router
 
 log = logging.getLogger("app")
 
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(model_router)
     app.include_router(router)
+    app.include_router(v2_router)
     app.openapi = lambda: _openapi_for_model(app)  # type: ignore[method-assign]
     return app
 
