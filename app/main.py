@@ -24,6 +24,7 @@ from app.model import VAEService
 from app.routes import admin_router, model_router, router
 from app.schemas import AnomalyScoreRequest, DecodeRequest, EncodeRequest, SampleRequest
 from app.settings import Settings
+from app.v2 import router as v2_router
 
 log = logging.getLogger("app")
 
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model_router)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(v2_router)
     install_docs(app)
     app.add_middleware(Guard, settings=settings, keys=keys)
     if settings.cors_origins:  # outermost, so refusals carry CORS headers too
