@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.vae = None
+    app.state.vae = app.state.batcher = None
     app.state.ready = False
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)

@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
+from app import operations
 from app.batching import Batcher
 from app.errors import (
     AUTH_RESPONSES,
@@ -49,7 +50,7 @@ from app.schemas import (
     SampleResponse,
 )
 from app.settings import Settings
-from app.validation import check_samples, instances_array, latents_array, plan_scores
+from app.validation import check_samples
 
 
 # The dependencies are `async` on purpose: FastAPI runs a plain `def` dependency in its thread
@@ -67,7 +68,9 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_batcher(request: Request) -> Batcher:
-    batcher: Batcher = request.app.state.batcher
+    batcher: Batcher | None = request.app.state.batcher
+    if batcher is None:
+        raise NotReadyError("The model is not loaded yet; try again shortly.")
     return batcher
 
 
@@ -113,16 +116,7 @@ async def encode_instances(
 ) -> Response:
     """Encode inputs to their posterior q(z|x): mean, standard deviation, optional samples."""
     params, instances = await read_array_request(request, EncodeParams, EncodeRequest, "instances")
-    x = instances_array(instances, vae, settings)
-    check_samples("samples", params.samples, settings, len(x))
-    key = None if params.seed is not None else (vae, "encode", params.samples)
-
-    def encode(xb: Array) -> dict[str, Array]:
-        enc = vae.encode(xb, params.samples, params.seed)
-        out = {"mean": enc.mean, "std": enc.std}
-        return out if enc.samples is None else out | {"samples": enc.samples}
-
-    out = await batcher.submit(key, x, encode)
+    out = await operations.encode(instances, params, vae, batcher, settings)
     return array_response(request, {"samples": None, **out})
 
 
@@ -138,11 +132,7 @@ async def decode_latents(
 ) -> Response:
     """Decode latent vectors to outputs: the decoder's mean, or its most probable x."""
     params, latents = await read_array_request(request, DecodeParams, DecodeRequest, "latents")
-    z = latents_array(latents, vae, settings)
-    mode = params.output == "mode"
-    out = await batcher.submit(
-        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}
-    )
+    out = await operations.decode(latents, params, vae, batcher, settings)
     return array_response(request, out)
 
 
@@ -187,21 +177,16 @@ async def score_anomalies(
     params, instances = await read_array_request(
         request, AnomalyScoreParams, AnomalyScoreRequest, "instances"
     )
-    x = instances_array(instances, vae, settings)
-    plan = plan_scores(params, vae, settings, len(x))
-    key = None if params.seed is not None else (vae, "anomaly", plan.samples, plan.ll_samples)
-    scores = await batcher.submit(
-        key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
-    )
-    percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
+    scored = await operations.score(instances, params, vae, batcher, settings)
+    plan = scored.plan
     # Without K the log-likelihood is not computed, but its keys stay in the answer, as null.
     absent = {} if plan.ll_samples else {"log_likelihood": None}
     return json_response(
         {
-            **scores,
+            **scored.scores,
             **absent,
-            "percentiles": percentiles | absent,
-            "is_anomaly": percentiles[plan.decision_score] > plan.threshold,
+            "percentiles": scored.percentiles | absent,
+            "is_anomaly": scored.is_anomaly,
             "decision_score": plan.decision_score,
             "threshold_percentile": plan.threshold,
             "samples": plan.samples,

@@ -48,14 +48,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from starlette.routing import Match
 
-from app import __version__
-from app.batching import Batcher
+from app import __version__, operations
 from app.errors import NotReadyError, VAEServiceError, describe_validation_error
-from app.model import Array, VAEService
+from app.model import VAEService
 from app.routes import BatcherDep, SettingsDep, VaeDep, get_vae
 from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams
-from app.settings import Settings
-from app.validation import check_samples, instances_array, latents_array, plan_scores
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
@@ -458,12 +455,14 @@ async def infer_v2(
     params, binary_output = _parameters(req, model)
     arr = _input_tensor(req, model, tail, has_bools=_data_has_bools(raw, len(head), req))
     _check_output_names(req, model, vae)  # before the model runs, not after
+    # The same operations as REST, so V2 and REST requests batch together.
+    extra: dict[str, Any] = {}
     if model.operation == "encode":
-        arrays, extra = await _encode(arr, params, vae, batcher, settings)
+        arrays = dict(await operations.encode(arr, params, vae, batcher, settings))
     elif model.operation == "decode":
-        arrays, extra = await _decode(arr, params, vae, batcher, settings)
+        arrays = dict(await operations.decode(arr, params, vae, batcher, settings))
     else:
-        arrays, extra = await _anomaly(arr, params, vae, batcher, settings)
+        arrays, extra = await _anomaly(await operations.score(arr, params, vae, batcher, settings))
     wanted = _wanted_outputs(req, model, vae, arrays, binary_output)
     return _infer_response(model.name, req.id, arrays, wanted, extra)
 
@@ -681,47 +680,13 @@ def _check_rank(model: V2Model, arr: np.ndarray) -> None:
 Arrays = dict[str, np.ndarray]
 
 
-async def _encode(
-    arr: np.ndarray, params: EncodeParams, vae: VAEService, batcher: Batcher, settings: Settings
-) -> tuple[Arrays, dict[str, Any]]:
-    x = instances_array(arr, vae, settings)
-    check_samples("samples", params.samples, settings, len(x))
-    key = None if params.seed is not None else ("encode", params.samples)
-
-    def encode(xb: Array) -> dict[str, Array]:
-        enc = vae.encode(xb, params.samples, params.seed)
-        out = {"mean": enc.mean, "std": enc.std}
-        return out if enc.samples is None else out | {"samples": enc.samples}
-
-    return dict(await batcher.submit(key, x, encode)), {}
-
-
-async def _decode(
-    arr: np.ndarray, params: DecodeParams, vae: VAEService, batcher: Batcher, settings: Settings
-) -> tuple[Arrays, dict[str, Any]]:
-    z = latents_array(arr, vae, settings)
-    mode = params.output == "mode"
-    out = await batcher.submit(("decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)})
-    return dict(out), {}
-
-
-async def _anomaly(
-    arr: np.ndarray,
-    params: AnomalyScoreParams,
-    vae: VAEService,
-    batcher: Batcher,
-    settings: Settings,
-) -> tuple[Arrays, dict[str, Any]]:
-    x = instances_array(arr, vae, settings)
-    plan = plan_scores(params, vae, settings, len(x))
-    key = None if params.seed is not None else ("anomaly", plan.samples, plan.ll_samples)
-    scores = await batcher.submit(
-        key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
-    )
-    percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
-    arrays: Arrays = dict(scores)
-    arrays |= {f"{name}_percentile": p for name, p in percentiles.items()}
-    arrays["is_anomaly"] = percentiles[plan.decision_score] > plan.threshold
+async def _anomaly(scored: operations.Scored) -> tuple[Arrays, dict[str, Any]]:
+    """V2 has tensors only: each percentile and `is_anomaly` become outputs of their own, and
+    the decision settings go in the response parameters."""
+    plan = scored.plan
+    arrays: Arrays = dict(scored.scores)
+    arrays |= {f"{name}_percentile": p for name, p in scored.percentiles.items()}
+    arrays["is_anomaly"] = scored.is_anomaly
     extra: dict[str, Any] = {
         "decision_score": plan.decision_score,
         "threshold_percentile": plan.threshold,

@@ -1,0 +1,78 @@
+"""The model operations behind both protocols, REST (routes.py) and V2 (v2.py): the checks that
+need the model, the batcher key, and the call.
+
+One definition on purpose: the batcher runs the first job's function for a whole merged batch,
+so two requests that share a key must share the function too. The key carries the model
+(requests in flight at a reload stay on theirs), the operation and the options; a seeded
+request has no key and runs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.batching import Batcher
+from app.model import Array, VAEService
+from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams
+from app.settings import Settings
+from app.validation import ScorePlan, check_samples, instances_array, latents_array, plan_scores
+
+Arrays = dict[str, Array]
+Rows = Sequence[object] | np.ndarray
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: Arrays  # per score name, (B,)
+    percentiles: Arrays  # per score name, (B,): the share of normal data less anomalous
+    is_anomaly: np.ndarray  # (B,) bool
+    plan: ScorePlan
+
+
+async def encode(
+    instances: Rows, params: EncodeParams, vae: VAEService, batcher: Batcher, settings: Settings
+) -> Arrays:
+    x = instances_array(instances, vae, settings)
+    check_samples("samples", params.samples, settings, len(x))
+    key = None if params.seed is not None else (vae, "encode", params.samples)
+
+    def run(xb: Array) -> Arrays:
+        enc = vae.encode(xb, params.samples, params.seed)
+        out = {"mean": enc.mean, "std": enc.std}
+        return out if enc.samples is None else out | {"samples": enc.samples}
+
+    return await batcher.submit(key, x, run)
+
+
+async def decode(
+    latents: Sequence[Sequence[float]] | np.ndarray,
+    params: DecodeParams,
+    vae: VAEService,
+    batcher: Batcher,
+    settings: Settings,
+) -> Arrays:
+    z = latents_array(latents, vae, settings)
+    mode = params.output == "mode"
+    return await batcher.submit(
+        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}
+    )
+
+
+async def score(
+    instances: Rows,
+    params: AnomalyScoreParams,
+    vae: VAEService,
+    batcher: Batcher,
+    settings: Settings,
+) -> Scored:
+    x = instances_array(instances, vae, settings)
+    plan = plan_scores(params, vae, settings, len(x))
+    key = None if params.seed is not None else (vae, "anomaly", plan.samples, plan.ll_samples)
+    scores = await batcher.submit(
+        key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
+    )
+    percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
+    return Scored(scores, percentiles, percentiles[plan.decision_score] > plan.threshold, plan)
