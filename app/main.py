@@ -118,12 +118,21 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
     vae: VAEService | None = app.state.vae
     if vae is None:  # before the model loads: keep the static examples, don't cache
         return schema
+    settings: Settings = app.state.settings
     instance = [0.0] * vae.input_dim
     for name in ("EncodeRequest", "AnomalyScoreRequest"):
-        comps[name]["properties"]["instances"]["examples"] = [[instance]]
-    comps["DecodeRequest"]["properties"]["latents"]["examples"] = [[[0.0] * vae.latent_dim]]
-    # The calibrated L and K, within this server's limits.
-    limit = app.state.settings.max_samples
+        field = comps[name]["properties"]["instances"]
+        field["examples"] = [[instance]]
+        field.update(_instances_schema(vae, settings.max_instances))
+    latents = comps["DecodeRequest"]["properties"]["latents"]
+    latents["examples"] = [[[0.0] * vae.latent_dim]]
+    latents.update(_rows_schema(vae.latent_dim, {"type": "number"}, settings.max_instances))
+    # What the limits allow (instances x samples has a bound of its own, VAE_MAX_TOTAL_SAMPLES).
+    limit = settings.max_samples
+    for name, field in (("EncodeRequest", "samples"), ("SampleRequest", "n"),
+                        ("AnomalyScoreRequest", "samples"),
+                        ("AnomalyScoreRequest", "log_likelihood_samples")):  # fmt: skip
+        _set_maximum(comps[name]["properties"][field], limit)
     anomaly = comps["AnomalyScoreRequest"]["properties"]
     for field, score in (
         ("samples", "reconstruction_log_prob"),
@@ -134,3 +143,30 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
             anomaly[field]["examples"] = [min(cal.samples, limit)]
     app.openapi_schema = schema
     return schema
+
+
+def _rows_schema(width: int, number: dict[str, Any], max_rows: int) -> dict[str, Any]:
+    row = {"type": "array", "items": number, "minItems": width, "maxItems": width}
+    return {"items": row, "minItems": 1, "maxItems": max_rows}
+
+
+def _instances_schema(vae: VAEService, max_rows: int) -> dict[str, Any]:
+    """Rows of exactly the model's width (flat), or of its image shape (nested), with values in
+    [0, 1] for a Bernoulli model: the schema then says what the checks will accept."""
+    number: dict[str, Any] = {"type": "number"}
+    if vae.likelihood == "bernoulli":
+        number |= {"minimum": 0.0, "maximum": 1.0}
+    flat = _rows_schema(vae.input_dim, number, max_rows)
+    if len(vae.input_shape) != 2:
+        return flat
+    height, width = vae.input_shape
+    image = _rows_schema(width, number, height)
+    image = {"type": "array", "items": image["items"], "minItems": height, "maxItems": height}
+    return {"items": {"anyOf": [flat["items"], image]}, "minItems": 1, "maxItems": max_rows}
+
+
+def _set_maximum(field: dict[str, Any], limit: int) -> None:
+    # Optional fields are anyOf [integer, null]: the bound goes on the integer branch.
+    for branch in field.get("anyOf", [field]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = limit

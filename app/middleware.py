@@ -43,12 +43,13 @@ class Guard:
         self._digests = [_digest(k.get_secret_value().encode()) for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # Only the methods the API has; any other gets the router's 405, unread and harmless.
+        if scope["type"] != "http" or scope["method"] not in ("GET", "POST"):
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
         headers = dict(scope["headers"])  # lower-case names, as ASGI guarantees
-        if refusal := self._check_key(path, headers):
+        if refusal := self._check_key(path, scope["method"], headers):
             status, detail, extra = refusal
             await _refuse(send, status, detail, extra)
             return
@@ -79,9 +80,10 @@ class Guard:
             lifecycle.in_flight -= 1
 
     def _check_key(
-        self, path: str, headers: dict[bytes, bytes]
+        self, path: str, method: str, headers: dict[bytes, bytes]
     ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
-        admin = path.startswith(ADMIN_PREFIX)
+        # Admin routes are all POST; a GET there gets the router's 405 and changes nothing.
+        admin = path.startswith(ADMIN_PREFIX) and method == "POST"
         if not admin and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
             return None
         if not self._digests:

@@ -164,7 +164,7 @@ def _fast_json(raw: bytes, params_model: type[P], field: str) -> tuple[P, np.nda
 
 def _validate(model: type[P], values: Mapping[str, Any]) -> P:
     try:
-        return model.model_validate(values, strict=False)  # query values are all text
+        return model.model_validate(values)
     except ValidationError as e:
         # Query parameters: point the client at where the option came from.
         errors = [{**err, "loc": ("query", *err["loc"])} for err in e.errors()]

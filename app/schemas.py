@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 # Strict: a JSON `true` is not the number 1. Finite: NaN and Infinity are refused by index.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _refuse_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+# A count or seed: an integer as JSON Schema means it (2.0 is 2), but a JSON `true` is not 1.
+Int = Annotated[int, BeforeValidator(_refuse_bool)]
 FlatInstance = list[Number]
 NestedInstance = list[list[Number]]
 Seed = Annotated[
-    int,
+    Int,
     Field(
         ge=0,
         le=2**63 - 1,
@@ -37,15 +48,13 @@ EXAMPLE_LATENT_DIM = 32
 
 
 class _Strict(BaseModel):
-    # strict: JSON `true` is not the count 1, nor 2.0 the count 2. (Query parameters, which
-    # arrive as text, are validated leniently instead: see payloads.py.)
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class EncodeParams(_Strict):
     """/encode's options: JSON fields, or query parameters with a .npy body."""
 
-    samples: int = Field(
+    samples: Int = Field(
         0, ge=0, description="S: draws from q(z|x) to return per instance (0 for none)."
     )
     seed: Seed | None = None
@@ -95,7 +104,7 @@ class DecodeResponse(BaseModel):
 
 
 class SampleRequest(_Strict):
-    n: int = Field(1, ge=1, description="How many samples to draw from the prior.", examples=[4])
+    n: Int = Field(1, ge=1, description="How many samples to draw from the prior.", examples=[4])
     seed: Seed | None = None
     output: Output = "mean"
 
@@ -115,14 +124,14 @@ ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"
 
 
 class AnomalyScoreParams(_Strict):
-    samples: int | None = Field(
+    samples: Int | None = Field(
         None,
         ge=1,
         description="L: posterior samples for the reconstruction probability (default: the L "
         "the artifact was calibrated with).",
         examples=[16],
     )
-    log_likelihood_samples: int | None = Field(
+    log_likelihood_samples: Int | None = Field(
         None,
         ge=1,
         description="K: importance samples for the log-likelihood score (the IWAE bound). Given, "

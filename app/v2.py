@@ -349,7 +349,11 @@ async def _is_ready(request: Request) -> bool:
     return True
 
 
-@router.get("/v2/health/live", responses={200: {"description": "Live (empty body)."}})
+@router.get(
+    "/v2/health/live",
+    response_class=Response,  # an empty body: documented with no content type
+    responses={200: {"description": "Live (empty body)."}},
+)
 async def get_v2_live() -> Response:
     """Server live: 200 while the process answers."""
     return Response(status_code=200)
@@ -361,7 +365,7 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/v2/health/ready", responses=READY_RESPONSES)
+@router.get("/v2/health/ready", response_class=Response, responses=READY_RESPONSES)
 async def get_v2_ready(request: Request) -> Response:
     """Server ready: 200 once the model is loaded and warmed up, 503 before."""
     return Response(status_code=200 if await _is_ready(request) else 503)
@@ -391,6 +395,7 @@ async def get_v2_model_metadata(model: ModelDep, vae: VaeDep) -> V2ModelMetadata
 
 @router.get(
     "/v2/models/{model_name}/ready",
+    response_class=Response,
     responses=READY_RESPONSES | {404: V2_ERRORS[404]},
 )
 async def get_v2_model_ready(model: ModelDep, request: Request) -> Response:
