@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
+from app.lifecycle import uvicorn_grace_s
+from app.observability import configure_logging
 from app.settings import Settings
 
 
 def main() -> None:
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # An import string and a factory, so that with several workers each process builds its
     # own app (and loads its own model) from the same VAE_* environment.
     uvicorn.run(
@@ -25,8 +23,10 @@ def main() -> None:
         loop=settings.loop,
         http=settings.http,
         log_level=settings.log_level,
-        # Let SIGTERM finish in-flight requests rather than cut them.
-        timeout_graceful_shutdown=30,
+        log_config=None,  # keep configure_logging's handlers: one format for every line
+        access_log=False,  # app.observability logs each request, with its id
+        # What is left for uvicorn after the app's own drain (app/lifecycle.py).
+        timeout_graceful_shutdown=uvicorn_grace_s(settings),
     )
 
 

@@ -36,6 +36,7 @@ Op = Callable[[Array], Outputs]
 @dataclass
 class _Job:
     key: Hashable | None  # None: run alone
+    name: str  # the operation, for the metrics
     x: Array
     op: Op
     future: asyncio.Future[Outputs]
@@ -44,9 +45,16 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, max_delay_s: float, name: str = "inference") -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_delay_s: float,
+        name: str = "inference",
+        on_batch: Callable[[str, int, float, list[float]], None] | None = None,
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.on_batch = on_batch  # (operation, rows, seconds, each job's wait): the metrics
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._held: collections.deque[_Job | None] = collections.deque()  # taken, not yet run
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -59,10 +67,10 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    async def submit(self, key: Hashable | None, x: Array, op: Op) -> Outputs:
+    async def submit(self, key: Hashable | None, x: Array, op: Op, name: str = "op") -> Outputs:
         """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None."""
         loop = asyncio.get_running_loop()
-        job = _Job(key, x, op, loop.create_future(), loop)
+        job = _Job(key, name, x, op, loop.create_future(), loop)
         self._queue.put(job)
         return await job.future
 
@@ -103,13 +111,18 @@ class Batcher:
 
     def _execute(self, batch: list[_Job]) -> None:
         xs = [job.x for job in batch]
+        start = time.perf_counter()
         try:
             out = batch[0].op(np.concatenate(xs) if len(xs) > 1 else xs[0])
         except Exception as e:  # delivered to each waiting request, which maps it to HTTP
             for job in batch:
                 job.loop.call_soon_threadsafe(_set_exception, job.future, e)
             return
-        self.batch_sizes[sum(len(x) for x in xs)] += 1
+        n_rows = sum(len(x) for x in xs)
+        self.batch_sizes[n_rows] += 1
+        if self.on_batch is not None:
+            waits = [start - job.queued_at for job in batch]
+            self.on_batch(batch[0].name, n_rows, time.perf_counter() - start, waits)
         bounds = np.cumsum([len(x) for x in xs])[:-1]
         parts = {name: np.split(value, bounds) for name, value in out.items()}
         for i, job in enumerate(batch):

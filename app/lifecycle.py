@@ -49,9 +49,10 @@ class Reloaded:
     previous_sha256: str
 
 
-def uvicorn_grace_s(settings: Settings) -> float:
-    """What uvicorn gets after our drain, within VAE_SHUTDOWN_TIMEOUT_S: a tenth, at most 2 s."""
-    return min(2.0, settings.shutdown_timeout_s / 10)
+def uvicorn_grace_s(settings: Settings) -> int:
+    """What uvicorn gets after our drain, within VAE_SHUTDOWN_TIMEOUT_S: a tenth, 1 to 2 s
+    (uvicorn counts whole seconds)."""
+    return max(1, min(2, round(settings.shutdown_timeout_s / 10)))
 
 
 def load_model(settings: Settings) -> VAEService:
@@ -68,6 +69,7 @@ async def reload_model(app: FastAPI) -> Reloaded:
         new = await run_in_threadpool(load_model, app.state.settings)
         old: VAEService = app.state.vae
         app.state.vae = new
+        app.state.metrics.set_model(new)
         app.openapi_schema = None  # its examples are sized to the model
     log.info("reloaded %s: sha256 %s (was %s)", app.state.settings.model_path, new.sha256,
              old.sha256)  # fmt: skip

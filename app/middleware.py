@@ -41,6 +41,7 @@ class Guard:
         self.settings = settings
         # Compare digests, not keys: equal lengths, so the comparison time says nothing.
         self._digests = [_digest(k.get_secret_value().encode()) for k in keys]
+        self._open = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Only the methods the API has; any other gets the router's 405, unread and harmless.
@@ -84,7 +85,7 @@ class Guard:
     ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
         # Admin routes are all POST; a GET there gets the router's 405 and changes nothing.
         admin = path.startswith(ADMIN_PREFIX) and method == "POST"
-        if not admin and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
+        if not admin and (path in self._open or path.startswith(OPEN_PREFIXES)):
             return None
         if not self._digests:
             if admin:  # never open: an admin route changes what every caller gets

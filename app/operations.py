@@ -16,6 +16,7 @@ import numpy as np
 
 from app.batching import Batcher
 from app.model import Array, VAEService
+from app.observability import Metrics
 from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams
 from app.settings import Settings
 from app.validation import ScorePlan, check_samples, instances_array, latents_array, plan_scores
@@ -44,7 +45,7 @@ async def encode(
         out = {"mean": enc.mean, "std": enc.std}
         return out if enc.samples is None else out | {"samples": enc.samples}
 
-    return await batcher.submit(key, x, run)
+    return await batcher.submit(key, x, run, "encode")
 
 
 async def decode(
@@ -67,12 +68,17 @@ async def score(
     vae: VAEService,
     batcher: Batcher,
     settings: Settings,
+    metrics: Metrics,
 ) -> Scored:
     x = instances_array(instances, vae, settings)
     plan = plan_scores(params, vae, settings, len(x))
     key = None if params.seed is not None else (vae, "anomaly", plan.samples, plan.ll_samples)
     scores = await batcher.submit(
-        key, x, lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples)
+        key,
+        x,
+        lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples),
+        "anomaly",
     )
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
+    metrics.observe_percentiles(percentiles)
     return Scored(scores, percentiles, percentiles[plan.decision_score] > plan.threshold, plan)

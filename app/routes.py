@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from app import operations
@@ -25,6 +27,7 @@ from app.errors import (
 )
 from app.lifecycle import Lifecycle, reload_model
 from app.model import Array, VAEService
+from app.observability import Metrics
 from app.payloads import (
     JSON,
     NPY,
@@ -116,6 +119,7 @@ async def encode_instances(
 ) -> Response:
     """Encode inputs to their posterior q(z|x): mean, standard deviation, optional samples."""
     params, instances = await read_array_request(request, EncodeParams, EncodeRequest, "instances")
+    request.state.instances = len(instances)
     out = await operations.encode(instances, params, vae, batcher, settings)
     return array_response(request, {"samples": None, **out})
 
@@ -132,6 +136,7 @@ async def decode_latents(
 ) -> Response:
     """Decode latent vectors to outputs: the decoder's mean, or its most probable x."""
     params, latents = await read_array_request(request, DecodeParams, DecodeRequest, "latents")
+    request.state.instances = len(latents)
     out = await operations.decode(latents, params, vae, batcher, settings)
     return array_response(request, out)
 
@@ -160,7 +165,8 @@ async def sample_prior(
         return {"latents": z, "outputs": x}
 
     # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
-    out = await batcher.submit(None, np.empty((body.n, 0), dtype=np.float32), sample)
+    request.state.instances = body.n
+    out = await batcher.submit(None, np.empty((body.n, 0), dtype=np.float32), sample, "sample")
     return array_response(request, out)
 
 
@@ -177,7 +183,10 @@ async def score_anomalies(
     params, instances = await read_array_request(
         request, AnomalyScoreParams, AnomalyScoreRequest, "instances"
     )
-    scored = await operations.score(instances, params, vae, batcher, settings)
+    request.state.instances = len(instances)
+    scored = await operations.score(
+        instances, params, vae, batcher, settings, request.app.state.metrics
+    )
     plan = scored.plan
     # Without K the log-likelihood is not computed, but its keys stay in the answer, as null.
     absent = {} if plan.ll_samples else {"log_likelihood": None}
@@ -208,6 +217,19 @@ async def get_ready(request: Request, vae: VaeDep) -> HealthResponse:
     if lifecycle.draining:
         raise NotReadyError("The server is shutting down.")
     return HealthResponse()
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=PlainTextResponse,
+    responses={**AUTH_RESPONSES, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def get_metrics(request: Request) -> Response:
+    """Prometheus metrics: request, inference, queue and batch histograms, anomaly-score
+    percentiles, the model's identity, and the process's own figures."""
+    metrics: Metrics = request.app.state.metrics
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/model", tags=["ops"], responses={**AUTH_RESPONSES, 503: {"model": ErrorResponse}})

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         "504; work not yet started is dropped.",
     )  # fmt: skip
     shutdown_timeout_s: float = Field(
-        30.0, gt=0.0, description="On SIGTERM: refuse new model requests with 503, finish those "
+        30.0, ge=2.0, description="On SIGTERM: refuse new model requests with 503, finish those "
         "accepted, and exit within this many seconds.",
     )  # fmt: skip
     api_keys: SecretList = Field(
@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the service and uvicorn."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one JSON object per line (one per request, with its id); "
+        "`text`: plain lines for people.",
+    )  # fmt: skip
+    metrics_public: bool = Field(
+        True, description="Serve /metrics without an API key even when keys are set (for "
+        "Prometheus scrapers); false puts it behind the keys like the model routes.",
+    )  # fmt: skip
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -460,6 +460,7 @@ async def infer_v2(
     params, binary_output = _parameters(req, model)
     arr = _input_tensor(req, model, tail, has_bools=_data_has_bools(raw, len(head), req))
     _check_output_names(req, model, vae)  # before the model runs, not after
+    request.state.instances = len(arr)
     # The same operations as REST, so V2 and REST requests batch together.
     extra: dict[str, Any] = {}
     if model.operation == "encode":
@@ -467,7 +468,9 @@ async def infer_v2(
     elif model.operation == "decode":
         arrays = dict(await operations.decode(arr, params, vae, batcher, settings))
     else:
-        arrays, extra = await _anomaly(await operations.score(arr, params, vae, batcher, settings))
+        metrics = request.app.state.metrics
+        scored = await operations.score(arr, params, vae, batcher, settings, metrics)
+        arrays, extra = await _anomaly(scored)
     wanted = _wanted_outputs(req, model, vae, arrays, binary_output)
     return _infer_response(model.name, req.id, arrays, wanted, extra)
 

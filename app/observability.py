@@ -1,0 +1,180 @@
+"""Prometheus metrics, request ids and one structured log line per request.
+
+The metrics live in a registry of each app's own (not prometheus-client's global one), so
+several apps in one process (tests) never collide. Every latency is a histogram, so p99 can
+be combined across replicas. With several uvicorn workers each process keeps its own figures
+and a scrape reaches one of them; run one worker per container to scrape them all.
+
+`Observe` is the outermost middleware but CORS: it sees every answer, including the Guard's
+refusals, gives each request an id (the caller's `X-Request-ID` when it is sane, else a new
+one), echoes it, and logs one line without bodies, keys or query strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.model import Array, VAEService
+
+log = logging.getLogger("app.access")
+
+# From 1 ms to 30 s: an encode of one image is about a millisecond, a big K a few seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0)  # fmt: skip
+PERCENTILE_BUCKETS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.99, 0.999)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.request_duration = Histogram(
+            "vae_request_duration_seconds", "Time from request to answer, by route template.",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "vae_inference_duration_seconds", "Model time of one forward pass (one batch).",
+            ["op"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        sizes = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
+        self.batch_size = Histogram(
+            "vae_batch_size", "Instances per forward pass, after merging requests.",
+            ["op"], buckets=sizes, registry=r,
+        )  # fmt: skip
+        self.queue_duration = Histogram(
+            "vae_queue_duration_seconds", "Time a request waited for the inference thread.",
+            ["op"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "vae_requests_in_flight", "Model requests accepted and not yet answered.", registry=r
+        )
+        # The score as its calibrated percentile: the same buckets for every score and model,
+        # and uniform on data like the validation split, so drift shows as a shape change.
+        self.anomaly_score = Histogram(
+            "vae_anomaly_score", "Anomaly scores, as the share of normal validation data "
+            "scored less anomalous (0 to 1).",
+            ["score"], buckets=PERCENTILE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "vae_model_info", "The artifact being served (value 1).",
+            ["sha256", "format_version", "likelihood", "input_shape", "latent_dim", "device"],
+            registry=r,
+        )  # fmt: skip
+
+    def set_model(self, vae: VAEService) -> None:
+        self.model_info.clear()  # one artifact at a time, also after a reload
+        self.model_info.labels(
+            sha256=vae.sha256,
+            format_version=str(vae.manifest["format_version"]),
+            likelihood=vae.likelihood,
+            input_shape="x".join(map(str, vae.input_shape)),
+            latent_dim=str(vae.latent_dim),
+            device=str(vae.device),
+        ).set(1)
+
+    def observe_batch(self, op: str, rows: int, seconds: float, waits: list[float]) -> None:
+        self.inference_duration.labels(op).observe(seconds)
+        self.batch_size.labels(op).observe(rows)
+        queue = self.queue_duration.labels(op)
+        for wait in waits:
+            queue.observe(wait)
+
+    def observe_percentiles(self, percentiles: dict[str, Array]) -> None:
+        for name, values in percentiles.items():
+            hist = self.anomaly_score.labels(name)
+            for value in values.tolist():
+                hist.observe(value)
+
+
+class Observe:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # what the client sees if the app fails before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.request_duration.labels(route, method, str(status)).observe(seconds)
+            log.info(
+                "%s %s %d %.1f ms", method, route, status, seconds * 1000,
+                extra={"request_id": request_id, "route": route, "method": method,
+                       "status": status, "duration_ms": round(seconds * 1000, 3),
+                       "instances": scope["state"].get("instances")},
+            )  # fmt: skip
+
+
+# -- logging ------------------------------------------------------------------------------------
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line |= {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """JSON lines (VAE_LOG_FORMAT=json) or plain text, for our loggers and uvicorn's alike."""
+    handler = logging.StreamHandler()
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):  # into ours: one format for every line
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
