@@ -19,7 +19,7 @@ from app.batching import Batcher
 from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
 from app.lifecycle import Lifecycle, install_signal_handlers, load_model
-from app.middleware import Guard
+from app.middleware import OPEN_PATHS, Guard
 from app.model import VAEService
 from app.observability import Metrics, Observe, configure_logging
 from app.routes import admin_router, model_router, router
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.auth_enabled = bool(keys)
     app.state.vae = app.state.batcher = None
     app.state.ready = False
     app.state.lifecycle = lifecycle = Lifecycle()
@@ -121,6 +122,9 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
+    if app.state.auth_enabled:  # so "Authorize" on /docs can send a key
+        metrics_open = {"/metrics"} if app.state.settings.metrics_public else set()
+        _declare_api_keys(schema, OPEN_PATHS | metrics_open)
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in (EncodeRequest, DecodeRequest, AnomalyScoreRequest, SampleRequest):
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -154,6 +158,19 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
             anomaly[field]["examples"] = [min(cal.samples, limit)]
     app.openapi_schema = schema
     return schema
+
+
+def _declare_api_keys(schema: dict[str, Any], open_paths: frozenset[str] | set[str]) -> None:
+    """Both ways to send a key, required everywhere but the routes the Guard leaves open."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "An API key."},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    schema["security"] = [{"bearer": []}, {"apiKey": []}]
+    for path, operations in schema["paths"].items():
+        if path in open_paths:
+            for operation in operations.values():
+                operation["security"] = []
 
 
 def _startup_summary(vae: VAEService) -> dict[str, Any]:

@@ -329,3 +329,17 @@ def test_cors_is_off_by_default_and_follows_the_setting(
     assert r.headers["access-control-allow-origin"] == "https://app.example"
     r = httpx.post(f"{on.url}/encode", json=GOOD, headers={"Origin": "https://other.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_openapi_declares_the_keys_so_the_docs_page_can_send_one(tiny_artifact: Path) -> None:
+    from app.main import create_app
+    from app.settings import Settings
+
+    open_schema = create_app(Settings(model_path=tiny_artifact)).openapi()
+    assert "security" not in open_schema
+    schema = create_app(Settings(model_path=tiny_artifact, api_keys=[KEY])).openapi()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert schema["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []
+    assert schema["paths"]["/metrics"]["get"]["security"] == []
+    assert "security" not in schema["paths"]["/encode"]["post"]  # the global one applies
