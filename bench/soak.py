@@ -81,6 +81,16 @@ class Call:
             h["authorization"] = f"Bearer {API_KEY}"
         return h
 
+    def judge(self, r: httpx.Response) -> tuple[Outcome, str]:
+        """What the server's answer to this call means for the verdict (see `classify`)."""
+        problem = None
+        if not self.bad and self.check is not None and 200 <= r.status_code < 300:
+            try:
+                problem = self.check(r)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # orjson: ValueError
+                problem = f"unreadable answer: {type(e).__name__}: {e}"
+        return classify(self.bad, r.status_code, _detail(r), problem)
+
 
 def _j(obj: object) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -175,7 +185,7 @@ def build_calls(
         (2, Call("model", "/model", check=_has("sha256"))),
     ]  # fmt: skip
     nan_npy = few.copy()
-    nan_npy[2, 5] = np.nan
+    nan_npy[2, -1] = np.nan
     text = json.dumps({"instances": one.tolist()})  # has 0.0s, one of which becomes NaN
     v2_bytes = {"name": "instances", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}
     bad = [
@@ -312,7 +322,8 @@ def verdict(summary: dict[str, Any]) -> list[str]:
         failures.append("load: no bad request was sent, so none was checked")
     reload = summary["reload"]
     if not reload.get("sha_changed"):
-        failures.append(f"reload: /model's sha256 did not change ({reload.get('problem', '')})")
+        why = f": {reload['problem']}" if reload.get("problem") else ""
+        failures.append(f"reload: /model's sha256 did not change{why}")
     if not reload.get("answers_changed"):
         failures.append("reload: the same seeded /encode answered the same after the reload")
     rss = summary["rss"]
@@ -462,7 +473,7 @@ class Soak:
                 return
             stats.latencies_ms.append((time.monotonic() - started) * 1000)
             stats.statuses[r.status_code] += 1
-            outcome, reason = classify(call.bad, r.status_code, _detail(r), _problem(call, r))
+            outcome, reason = call.judge(r)
             if outcome is Outcome.BACKPRESSURE:
                 stats.backpressure += 1
                 await asyncio.sleep(min(1.0, float(r.headers.get("retry-after", "1"))))
@@ -539,15 +550,6 @@ def _detail(r: httpx.Response) -> str:
         return r.text[:200]
     # The service's errors are {"detail": ...}; V2's are {"error": ...}.
     return str(body.get("detail") or body.get("error") or "") if isinstance(body, dict) else ""
-
-
-def _problem(call: Call, r: httpx.Response) -> str | None:
-    if call.bad or call.check is None or not 200 <= r.status_code < 300:
-        return None
-    try:
-        return call.check(r)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # orjson's error is a ValueError
-        return f"unreadable answer: {type(e).__name__}: {e}"
 
 
 # -- report ------------------------------------------------------------------------------------
