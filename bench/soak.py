@@ -2,9 +2,9 @@
 
 The soak is about correctness and leaks, not speed: a real service process (bench/servers.py)
 serving an untrained MNIST-sized artifact (bench/artifact.py) gets N concurrent clients sending
-a weighted mix of every route and body format, about 2% of them deliberately bad. Half-way
-through (--reload-at), a different artifact replaces the file and /admin/reload swaps it in
-under load. RSS is read from /proc every second.
+a weighted mix of the model routes (REST and V2, JSON and .npy) and the probes, about 2% of
+them deliberately bad. Half-way through (--reload-at), a different artifact replaces the file
+and /admin/reload swaps it in under load. RSS is read from /proc every second.
 
 PASS needs all of: no 5xx (503s from the VAE_MAX_IN_FLIGHT bound are backpressure, counted
 apart and retried, not errors); no dropped request (connection error, timeout, cut-off read);
