@@ -13,6 +13,9 @@ uvicorn, leaving it a short grace for what is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 import signal
@@ -68,12 +71,23 @@ async def reload_model(app: FastAPI) -> Reloaded:
     async with lifecycle.reload_lock:  # one reload at a time; a second waits and reloads again
         new = await run_in_threadpool(load_model, app.state.settings)
         old: VAEService = app.state.vae
+        previous = old.sha256
         app.state.vae = new
         app.state.metrics.set_model(new)
         app.openapi_schema = None  # its examples are sized to the model
+    del old  # requests still in flight hold their own reference
+    # Loading and warming up ran on a pool thread, whose malloc arena keeps what torch freed
+    # there; hand it back to the OS, or each reload would leave RSS a step higher.
+    gc.collect()
+    _trim_heap()
     log.info("reloaded %s: sha256 %s (was %s)", app.state.settings.model_path, new.sha256,
-             old.sha256)  # fmt: skip
-    return Reloaded(new.sha256, old.sha256)
+             previous)  # fmt: skip
+    return Reloaded(new.sha256, previous)
+
+
+def _trim_heap() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def install_signal_handlers(app: FastAPI) -> None:
