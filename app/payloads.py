@@ -242,18 +242,9 @@ async def read_instances_request(
     """/encode's and /anomaly-score's input: JSON or .npy as `read_array_request` reads them,
     or, for an image model, images uploaded as multipart/form-data."""
     media = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
-    image_model = images.is_image_shape(vae.input_shape)
     if media != MULTIPART:
-        try:
-            return await read_array_request(request, params_model, full_model, "instances")
-        except UnsupportedMediaTypeError:
-            kinds = (
-                f"{JSON}, {NPY} or {MULTIPART} with an image" if image_model else f"{JSON} or {NPY}"
-            )
-            raise UnsupportedMediaTypeError(
-                f"Content-Type '{media}' is not supported; send {kinds}."
-            ) from None
-    if not image_model:
+        return await read_array_request(request, params_model, full_model, "instances")
+    if not images.is_image_shape(vae.input_shape):
         raise UnsupportedMediaTypeError(
             f"This model takes vectors of {vae.input_dim} values, not images; send {JSON} or {NPY}."
         )
@@ -305,7 +296,9 @@ async def png_response(outputs: np.ndarray, vae: VAEService, scale: int) -> Resp
 
 
 def _value_range(vae: VAEService) -> images.ValueRange:
-    lo, hi = vae.manifest.get("input_range") or (None, None)
+    # The exporter always writes input_range; without it only a Bernoulli model's is known.
+    bernoulli = vae.likelihood == "bernoulli"
+    lo, hi = vae.manifest.get("input_range") or ((0.0, 1.0) if bernoulli else (None, None))
     return (None if lo is None else float(lo)), (None if hi is None else float(hi))
 
 
