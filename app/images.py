@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,9 +33,6 @@ FORMATS = ("PNG", "JPEG")
 # What the first bytes of a PNG and a JPEG are: such an upload that Pillow cannot open is
 # damaged (422), anything else is another kind of file (415).
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
-# Decoding a 4096 x 4096 RGBA upload takes about 0.2 GB at its peak; requests beyond these slots
-# wait their turn (in their worker thread), so concurrent uploads cannot multiply that.
-_DECODE_SLOTS = threading.BoundedSemaphore(2)
 
 Pixels = npt.NDArray[np.uint8]
 Array = npt.NDArray[np.float32]
@@ -86,8 +82,7 @@ def read_images(
             f"The uploads declare {total / 1e6:.1f} megapixels together; one request may hold "
             f"{MAX_TOTAL_PIXELS / 1e6:.1f} at most, so send fewer or smaller images."
         )
-    with _DECODE_SLOTS:
-        return np.stack([read_image(data, label, shape, invert) for label, data in files])
+    return np.stack([read_image(data, label, shape, invert) for label, data in files])
 
 
 def _declared_pixels(data: bytes) -> int:

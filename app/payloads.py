@@ -21,12 +21,12 @@ import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 import orjson
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -225,6 +225,11 @@ def _npy_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 # -- images: uploads in, PNG grids out (image models only) --------------------------------------
 
+# Picture work runs in threads, at most two at once: decoding a 4096 x 4096 RGBA upload peaks near
+# 0.2 GB, so concurrent uploads must not multiply that. Requests wait here without holding a
+# thread, so the pool that serves plain `def` routes (/health) never fills up with them.
+_PICTURE_WORK = anyio.CapacityLimiter(2)
+
 
 class NotAcceptableError(VAEServiceError):
     """The client accepts only a representation this model cannot give (406)."""
@@ -262,8 +267,10 @@ async def read_instances_request(
     finally:
         await form.close()
     shape = (vae.input_shape[0], vae.input_shape[1])
-    # Off the event loop: decoding and resizing a large scan takes milliseconds.
-    pixels = await run_in_threadpool(images.read_images, files, shape, upload_options.invert)
+    # Off the event loop: a 4096 x 4096 upload takes most of a second to decode and resize.
+    pixels = await anyio.to_thread.run_sync(
+        images.read_images, files, shape, upload_options.invert, limiter=_PICTURE_WORK
+    )
     return params, images.to_instances(pixels, _value_range(vae))
 
 
@@ -291,7 +298,7 @@ def png_scale(request: Request, vae: VAEService, n: int) -> int | None:
 async def png_response(outputs: np.ndarray, vae: VAEService, scale: int) -> Response:
     """One PNG grid of the outputs, (N, D), drawn in the model's shape."""
     pixels = images.to_pixels(outputs, (vae.input_shape[0], vae.input_shape[1]), _value_range(vae))
-    body = await run_in_threadpool(images.png_grid, pixels, scale)
+    body = await anyio.to_thread.run_sync(images.png_grid, pixels, scale, limiter=_PICTURE_WORK)
     return Response(body, media_type=PNG)
 
 
