@@ -50,13 +50,14 @@ VERSIONS = {package: _version(package) for package in ("swagger-ui-dist", "redoc
 
 # 'unsafe-inline': FastAPI's Swagger page starts Swagger UI from an inline script, and both UIs
 # inject <style> elements. ReDoc runs its search index in a worker made from a blob: URL; both
-# draw icons from data: URLs.
+# draw icons from data: URLs. Swagger UI shows an image answer (/sample's image/png) from a blob:
+# URL its own script made of the response.
 CONTENT_SECURITY_POLICY = "; ".join(
     (
         "default-src 'self'",
         "script-src 'self' 'unsafe-inline'",
         "style-src 'self' 'unsafe-inline'",
-        "img-src 'self' data:",
+        "img-src 'self' data: blob:",
         "font-src 'self' data:",
         "worker-src 'self' blob:",
         "connect-src 'self'",

@@ -8,6 +8,10 @@ a 422 is exactly as precise as pydantic's own, and the OpenAPI schema stays the 
 A body sent as `application/x-npy` is one .npy array (N x D, or N x H x W for images); the
 request's other options come as query parameters. `Accept: application/x-npy` asks for the
 array outputs as .npy: one array, or a structured array with one field per output.
+
+For image models, /encode and /anomaly-score also take PNG or JPEG uploads as
+`multipart/form-data`, and /sample and /decode answer `Accept: image/png` with one PNG grid
+(the pictures themselves: app/images.py).
 """
 
 from __future__ import annotations
@@ -17,17 +21,25 @@ import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 import orjson
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import InvalidInputError, UnsupportedMediaTypeError
+from app import images
+from app.errors import InvalidInputError, UnsupportedMediaTypeError, VAEServiceError
+from app.model import VAEService
 from app.validation import float32
 
 JSON = "application/json"
 NPY = "application/x-npy"
+MULTIPART = "multipart/form-data"
+PNG = "image/png"
+UPLOAD_FIELD = "file"
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -36,17 +48,23 @@ _SUSPECT = (b"true", b"false")
 
 
 async def read_array_request(
-    request: Request, params_model: type[P], full_model: type[BaseModel], field: str
+    request: Request,
+    params_model: type[P],
+    full_model: type[BaseModel],
+    field: str,
+    own_query: tuple[str, ...] = (),
 ) -> tuple[P, np.ndarray | list[Any]]:
     """The request's options and its array field (`instances` or `latents`).
 
     The array comes back as numpy whenever the body allowed it, else as the list pydantic
     validated (e.g. flat and nested instances mixed), for the model-aware checks to place.
+    `own_query` names query parameters the caller reads itself (e.g. a PNG's `scale`).
     """
     kind = _content_type(request)
     raw = await request.body()
     if kind == NPY:
-        params = _validate(params_model, dict(request.query_params))
+        query = {k: v for k, v in request.query_params.items() if k not in own_query}
+        params = _validate(params_model, query)
         return params, _load_npy(raw)
     _refuse_duplicate_keys(raw, full_model)
     fast = _fast_json(raw, params_model, field)
@@ -203,3 +221,179 @@ def _npy_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
             record[k] = v
         np.save(buf, record, allow_pickle=False)
     return buf.getvalue()
+
+
+# -- images: uploads in, PNG grids out (image models only) --------------------------------------
+
+# Picture work runs in threads, at most two at once: decoding a 4096 x 4096 RGBA upload peaks near
+# 0.2 GB, so concurrent uploads must not multiply that. Requests wait here without holding a
+# thread, so the pool that serves plain `def` routes (/health) never fills up with them.
+_PICTURE_WORK = anyio.CapacityLimiter(2)
+
+
+class NotAcceptableError(VAEServiceError):
+    """The client accepts only a representation this model cannot give (406)."""
+
+    status_code = 406
+
+
+async def read_instances_request(
+    request: Request,
+    params_model: type[P],
+    full_model: type[BaseModel],
+    vae: VAEService,
+    max_images: int,
+) -> tuple[P, np.ndarray | list[Any]]:
+    """/encode's and /anomaly-score's input: JSON or .npy as `read_array_request` reads them,
+    or, for an image model, images uploaded as multipart/form-data."""
+    media = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    if media != MULTIPART:
+        return await read_array_request(request, params_model, full_model, "instances")
+    if not images.is_image_shape(vae.input_shape):
+        raise UnsupportedMediaTypeError(
+            f"This model takes vectors of {vae.input_dim} values, not images; send {JSON} or {NPY}."
+        )
+    form = await _read_form(request, max_images)
+    try:
+        uploads, options = _split_form(form, dict(request.query_params))
+        if len(uploads) > max_images:
+            raise InvalidInputError(
+                f"{len(uploads)} images is over the limit of {max_images} (VAE_MAX_INSTANCES)."
+            )
+        invert = {k: options.pop(k) for k in images.UploadOptions.model_fields if k in options}
+        upload_options = _validate_options(images.UploadOptions, invert, request)
+        params = _validate_options(params_model, options, request)
+        files = [(_label(i, u), await u.read()) for i, u in enumerate(uploads)]
+    finally:
+        await form.close()
+    shape = (vae.input_shape[0], vae.input_shape[1])
+    # Off the event loop: a 4096 x 4096 upload takes most of a second to decode and resize.
+    pixels = await anyio.to_thread.run_sync(
+        images.read_images, files, shape, upload_options.invert, limiter=_PICTURE_WORK
+    )
+    return params, images.to_instances(pixels, _value_range(vae))
+
+
+def png_scale(request: Request, vae: VAEService, n: int) -> int | None:
+    """The scale of a PNG answer when the client asks for image/png, else None.
+
+    Checked before the model runs: a vector model cannot draw (406, unless the client accepts
+    JSON or .npy too, which it then gets), and the grid must fit images.MAX_SIDE."""
+    accepted = _accepted(request)
+    if max(accepted.get(PNG, 0.0), accepted.get("image/*", 0.0)) <= 0.0:
+        return None
+    if not images.is_image_shape(vae.input_shape):
+        if any(accepted.get(m, 0.0) > 0.0 for m in (JSON, NPY, "application/*", "*/*")):
+            return None
+        raise NotAcceptableError(
+            f"This model's outputs are vectors of {vae.input_dim} values, not images; "
+            f"accept {JSON} or {NPY}."
+        )
+    query = {k: v for k, v in request.query_params.items() if k in images.PngOptions.model_fields}
+    scale = _validate(images.PngOptions, query).scale
+    images.check_grid(n, (vae.input_shape[0], vae.input_shape[1]), scale)
+    return scale
+
+
+async def png_response(outputs: np.ndarray, vae: VAEService, scale: int) -> Response:
+    """One PNG grid of the outputs, (N, D), drawn in the model's shape."""
+    pixels = images.to_pixels(outputs, (vae.input_shape[0], vae.input_shape[1]), _value_range(vae))
+    body = await anyio.to_thread.run_sync(images.png_grid, pixels, scale, limiter=_PICTURE_WORK)
+    return Response(body, media_type=PNG)
+
+
+def _value_range(vae: VAEService) -> images.ValueRange:
+    # The exporter always writes input_range; without it only a Bernoulli model's is known.
+    bernoulli = vae.likelihood == "bernoulli"
+    lo, hi = vae.manifest.get("input_range") or ((0.0, 1.0) if bernoulli else (None, None))
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def _accepted(request: Request) -> dict[str, float]:
+    """The Accept header as {media range: q}, e.g. {"image/png": 1.0, "*/*": 0.1}."""
+    out: dict[str, float] = {}
+    for item in request.headers.get("accept", "").split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0  # a q we cannot read: do not guess that it is welcome
+        if media:
+            out[media.lower()] = q
+    return out
+
+
+async def _read_form(request: Request, max_images: int) -> FormData:
+    # One file over the limit still parses, so the refusal can name the limit; beyond that the
+    # parser stops reading. Option fields are few and short.
+    parser = MultiPartParser(
+        request.headers, request.stream(), max_files=max_images + 1, max_fields=16,
+        max_part_size=4096,
+    )  # fmt: skip
+    try:
+        return await parser.parse()
+    except MultiPartException as e:
+        if e.message.startswith("Too many files"):
+            reason = f"it holds more than {max_images} files (VAE_MAX_INSTANCES)"
+        else:
+            reason = e.message.rstrip(".").lower()
+        raise InvalidInputError(f"The {MULTIPART} body cannot be read: {reason}.") from None
+
+
+def _split_form(form: FormData, query: dict[str, str]) -> tuple[list[UploadFile], dict[str, str]]:
+    """The uploads in the `file` field, and the options from the form and the query string."""
+    uploads: list[UploadFile] = []
+    options: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != UPLOAD_FIELD:
+                raise InvalidInputError(
+                    f"The form has a file in the field '{key}'; send images in '{UPLOAD_FIELD}'."
+                )
+            uploads.append(value)
+        elif key == UPLOAD_FIELD:
+            raise InvalidInputError(
+                f"The form field '{UPLOAD_FIELD}' holds text, not a file; upload the image "
+                f"itself (curl -F {UPLOAD_FIELD}=@digit.png)."
+            )
+        elif key in options:
+            raise InvalidInputError(f"The form gives the field '{key}' more than once.")
+        else:
+            options[key] = value
+    if not uploads:
+        raise InvalidInputError(
+            f"The form has no '{UPLOAD_FIELD}' field; upload one or more images in it "
+            f"(curl -F {UPLOAD_FIELD}=@digit.png)."
+        )
+    both = sorted(options.keys() & query.keys())
+    if both:
+        raise InvalidInputError(f"The option '{both[0]}' is given both in the query and the form.")
+    return uploads, options | query
+
+
+def _validate_options(model: type[P], values: dict[str, str], request: Request) -> P:
+    """Options from a form and the query string, text all of them; an error names the query
+    parameter, or the form field as a field of the body."""
+    try:
+        return model.model_validate(values, strict=False)
+    except ValidationError as e:
+        query = request.query_params
+        errors = [
+            {
+                **err,
+                "loc": ("query" if err["loc"] and err["loc"][0] in query else "body", *err["loc"]),
+            }
+            for err in e.errors()
+        ]
+        raise RequestValidationError(errors) from None
+
+
+def _label(i: int, upload: UploadFile) -> str:
+    name = (upload.filename or "").strip()
+    if len(name) > 60:
+        name = name[:57] + "..."
+    return f"{UPLOAD_FIELD}[{i}] ({name})" if name else f"{UPLOAD_FIELD}[{i}]"

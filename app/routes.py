@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from app import operations
+from app import images, operations
 from app.batching import Batcher
 from app.errors import (
     AUTH_RESPONSES,
@@ -30,10 +30,16 @@ from app.model import Array, VAEService
 from app.observability import Metrics
 from app.payloads import (
     JSON,
+    MULTIPART,
     NPY,
+    PNG,
+    UPLOAD_FIELD,
     array_response,
     json_response,
+    png_response,
+    png_scale,
     read_array_request,
+    read_instances_request,
     read_json_request,
 )
 from app.schemas import (
@@ -107,18 +113,81 @@ NPY_OUT: dict[int | str, dict[str, Any]] = {
 }
 
 
+def upload_doc(params_model: type[BaseModel], doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` (a `body_doc`) with an image upload added: Swagger UI shows a file picker and the
+    options as form fields."""
+    fields: dict[str, Any] = {
+        UPLOAD_FIELD: {
+            "type": "string",
+            "format": "binary",
+            "description": "A PNG or JPEG image; repeat the field to send several. It is made "
+            "greyscale and resized to the model's input shape.",
+        }
+    }
+    for model in (images.UploadOptions, params_model):
+        for name, prop in model.model_json_schema()["properties"].items():
+            # A form field is text or absent; `anyOf [X, null]` only confuses the form.
+            branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+            if len(branches) == 1:
+                outer = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+                prop = outer | branches[0]
+            fields[name] = prop
+    doc["requestBody"]["content"][MULTIPART] = {
+        "schema": {"type": "object", "required": [UPLOAD_FIELD], "properties": fields},
+        "encoding": {UPLOAD_FIELD: {"contentType": "image/png, image/jpeg"}},
+    }
+    return doc
+
+
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    415: {
+        "model": ErrorResponse,
+        "description": "The body is not JSON, .npy or (image models only) a multipart image "
+        "upload; or an upload is not a PNG or JPEG.",
+    },
+}
+# PNG answers: the grid itself, its `scale`, and 406 for a model whose outputs are not images.
+IMAGE_OUT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            NPY: {"schema": {"type": "string", "format": "binary"}},
+            PNG: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Image models only: the outputs as one greyscale PNG grid, "
+                "row-major, near-square, cells apart by a grey line.",
+            },
+        }
+    },
+    406: {"model": ErrorResponse, "description": "image/png asked of a model without images."},
+}
+SCALE_PARAM: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "scale",
+            "in": "query",
+            "required": False,
+            "schema": images.PngOptions.model_json_schema()["properties"]["scale"],
+        }
+    ]
+}
+
+
 @model_router.post(
     "/encode",
     tags=["model"],
     response_model=EncodeResponse,
-    responses=NPY_OUT,
-    openapi_extra=body_doc(EncodeRequest, "A .npy array of instances, N x D or N x H x W."),
+    responses={**NPY_OUT, **UPLOAD_RESPONSES},
+    openapi_extra=upload_doc(
+        EncodeParams, body_doc(EncodeRequest, "A .npy array of instances, N x D or N x H x W.")
+    ),
 )
 async def encode_instances(
     request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
 ) -> Response:
     """Encode inputs to their posterior q(z|x): mean, standard deviation, optional samples."""
-    params, instances = await read_array_request(request, EncodeParams, EncodeRequest, "instances")
+    params, instances = await read_instances_request(
+        request, EncodeParams, EncodeRequest, vae, settings.max_instances
+    )
     request.state.instances = len(instances)
     out = await operations.encode(instances, params, vae, batcher, settings)
     return array_response(request, {"samples": None, **out})
@@ -128,16 +197,21 @@ async def encode_instances(
     "/decode",
     tags=["model"],
     response_model=DecodeResponse,
-    responses=NPY_OUT,
-    openapi_extra=body_doc(DecodeRequest, "A .npy array of latents, N x Z."),
+    responses=IMAGE_OUT,
+    openapi_extra=body_doc(DecodeRequest, "A .npy array of latents, N x Z.") | SCALE_PARAM,
 )
 async def decode_latents(
     request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
 ) -> Response:
     """Decode latent vectors to outputs: the decoder's mean, or its most probable x."""
-    params, latents = await read_array_request(request, DecodeParams, DecodeRequest, "latents")
+    params, latents = await read_array_request(
+        request, DecodeParams, DecodeRequest, "latents", own_query=("scale",)
+    )
     request.state.instances = len(latents)
+    scale = png_scale(request, vae, len(latents))
     out = await operations.decode(latents, params, vae, batcher, settings)
+    if scale is not None:
+        return await png_response(out["outputs"], vae, scale)
     return array_response(request, out)
 
 
@@ -145,12 +219,13 @@ async def decode_latents(
     "/sample",
     tags=["model"],
     response_model=SampleResponse,
-    responses=NPY_OUT,
+    responses=IMAGE_OUT,
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {JSON: {"schema": {"$ref": "#/components/schemas/SampleRequest"}}},
-        }
+        },
+        **SCALE_PARAM,
     },
 )
 async def sample_prior(
@@ -159,6 +234,7 @@ async def sample_prior(
     """Draw n latents from the prior N(0, I) and decode them."""
     body = await read_json_request(request, SampleRequest)
     check_samples("n", body.n, settings)
+    scale = png_scale(request, vae, body.n)
 
     def sample(_: Array) -> dict[str, Array]:
         z, x = vae.sample(body.n, body.seed, mode=body.output == "mode")
@@ -167,6 +243,8 @@ async def sample_prior(
     # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
     request.state.instances = body.n
     out = await batcher.submit(None, np.empty((body.n, 0), dtype=np.float32), sample, "sample")
+    if scale is not None:
+        return await png_response(out["outputs"], vae, scale)
     return array_response(request, out)
 
 
@@ -174,14 +252,18 @@ async def sample_prior(
     "/anomaly-score",
     tags=["model"],
     response_model=AnomalyScoreResponse,
-    openapi_extra=body_doc(AnomalyScoreRequest, "A .npy array of instances, as for /encode."),
+    responses=UPLOAD_RESPONSES,
+    openapi_extra=upload_doc(
+        AnomalyScoreParams,
+        body_doc(AnomalyScoreRequest, "A .npy array of instances, as for /encode."),
+    ),
 )
 async def score_anomalies(
     request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
 ) -> Response:
     """Score inputs (KL, reconstruction probability, optionally log-likelihood) and decide."""
-    params, instances = await read_array_request(
-        request, AnomalyScoreParams, AnomalyScoreRequest, "instances"
+    params, instances = await read_instances_request(
+        request, AnomalyScoreParams, AnomalyScoreRequest, vae, settings.max_instances
     )
     request.state.instances = len(instances)
     scored = await operations.score(

@@ -124,9 +124,13 @@ def test_json_beyond_float32_gets_422(client: TestClient) -> None:
     assert r.json() == {"detail": "latents[0] has values too large for float32."}
 
 
-def test_openapi_documents_json_and_npy_bodies(client: TestClient) -> None:
+def test_openapi_documents_json_npy_and_image_bodies(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/encode", "/decode", "/anomaly-score"):
+    assert set(paths["/decode"]["post"]["requestBody"]["content"]) == {
+        "application/json",
+        "application/x-npy",
+    }
+    for path in ("/encode", "/anomaly-score"):  # image uploads too (tests/test_images.py)
         content = paths[path]["post"]["requestBody"]["content"]
-        assert set(content) == {"application/json", "application/x-npy"}
+        assert set(content) == {"application/json", "application/x-npy", "multipart/form-data"}
     assert "application/x-npy" in paths["/encode"]["post"]["responses"]["200"]["content"]
