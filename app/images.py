@@ -14,11 +14,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from app.errors import InvalidInputError, UnsupportedMediaTypeError
 
@@ -43,12 +45,19 @@ def is_image_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2
 
 
+def _true_or_false(value: object) -> object:
+    """A form field is text: only `true` and `false` mean a boolean (not 0, 1, yes or on)."""
+    if isinstance(value, str) and value.lower() not in ("true", "false"):
+        raise PydanticCustomError("bool_parsing", "Input should be true or false")
+    return value
+
+
 class UploadOptions(BaseModel):
     """The one option of an image upload that the .npy and JSON bodies do not have."""
 
     model_config = ConfigDict(extra="forbid")
 
-    invert: bool = Field(
+    invert: Annotated[bool, BeforeValidator(_true_or_false)] = Field(
         False,
         description="Invert the grey levels (255 - v) after the resize: for dark ink on light "
         "paper, when the model learnt light strokes on black, as MNIST models did.",

@@ -279,6 +279,9 @@ def png_scale(request: Request, vae: VAEService, n: int) -> int | None:
 
     Checked before the model runs: a vector model cannot draw (406, unless the client accepts
     JSON or .npy too, which it then gets), and the grid must fit images.MAX_SIDE."""
+    # The option is checked whenever it is given, so a bad one never passes unnoticed.
+    query = {k: v for k, v in request.query_params.items() if k in images.PngOptions.model_fields}
+    scale = _validate(images.PngOptions, query).scale
     accepted = _accepted(request)
     if max(accepted.get(PNG, 0.0), accepted.get("image/*", 0.0)) <= 0.0:
         return None
@@ -289,8 +292,6 @@ def png_scale(request: Request, vae: VAEService, n: int) -> int | None:
             f"This model's outputs are vectors of {vae.input_dim} values, not images; "
             f"accept {JSON} or {NPY}."
         )
-    query = {k: v for k, v in request.query_params.items() if k in images.PngOptions.model_fields}
-    scale = _validate(images.PngOptions, query).scale
     images.check_grid(n, (vae.input_shape[0], vae.input_shape[1]), scale)
     return scale
 

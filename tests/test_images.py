@@ -426,8 +426,9 @@ def test_the_refusal_names_which_upload_is_bad(
             None,
             {"invert": "perhaps"},
             "",
-            "invert: Input should be a valid boolean, unable to interpret input.",
+            "invert: Input should be true or false.",
         ),
+        (None, {"invert": "1"}, "", "invert: Input should be true or false."),
         (None, {"seed": "-1"}, "", "seed: Input should be greater than or equal to 0."),
         (
             None,
