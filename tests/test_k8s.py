@@ -396,9 +396,11 @@ def test_base_renders_every_kind(rendered: Rendered) -> None:
     assert sorted(d["kind"] for d in rendered.docs["overlays/gpu"]) == kinds
 
 
-def test_nothing_renders_without_the_keys_file() -> None:
+def test_nothing_renders_without_the_keys_file(tmp_path: Path) -> None:
+    # A copy, since a checkout that deploys has its own api-keys.txt.
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("api-keys.txt"))
     with pytest.raises(FileNotFoundError, match=r"api-keys\.txt"):
-        _render(K8S / "base")
+        _render(tmp_path / "k8s" / "base")
     ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/base/api-keys.txt"],
                              cwd=REPO, check=False)  # fmt: skip
     assert ignored.returncode == 0, "api-keys.txt must stay out of git"
