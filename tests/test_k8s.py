@@ -1,0 +1,623 @@
+"""deploy/k8s: the kustomizations render, every rendered document validates against the
+Kubernetes schemas offline, and the manifests agree with the app they deploy.
+
+No cluster runs here, and the test may not need one: `_render` below is a small kustomize that
+supports exactly the features deploy/k8s uses and refuses every other one. Where `kubectl` is
+installed, a test checks that `kubectl kustomize`, the real renderer, gives the same documents.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import math
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+from starlette.routing import Match
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import REPO, Server, make_artifact
+
+K8S = REPO / "deploy" / "k8s"
+# The oldest version that runs the manifests (preStop's sleep action is on by default from
+# 1.30) and the newest kubernetes-validate bundles at its lower bound in pyproject.toml.
+KUBE_VERSIONS = ("1.30", "1.37")
+TREES = ("base", "overlays/gpu", "model-loader")
+SETTINGS_ENV = {f"VAE_{name.upper()}" for name in Settings.model_fields}
+
+Doc = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# The renderer: resources (files and directories), configMapGenerator and secretGenerator (envs,
+# literals, files; behavior create or merge) with kustomize's name hash and the references to it,
+# images (name, newName, newTag), and patches given as a strategic merge patch file.
+
+
+class UnsupportedError(Exception):
+    """A kustomize feature this renderer does not implement: render it with kubectl instead."""
+
+
+@dataclass
+class _Resource:
+    doc: Doc
+    generated: bool = False  # gets the content-hash name suffix when the build is done
+
+
+_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator",
+                       "secretGenerator", "images", "patches"}  # fmt: skip
+_GENERATOR_KEYS = {"name", "behavior", "envs", "literals", "files"}
+# Strategic merge: these lists merge item by item on the key (the Kubernetes API's
+# patchMergeKey); the pod lists not named here (tolerations, envFrom, args) are atomic in the
+# API, so a patch replaces them whole.
+_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name",
+               "volumes": "name", "volumeMounts": "mountPath", "ports": "containerPort"}  # fmt: skip
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+def _render(directory: Path) -> list[Doc]:
+    resources = _build(directory)
+    renamed: dict[tuple[str, str], str] = {}
+    for res in resources:
+        if res.generated:
+            meta = res.doc["metadata"]
+            new = f"{meta['name']}-{_name_hash(res.doc)}"
+            renamed[(res.doc["kind"], meta["name"])] = new
+            meta["name"] = new
+    for res in resources:
+        for spec in _pod_specs(res.doc):
+            _rewrite_references(spec, renamed)
+    return [res.doc for res in resources]
+
+
+def _build(directory: Path) -> list[_Resource]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - _KUSTOMIZATION_KEYS
+    if unknown:
+        raise UnsupportedError(f"{directory}: kustomization fields {sorted(unknown)}")
+    resources: list[_Resource] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        if path.is_dir():
+            resources += _build(path)
+        else:
+            docs = yaml.safe_load_all(path.read_text())
+            resources += [_Resource(doc) for doc in docs if doc is not None]
+    for kind, key in (("ConfigMap", "configMapGenerator"), ("Secret", "secretGenerator")):
+        for generator in kustomization.get(key, []):
+            _generate(directory, kind, generator, resources)
+    for patch in kustomization.get("patches", []):
+        if set(patch) != {"path"}:
+            raise UnsupportedError(f"{directory}: patch fields {sorted(patch)}")
+        _apply_patch(yaml.safe_load((directory / patch["path"]).read_text()), resources)
+    for image in kustomization.get("images", []):
+        if not set(image) <= {"name", "newName", "newTag"}:
+            raise UnsupportedError(f"{directory}: image fields {sorted(image)}")
+        for res in resources:
+            for spec in _pod_specs(res.doc):
+                for container in spec.get("containers", []) + spec.get("initContainers", []):
+                    container["image"] = _retag(container["image"], image)
+    return resources
+
+
+def _generate(directory: Path, kind: str, generator: Doc, resources: list[_Resource]) -> None:
+    if not set(generator) <= _GENERATOR_KEYS:
+        raise UnsupportedError(f"{directory}: generator fields {sorted(generator)}")
+    pairs: list[tuple[str, bytes]] = []
+    for env_file in generator.get("envs", []):
+        pairs += [(k, v.encode()) for k, v in _env_file(directory / env_file)]
+    for literal in generator.get("literals", []):
+        key, sep, value = literal.partition("=")
+        if not sep or value[:1] in ("'", '"'):  # kustomize strips quotes; we have none
+            raise UnsupportedError(f"{directory}: literal {literal!r}")
+        pairs.append((key, value.encode()))
+    for file in generator.get("files", []):
+        key, sep, rel = file.partition("=")
+        path = directory / (rel if sep else key)
+        pairs.append((key if sep else path.name, path.read_bytes()))  # a missing file raises
+    data: dict[str, str] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"{directory}: {generator['name']} has the key {key} twice")
+        data[key] = base64.b64encode(value).decode() if kind == "Secret" else value.decode()
+    behavior = generator.get("behavior", "create")
+    existing = [r for r in _named(resources, kind, generator["name"]) if r.generated]
+    if behavior == "merge" and len(existing) == 1:
+        existing[0].doc["data"].update(data)
+    elif behavior == "create" and not existing:
+        doc: Doc = {"apiVersion": "v1", "kind": kind, "metadata": {"name": generator["name"]}}
+        if kind == "Secret":
+            doc["type"] = "Opaque"
+        doc["data"] = data
+        resources.append(_Resource(doc, generated=True))
+    else:
+        raise UnsupportedError(f"{directory}: behavior {behavior} for {kind} {generator['name']}")
+
+
+def _env_file(path: Path) -> list[tuple[str, str]]:
+    """KEY=VALUE lines, as kustomize reads them: leading blanks dropped, `#` lines and blank
+    lines skipped, the value taken literally (no quotes, trailing blanks kept)."""
+    pairs = []
+    for line in path.read_text().splitlines():
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not _ENV_NAME.match(key):  # no `=` would read the value from os.environ
+            raise UnsupportedError(f"{path}: line {line!r}")
+        pairs.append((key, value))
+    return pairs
+
+
+def _name_hash(doc: Doc) -> str:
+    """kustomize's suffix (api/hasher): sha256 of the JSON of kind, data (and a Secret's type),
+    first 10 hex digits, with 0 1 3 a e swapped for letters. Its name is always "" there, since
+    it looks up the path "metadata/name" as one field; `kubectl kustomize` agrees (tested)."""
+    encoded = {"kind": doc["kind"], "name": "", "data": doc["data"]}
+    if doc["kind"] == "Secret":
+        encoded["type"] = doc["type"]
+    text = json.dumps(encoded, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if any(c in text for c in "<>&\u2028\u2029"):  # Go's json escapes these; we would not
+        raise UnsupportedError(f"{doc['metadata']['name']}: characters Go's JSON escapes")
+    return hashlib.sha256(text.encode()).hexdigest()[:10].translate(str.maketrans("013ae", "ghkmt"))
+
+
+def _named(resources: list[_Resource], kind: str, name: str) -> list[_Resource]:
+    return [r for r in resources if (r.doc["kind"], r.doc["metadata"]["name"]) == (kind, name)]
+
+
+def _apply_patch(patch: Doc, resources: list[_Resource]) -> None:
+    targets = _named(resources, patch["kind"], patch["metadata"]["name"])
+    if len(targets) != 1:
+        raise ValueError(f"the patch for {patch['kind']} {patch['metadata']['name']} matches "
+                         f"{len(targets)} resources")  # fmt: skip
+    _merge(targets[0].doc, patch)
+
+
+def _merge(base: Doc, patch: Doc) -> None:
+    for key, value in patch.items():
+        if key.startswith("$"):  # $patch, $setElementOrder, ...: directives we do not implement
+            raise UnsupportedError(f"strategic merge directive {key}")
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        elif isinstance(value, list) and key in _MERGE_KEYS and isinstance(base.get(key), list):
+            merge_key = _MERGE_KEYS[key]
+            for item in value:
+                match = [old for old in base[key] if old.get(merge_key) == item[merge_key]]
+                if match:
+                    _merge(match[0], item)
+                else:
+                    base[key].append(copy.deepcopy(item))
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _retag(image: str, entry: Doc) -> str:
+    if "@" in image:
+        raise UnsupportedError(f"image digest in {image}")
+    name, tag = image, None
+    if ":" in image.rsplit("/", 1)[-1]:  # a registry's port is no tag
+        name, tag = image.rsplit(":", 1)
+    if name != entry["name"]:
+        return image
+    name, tag = entry.get("newName", name), entry.get("newTag", tag)
+    return f"{name}:{tag}" if tag else name
+
+
+def _pod_specs(doc: Doc) -> list[Doc]:
+    if doc["kind"] == "Pod":
+        return [doc["spec"]]
+    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        return [doc["spec"]["template"]["spec"]]
+    if doc["kind"] == "CronJob":
+        raise UnsupportedError("CronJob")
+    return []
+
+
+def _rewrite_references(spec: Doc, renamed: dict[tuple[str, str], str]) -> None:
+    def ref(kind: str, holder: Doc, field: str) -> None:
+        holder[field] = renamed.get((kind, holder[field]), holder[field])
+
+    for volume in spec.get("volumes", []):
+        if "projected" in volume:
+            raise UnsupportedError("projected volumes")
+        if "configMap" in volume:
+            ref("ConfigMap", volume["configMap"], "name")
+        if "secret" in volume:
+            ref("Secret", volume["secret"], "secretName")
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                ref("ConfigMap", source["configMapRef"], "name")
+            if "secretRef" in source:
+                ref("Secret", source["secretRef"], "name")
+        for env in container.get("env", []):
+            value_from = env.get("valueFrom", {})
+            if "configMapKeyRef" in value_from:
+                ref("ConfigMap", value_from["configMapKeyRef"], "name")
+            if "secretKeyRef" in value_from:
+                ref("Secret", value_from["secretKeyRef"], "name")
+    if spec.get("imagePullSecrets"):
+        raise UnsupportedError("imagePullSecrets")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the trees rendered from a copy of deploy/k8s that holds the api-keys.txt a user
+# creates (one fresh key); the copy keeps the real tree free of keys.
+
+
+@dataclass
+class Rendered:
+    root: Path  # the copy of deploy/k8s
+    key: str  # the API key in its api-keys.txt
+    docs: dict[str, list[Doc]]  # by tree: "base", "overlays/gpu", "model-loader"
+
+    def one(self, tree: str, kind: str) -> Doc:
+        found = [d for d in self.docs[tree] if d["kind"] == kind]
+        assert len(found) == 1, f"{tree} renders {len(found)} {kind} documents"
+        return found[0]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    root = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("api-keys.txt"))
+    key = secrets.token_urlsafe(24)
+    (root / "base" / "api-keys.txt").write_text(f"{key}\n")
+    return Rendered(root, key, {tree: _render(root / tree) for tree in TREES})
+
+
+@dataclass
+class Pod:
+    """The serving pod of one rendered tree, with the look-ups the checks share."""
+
+    docs: list[Doc]
+    deployment: Doc
+    spec: Doc
+    container: Doc
+    config: dict[str, str]  # the ConfigMap the container's envFrom names
+
+    def volume_for(self, path: str) -> tuple[Doc, Doc]:
+        """The volumeMount holding `path`, and its volume."""
+        mounts = [m for m in self.container["volumeMounts"]
+                  if Path(path).is_relative_to(m["mountPath"])]  # fmt: skip
+        assert len(mounts) == 1, f"{path} is under {len(mounts)} volume mounts"
+        (volume,) = [v for v in self.spec["volumes"] if v["name"] == mounts[0]["name"]]
+        return mounts[0], volume
+
+    def port(self, port: int | str) -> int:
+        """A container port, by number or by name."""
+        if isinstance(port, int):
+            return port
+        (found,) = [p["containerPort"] for p in self.container["ports"] if p["name"] == port]
+        return int(found)
+
+    def env(self) -> dict[str, str]:
+        """What the kubelet hands the container: envFrom first, then env, which wins."""
+        env = dict(self.config)
+        for var in self.container.get("env", []):
+            if "value" in var:
+                env[var["name"]] = var["value"]
+            else:
+                field = var["valueFrom"]["resourceFieldRef"]
+                assert field["containerName"] == self.container["name"]
+                limit = self.container["resources"]["limits"][field["resource"].split(".")[1]]
+                env[var["name"]] = str(math.ceil(_quantity(limit) / _quantity(field["divisor"])))
+        return env
+
+    def settings(self, monkeypatch: pytest.MonkeyPatch) -> Settings:
+        """The app's settings from exactly this environment, read the way the app reads them."""
+        for name, value in self.env().items():
+            monkeypatch.setenv(name, value)
+        return Settings()
+
+
+def _quantity(value: str | int) -> float:
+    """A CPU quantity: "2", 2 or "500m"."""
+    text = str(value)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _pod(docs: list[Doc]) -> Pod:
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (source,) = container["envFrom"]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"] == source["configMapRef"]["name"]]  # fmt: skip
+    return Pod(docs, deployment, spec, container, config["data"])
+
+
+@pytest.fixture(params=["base", "overlays/gpu"])
+def pod(request: pytest.FixtureRequest, rendered: Rendered) -> Pod:
+    return _pod(rendered.docs[request.param])
+
+
+def _dockerfile_ids() -> tuple[int, int]:
+    text = (REPO / "Dockerfile").read_text()
+    uid = re.search(r"useradd --uid (\d+)", text)
+    gid = re.search(r"groupadd --gid (\d+)", text)
+    assert uid, "the Dockerfile no longer creates its user with a fixed uid"
+    assert gid, "the Dockerfile no longer creates its group with a fixed gid"
+    return int(uid.group(1)), int(gid.group(1))
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and schemas
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_renderer_matches_kubectl_kustomize(rendered: Rendered, tree: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the renderer is checked against it where it is")
+    out = subprocess.run([kubectl, "kustomize", str(rendered.root / tree)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+
+    def by_name(docs: list[Doc]) -> dict[tuple[str, str], Doc]:
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    theirs = list(yaml.safe_load_all(out))
+    assert len(theirs) == len(rendered.docs[tree])
+    assert by_name(rendered.docs[tree]) == by_name(theirs)
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("tree", TREES)
+def test_every_document_validates(rendered: Rendered, tree: str, version: str) -> None:
+    for doc in rendered.docs[tree]:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on any error
+
+
+def test_base_renders_every_kind(rendered: Rendered) -> None:
+    kinds = sorted(d["kind"] for d in rendered.docs["base"])
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
+                     "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Service"]  # fmt: skip
+    assert sorted(d["kind"] for d in rendered.docs["overlays/gpu"]) == kinds
+
+
+def test_nothing_renders_without_the_keys_file(tmp_path: Path) -> None:
+    # A copy, since a checkout that deploys has its own api-keys.txt.
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("api-keys.txt"))
+    with pytest.raises(FileNotFoundError, match=r"api-keys\.txt"):
+        _render(tmp_path / "k8s" / "base")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/base/api-keys.txt"],
+                             cwd=REPO, check=False)  # fmt: skip
+    assert ignored.returncode == 0, "api-keys.txt must stay out of git"
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("namePrefix: x-\nresources: []\n")
+    with pytest.raises(UnsupportedError, match="namePrefix"):
+        _render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("configMapGenerator:\n- name: c\n  envs: [e]\n")
+    (tmp_path / "e").write_text("VAE_PORT\n")  # a value from the renderer's own environment
+    with pytest.raises(UnsupportedError, match="VAE_PORT"):
+        _render(tmp_path)
+
+
+def test_renderer_merges_containers_by_name() -> None:
+    base: Doc = {"containers": [{"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}]},
+                                {"name": "b", "image": "y"}],
+                 "tolerations": [{"key": "t"}]}  # fmt: skip
+    _merge(base, {"containers": [{"name": "a", "env": [{"name": "B", "value": "2"}]}],
+                  "tolerations": [{"key": "u"}]})  # fmt: skip
+    assert base == {"containers": [{"name": "a", "image": "x", "env": [
+        {"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}, {"name": "b", "image": "y"}],
+        "tolerations": [{"key": "u"}]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifests against the app
+
+
+def test_probes_and_metrics_are_real_routes(pod: Pod) -> None:
+    app = create_app(Settings())
+
+    def serves_get(path: str) -> bool:  # asked the way Starlette dispatches a request
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "",
+                 "headers": [], "query_string": b""}  # fmt: skip
+        return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
+
+    probes = {name: pod.container[name]["httpGet"]["path"]
+              for name in ("startupProbe", "livenessProbe", "readinessProbe")}  # fmt: skip
+    assert probes["livenessProbe"] == "/health"
+    assert probes["readinessProbe"] == "/ready"
+    annotations = pod.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    for path in [*probes.values(), annotations["prometheus.io/path"]]:
+        assert serves_get(path), path
+    assert not serves_get("/no-such-route")
+
+
+def test_ports_agree_with_vae_port(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = pod.settings(monkeypatch).port
+    assert pod.port("http") == port
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert pod.port(pod.container[probe]["httpGet"]["port"]) == port, probe
+    annotations = pod.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == port
+    (service,) = [d for d in pod.docs if d["kind"] == "Service"]
+    assert [pod.port(p["targetPort"]) for p in service["spec"]["ports"]] == [port]
+
+
+def test_env_names_are_settings_and_values_valid(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+    explicit = {var["name"] for var in pod.container.get("env", [])}
+    assert set(pod.config) <= SETTINGS_ENV, set(pod.config) - SETTINGS_ENV
+    assert explicit <= SETTINGS_ENV, explicit - SETTINGS_ENV
+    assert not set(pod.config) & explicit, "a name in both would hide the ConfigMap's value"
+    settings = pod.settings(monkeypatch)  # pydantic validates every value
+    assert settings.host == "0.0.0.0"
+    assert settings.workers == 1, "one worker per pod, so each pod's /metrics is whole"
+    assert settings.log_format == "json"
+
+
+def test_service_links_are_off(pod: Pod) -> None:
+    # Kubernetes would inject <SERVICE>_PORT=tcp://... for every Service; VAE_PORT is ours.
+    assert pod.spec["enableServiceLinks"] is False
+
+
+def test_pod_runs_as_the_image_user_read_only(pod: Pod) -> None:
+    uid, gid = _dockerfile_ids()
+    context = pod.spec["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+    container = pod.container["securityContext"]
+    assert container["readOnlyRootFilesystem"] is True
+    assert container["allowPrivilegeEscalation"] is False
+    assert container["capabilities"]["drop"] == ["ALL"]
+    assert pod.spec["automountServiceAccountToken"] is False
+    mount, volume = pod.volume_for("/tmp")
+    assert mount["mountPath"] == "/tmp"
+    assert "emptyDir" in volume
+
+
+def test_command_serves_without_training(pod: Pod) -> None:
+    assert pod.container["command"] == ["python", "-m", "app"]
+    assert "args" not in pod.container
+    assert (REPO / "app" / "__main__.py").is_file()
+
+
+def test_model_comes_from_a_read_only_volume(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_path = str(pod.settings(monkeypatch).model_path)
+    assert model_path.startswith("/"), "relative paths resolve against /srv, the image's code"
+    mount, volume = pod.volume_for(model_path)
+    assert mount["readOnly"] is True
+    claim = volume["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    assert claim["claimName"] in [d["metadata"]["name"] for d in pod.docs
+                                  if d["kind"] == "PersistentVolumeClaim"]  # fmt: skip
+
+
+def test_api_keys_come_from_the_secret(
+    rendered: Rendered, pod: Pod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys_file = pod.settings(monkeypatch).api_keys_file
+    assert keys_file is not None
+    mount, volume = pod.volume_for(str(keys_file))
+    assert mount["readOnly"] is True
+    (secret,) = [d for d in pod.docs if d["kind"] == "Secret"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert "items" not in volume["secret"], "each key of the Secret is then a file of its name"
+    key_name = str(keys_file.relative_to(mount["mountPath"]))
+    assert base64.b64decode(secret["data"][key_name]).decode() == f"{rendered.key}\n"
+
+
+def test_grace_period_outlasts_the_drain(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+    pre_stop = pod.container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = pod.settings(monkeypatch).shutdown_timeout_s
+    assert pod.spec["terminationGracePeriodSeconds"] > pre_stop + drain
+
+
+def test_resources_are_bounded_and_threads_match(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+    resources = pod.container["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), kind
+    # Requests equal to limits: the Guaranteed QoS class.
+    assert {k: resources["limits"][k] for k in resources["requests"]} == resources["requests"]
+    threads = pod.settings(monkeypatch).torch_threads
+    assert (
+        threads == _quantity(resources["limits"]["cpu"]) == _quantity(resources["requests"]["cpu"])
+    )
+
+
+def test_hpa_owns_the_deployment_replicas(pod: Pod) -> None:
+    (hpa,) = [d for d in pod.docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": pod.deployment["metadata"]["name"]}  # fmt: skip
+    assert hpa["spec"]["minReplicas"] >= 2, "one pod alone leaves nothing while it drains"
+    assert "replicas" not in pod.deployment["spec"], "every apply would reset the HPA's count"
+
+
+def test_selectors_match_the_pod_labels(pod: Pod, rendered: Rendered) -> None:
+    labels = pod.deployment["spec"]["template"]["metadata"]["labels"]
+    (service,) = [d for d in pod.docs if d["kind"] == "Service"]
+    (pdb,) = [d for d in pod.docs if d["kind"] == "PodDisruptionBudget"]
+    assert _selects(pod.deployment["spec"]["selector"]["matchLabels"], labels)
+    assert _selects(service["spec"]["selector"], labels)
+    assert _selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    for spread in pod.spec["topologySpreadConstraints"]:
+        assert _selects(spread["labelSelector"]["matchLabels"], labels)
+    loader = rendered.one("model-loader", "Pod")
+    assert not _selects(service["spec"]["selector"], loader["metadata"]["labels"])
+
+
+def test_gpu_overlay_asks_for_a_gpu(rendered: Rendered, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, gpu = _pod(rendered.docs["base"]), _pod(rendered.docs["overlays/gpu"])
+    assert gpu.container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in base.container["resources"]["limits"]
+    assert gpu.settings(monkeypatch).device == "cuda"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu.spec[
+        "tolerations"
+    ]
+    assert gpu.container["image"] != base.container["image"], "a CUDA build of the image"
+    # The settings change renames the ConfigMap, so applying the overlay rolls the pods.
+    assert gpu.container["envFrom"] != base.container["envFrom"]
+
+
+def test_model_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
+    base = _pod(rendered.docs["base"])
+    loader = rendered.one("model-loader", "Pod")
+    (container,) = loader["spec"]["containers"]
+    assert container["image"] == base.container["image"]
+    served_mount, served = base.volume_for(base.config["VAE_MODEL_PATH"])
+    claim = served["persistentVolumeClaim"]["claimName"]
+    (volume,) = [v for v in loader["spec"]["volumes"]
+                 if v.get("persistentVolumeClaim", {}).get("claimName") == claim]  # fmt: skip
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert not mount.get("readOnly")
+    assert mount["mountPath"] == served_mount["mountPath"], "the same paths on both sides"
+    assert loader["spec"]["securityContext"]["runAsUser"] == _dockerfile_ids()[0]
+
+
+def test_pod_environment_serves_the_real_app(
+    rendered: Rendered,
+    tmp_path: Path,
+    start_server: Callable[[dict[str, str]], Server],
+) -> None:
+    """A real server with the base pod's environment, its volumes stood in for by directories:
+    the probes answer, /metrics is open to the scraper, and the Secret's key guards the model."""
+    pod = _pod(rendered.docs["base"])
+    (secret,) = [d for d in pod.docs if d["kind"] == "Secret"]
+    env = pod.env()
+    volumes: dict[str, Path] = {}
+    for mount in pod.container["volumeMounts"]:
+        volumes[mount["mountPath"]] = tmp_path / mount["name"]
+        volumes[mount["mountPath"]].mkdir()
+    model = Path(env["VAE_MODEL_PATH"])
+    make_artifact(volumes[str(model.parent)] / model.name)
+    keys = Path(env["VAE_API_KEYS_FILE"])
+    for name, value in secret["data"].items():  # what the kubelet projects into the volume
+        (volumes[str(keys.parent)] / name).write_bytes(base64.b64decode(value))
+    env["VAE_MODEL_PATH"] = str(volumes[str(model.parent)] / model.name)
+    env["VAE_API_KEYS_FILE"] = str(volumes[str(keys.parent)] / keys.name)
+    server = start_server(env)  # on a free port of 127.0.0.1 rather than 0.0.0.0:8000
+    server.wait_ready()
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert httpx.get(server.url + pod.container[probe]["httpGet"]["path"]).status_code == 200
+    annotations = pod.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert httpx.get(server.url + annotations["prometheus.io/path"]).status_code == 200
+    assert httpx.get(f"{server.url}/model").status_code == 401
+    headers = {"Authorization": f"Bearer {rendered.key}"}
+    assert httpx.get(f"{server.url}/model", headers=headers).status_code == 200
