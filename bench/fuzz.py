@@ -45,6 +45,8 @@ def fuzz(url: str, max_examples: int, *, seed: int = 0, key: str = KEY) -> FuzzR
         "--max-examples", str(max_examples), "--seed", str(seed),
         "--header", f"Authorization: Bearer {key}",
         "--request-timeout", "60", "--no-color",
+        # No example database: a run depends on its seed alone, and writes nothing here.
+        "--generation-database", "none",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     output = proc.stdout + proc.stderr
