@@ -1,6 +1,6 @@
 """Property-based fuzzing of a live server with schemathesis, from its own /openapi.json.
 
-    python -m bench.fuzz                       # about 1,700 generated cases, a minute or two
+    python -m bench.fuzz                       # about 1,700 generated cases, two or three minutes
     python -m bench.fuzz --max-examples 20     # a quick pass
 
 Every check schemathesis has runs (no 5xx, documented status codes, content types, headers and
