@@ -1,0 +1,525 @@
+"""Ray Serve (app/ray_serve.py, deploy/ray/): the same app on a real two-node Ray cluster.
+
+The cluster is two `ray start` nodes on this machine (distinct ports, one CPU each, a temp dir
+of their own), and the app goes on it with `serve deploy deploy/ray/serve.yaml`, changing only
+the artifact, the proxy's port and where proxies run. Everything is called through Ray's HTTP
+proxy and compared byte for byte with a plain uvicorn `python -m app` serving the same artifact.
+
+Teardown kills exactly the processes these nodes started (their sessions, and the workers
+their raylets forked), never `ray stop`, which kills every Ray process of the user by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from pydantic.warnings import PydanticDeprecatedSince20
+from starlette.types import Message, Scope
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import REPO, Server, free_port
+
+with warnings.catch_warnings():
+    # Ray Serve's own config models still pass extra keywords to pydantic's Field; that is
+    # Ray's to fix, and it is the only warning importing it raises.
+    warnings.filterwarnings(
+        "ignore", category=PydanticDeprecatedSince20, module=r"ray\.serve\._private\.config"
+    )
+    from ray.serve.schema import ServeDeploySchema
+
+    from app import ray_serve
+
+CONFIGS = sorted((REPO / "deploy" / "ray").glob("*.yaml"))
+CPU_CONFIG = REPO / "deploy" / "ray" / "serve.yaml"
+BIN = Path(sys.executable).parent  # the `ray` and `serve` commands of this environment
+
+# -- the config files ---------------------------------------------------------------------------
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    return config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_file_is_a_valid_serve_config(path: Path) -> None:
+    config = ServeDeploySchema.model_validate(load_config(path))
+    (application,) = config.applications
+    assert application.import_path == "app.ray_serve:build_app"
+    (deployment,) = application.deployments
+    assert deployment.name == ray_serve.DEPLOYMENT
+    # A replica count or an autoscaling_config, one of the two.
+    assert len({"num_replicas", "autoscaling_config"} & deployment.model_fields_set) == 1
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_file_asks_for_a_gpu_exactly_when_vae_device_is_cuda(path: Path) -> None:
+    (application,) = load_config(path)["applications"]
+    device = Settings(device=application["runtime_env"]["env_vars"]["VAE_DEVICE"]).device
+    (deployment,) = application["deployments"]
+    gpus = deployment["ray_actor_options"].get("num_gpus", 0)
+    assert (gpus >= 1) == device.startswith("cuda")
+    assert deployment["ray_actor_options"]["num_cpus"] >= 1
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_file_installs_the_proxy_retry(path: Path) -> None:
+    env = load_config(path)["controller_options"]["runtime_env"]["env_vars"]
+    module, name = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].split(":")
+    assert module == "app.ray_serve"
+    (middleware,) = getattr(ray_serve, name)()
+    assert middleware.cls is ray_serve.RetryUnanswered
+
+
+def test_actor_options_ask_for_a_gpu_only_for_cuda() -> None:
+    assert ray_serve.actor_options(Settings(device="cuda:1"))["num_gpus"] == 1
+    assert ray_serve.actor_options(Settings(device="cuda"), num_cpus=2) == {
+        "num_cpus": 2,
+        "num_gpus": 1,
+    }
+    assert ray_serve.actor_options(Settings(device="auto"))["num_gpus"] == 0
+    assert ray_serve.actor_options(Settings(device="cpu"))["num_gpus"] == 0
+
+
+def test_build_app_refuses_unknown_arguments() -> None:
+    with pytest.raises(ValueError, match=r"Unknown argument\(s\) \['replicas'\]"):
+        ray_serve.build_app({"replicas": "2"})
+
+
+# -- the replica's health check -----------------------------------------------------------------
+
+
+def test_check_health_fails_until_warmed_up_and_again_while_draining(tiny_artifact: Path) -> None:
+    replica = ray_serve.VAEReplica()
+    replica.app = create_app(Settings(model_path=tiny_artifact))
+    with pytest.raises(ray_serve.ReplicaNotReadyError, match="not loaded and warmed up yet"):
+        replica.check_health()
+    with TestClient(replica.app):  # the lifespan: load, warm up, start the batcher
+        replica.check_health()
+        replica.app.state.lifecycle.draining = True
+        with pytest.raises(ray_serve.ReplicaNotReadyError, match="shutting down"):
+            replica.check_health()
+
+
+# -- the proxy's retry, on its own --------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """An ASGI app standing in for Ray's proxy internals: it fails (returns without a
+    response, as the proxy does when a replica dies) the first `failures` times."""
+
+    failures: int
+    start_then_fail: bool = False
+    bodies: list[bytes] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        if self.start_then_fail:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            return
+        if len(self.bodies) <= self.failures:
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body[::-1]})
+
+
+def call(
+    upstream: Upstream,
+    path: str = "/encode",
+    chunks: tuple[bytes, ...] = (b'{"n": 1}',),
+    *,
+    method: str = "POST",
+    disconnect: bool = False,
+    limit: int = ray_serve.RETRY_BODY_LIMIT,
+) -> list[Message]:
+    incoming: list[Message] = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+    if disconnect:
+        incoming = [{"type": "http.disconnect"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    middleware = ray_serve.RetryUnanswered(upstream, max_body_bytes=limit)
+    asyncio.run(middleware(scope, receive, send))
+    return sent
+
+
+def test_retry_sends_the_same_body_again_when_no_response_came() -> None:
+    upstream = Upstream(failures=2)
+    sent = call(upstream, chunks=(b"ab", b"cd"))
+    assert upstream.bodies == [b"abcd"] * 3
+    assert [m.get("status") for m in sent] == [200, None]
+    assert sent[1]["body"] == b"dcba"
+
+
+def test_retry_gives_up_after_three_attempts() -> None:
+    upstream = Upstream(failures=5)
+    assert call(upstream) == []
+    assert len(upstream.bodies) == 3
+
+
+def test_retry_leaves_a_started_response_alone() -> None:
+    upstream = Upstream(failures=0, start_then_fail=True)
+    assert len(call(upstream)) == 1
+    assert len(upstream.bodies) == 1
+
+
+@pytest.mark.parametrize("path", ["/admin/reload", "/other-app/predict"])
+def test_retry_never_repeats_a_post_that_is_not_a_model_route(path: str) -> None:
+    upstream = Upstream(failures=1)
+    assert call(upstream, path) == []
+    assert len(upstream.bodies) == 1
+
+
+def test_retry_repeats_gets_and_v2_infer() -> None:
+    assert len(call(Upstream(failures=1), "/ready", (b"",), method="GET")) == 2
+    assert len(call(Upstream(failures=1), "/v2/models/vae/infer")) == 2
+
+
+def test_retry_streams_a_body_over_the_limit_through_once() -> None:
+    upstream = Upstream(failures=1)
+    assert call(upstream, chunks=(b"x" * 6, b"y" * 6), limit=8) == []
+    assert upstream.bodies == [b"x" * 6 + b"y" * 6]
+
+
+def test_retry_stops_when_the_client_left() -> None:
+    upstream = Upstream(failures=1)
+    assert call(upstream, disconnect=True) == []
+    assert upstream.bodies == []
+
+
+# -- the two-node cluster -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replica:
+    pid: int
+    node_id: str
+    state: str
+
+
+class RayCluster:
+    """A head and a second node of a real Ray cluster on this machine, via `ray start`."""
+
+    def __init__(self, log_dir: Path) -> None:
+        # Short: Ray puts unix sockets under it, and those paths are limited to 107 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        self.log_dir = log_dir
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.sessions: list[int] = []  # each `ray start` runs in a session of its own
+        # The workers import this checkout's `app` (the editable install may point elsewhere).
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env |= {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def start(self) -> None:
+        self._ray_start(
+            "head", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
+        )  # fmt: skip
+        self._ray_start("node2", f"--address=127.0.0.1:{self.gcs_port}")
+        self._wait_for_dashboard()
+
+    def _ray_start(self, name: str, *args: str) -> None:
+        log = self.log_dir / f"ray-start-{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(BIN / "ray"), "start", *args, "--num-cpus=1", "--disable-usage-stats",
+                 "--node-ip-address=127.0.0.1", "--object-store-memory=100000000",
+                 # Two nodes on one host: each agent needs a port of its own.
+                 f"--dashboard-agent-listen-port={free_port()}"],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.sessions.append(proc.pid)
+        if proc.wait(timeout=120) != 0:
+            raise AssertionError(f"ray start ({name}) failed:\n{log.read_text()}")
+
+    def _wait_for_dashboard(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.dashboard}/api/serve/applications/").status_code == 200:
+                    return
+            time.sleep(0.25)
+        raise AssertionError(f"the dashboard did not answer in {timeout:.0f} s")
+
+    def serve_deploy(self, config: Path) -> None:
+        out = subprocess.run(
+            [str(BIN / "serve"), "deploy", str(config), f"--address={self.dashboard}"],
+            env=self.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def replicas(self) -> tuple[str, list[Replica]]:
+        """The application's status and its replicas, from Serve's REST API (what
+        `serve status` reads)."""
+        details = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
+        app = details["applications"].get("vae")
+        if app is None:
+            return "NOT_STARTED", []
+        deployment = app["deployments"].get(ray_serve.DEPLOYMENT, {"replicas": []})  # building
+        replicas = deployment["replicas"]
+        return app["status"], [
+            Replica(r.get("pid") or 0, r.get("node_id") or "", r["state"]) for r in replicas
+        ]
+
+    def wait_running(self, count: int, timeout: float = 120.0, exclude: int = 0) -> list[Replica]:
+        deadline = time.monotonic() + timeout
+        status, replicas = "", []
+        while time.monotonic() < deadline:
+            status, replicas = self.replicas()
+            running = [r for r in replicas if r.state == "RUNNING" and r.pid != exclude]
+            if status == "RUNNING" and len(running) == count == len(replicas):
+                return running
+            if status == "DEPLOY_FAILED":
+                break
+            time.sleep(0.25)
+        raise AssertionError(
+            f"not {count} replicas RUNNING in {timeout:.0f} s: {status} {replicas}\n"
+            + self.logs_tail()
+        )
+
+    def logs_tail(self, lines: int = 40) -> str:
+        found = sorted((self.temp_dir / "session_latest" / "logs" / "serve").glob("*.log"))
+        tails = [f"== {p.name}\n" + "\n".join(p.read_text().splitlines()[-lines:]) for p in found]
+        return "\n".join(tails)
+
+    def proxy_log(self) -> str:
+        logs = (self.temp_dir / "session_latest" / "logs" / "serve").glob("proxy_*.log")
+        return "".join(p.read_text() for p in logs)
+
+    def stop(self) -> None:
+        """SIGKILL what our `ray start`s left: their sessions and every descendant (the
+        workers, which their raylets fork into process groups of their own)."""
+        ours = _processes_of(set(self.sessions))
+        for pid in ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in ours):
+            time.sleep(0.1)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, state) for every process we may read."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                # Fields after the parenthesised name: state, ppid, pgrp, session, ...
+                fields = stat[stat.rindex(")") + 2 :].split()
+                table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0])
+    return table
+
+
+def _processes_of(sessions: set[int]) -> list[int]:
+    table = _proc_table()
+    ours = {pid for pid, (_, sid, _) in table.items() if sid in sessions}
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _, _) in table.items() if ppid in ours} - ours
+        ours |= children
+        grew = bool(children)
+    return sorted(ours)
+
+
+def _alive(pid: int) -> bool:
+    state = _proc_table().get(pid)
+    return state is not None and state[2] != "Z"
+
+
+# Every endpoint, seeded where it draws: Ray's answer must be uvicorn's, byte for byte.
+X = [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.5, 0.25]]
+NPY_BODY = io.BytesIO()
+np.save(NPY_BODY, np.asarray(X, dtype=np.float32), allow_pickle=False)
+CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    ("GET", "/health", {}),
+    ("GET", "/ready", {}),
+    ("GET", "/model", {}),
+    ("POST", "/encode", {"json": {"instances": X, "samples": 3, "seed": 7}}),
+    ("POST", "/encode?samples=2&seed=3", {
+        "content": NPY_BODY.getvalue(),
+        "headers": {"content-type": "application/x-npy", "accept": "application/x-npy"}}),
+    ("POST", "/decode", {"json": {"latents": [[0.5, -1.0], [0.0, 2.0]]}}),
+    ("POST", "/decode", {"json": {"latents": [[0.5, -1.0]], "output": "mode"}}),
+    ("POST", "/sample", {"json": {"n": 3, "seed": 11}}),
+    ("POST", "/anomaly-score", {
+        "json": {"instances": X, "samples": 4, "log_likelihood_samples": 8, "seed": 5}}),
+    ("POST", "/v2/models/vae/infer", {"json": {
+        "inputs": [{"name": "instances", "shape": [2, 4], "datatype": "FP32",
+                    "data": [v for row in X for v in row]}],
+        "parameters": {"samples": 2, "seed": 1}}}),
+    ("POST", "/encode", {"json": {"instances": [[0.0, 2.0, 0.0, 0.0]]}}),  # a 422
+]  # fmt: skip
+
+
+def answer(http: httpx.Client, method: str, path: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    r = http.request(method, path, **kwargs)
+    return r.status_code, r.headers.get("content-type"), r.content
+
+
+@pytest.fixture(scope="module")
+def uvicorn_answers(
+    tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, tuple[Any, ...]]:
+    """What plain uvicorn (`python -m app`) answers to each of CALLS."""
+    log = tmp_path_factory.mktemp("uvicorn") / "server.log"
+    server = Server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_DEVICE": "cpu"}, log)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            return {i: answer(http, *call) for i, call in enumerate(CALLS)}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RayCluster, str]]:
+    """Two nodes, the app deployed from deploy/ray/serve.yaml; yields the proxy's URL."""
+    work = tmp_path_factory.mktemp("ray")
+    ray = RayCluster(work)
+    try:
+        ray.start()
+        config = load_config(CPU_CONFIG)
+        port = free_port()
+        config["http_options"] |= {"host": "127.0.0.1", "port": port}
+        # Both nodes share this host, so only one of them can bind the proxy's port.
+        config["proxy_location"] = "HeadOnly"
+        config["applications"][0]["runtime_env"]["env_vars"]["VAE_MODEL_PATH"] = str(tiny_artifact)
+        path = work / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        ray.serve_deploy(path)
+        ray.wait_running(2)
+        yield ray, f"http://127.0.0.1:{port}"
+    finally:
+        ray.stop()
+
+
+def test_two_replicas_run_one_per_node(cluster: tuple[RayCluster, str]) -> None:
+    ray, _ = cluster
+    replicas = ray.wait_running(2)
+    assert len({r.node_id for r in replicas}) == 2
+
+
+def test_every_endpoint_answers_through_the_proxy_as_uvicorn_does(
+    cluster: tuple[RayCluster, str], uvicorn_answers: dict[int, tuple[Any, ...]]
+) -> None:
+    _, url = cluster
+    with httpx.Client(base_url=url, timeout=10) as http:
+        # Each call a few times: the proxy spreads them over both replicas.
+        for _ in range(4):
+            for i, call in enumerate(CALLS):
+                assert answer(http, *call) == uvicorn_answers[i], call
+
+
+@dataclass
+class Load:
+    """Threads sending every call in turn, each answer checked against uvicorn's;
+    a connection error is retried (the only retry allowed), anything else is a failure."""
+
+    url: str
+    expected: dict[int, tuple[Any, ...]]
+    ok: int = 0
+    connection_retries: int = 0
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            n = 0
+            while not self.stop.is_set():
+                i = n % len(CALLS)
+                n += 1
+                try:
+                    got = answer(http, *CALLS[i])
+                except httpx.TransportError:
+                    with self.lock:
+                        self.connection_retries += 1
+                    continue
+                with self.lock:
+                    if got == self.expected[i]:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{CALLS[i][1]}: {got[0]} {got[2][:200]!r}")
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> None:
+        target = self.ok + count
+        deadline = time.monotonic() + timeout
+        while self.ok < target and time.monotonic() < deadline and not self.failures:
+            time.sleep(0.05)
+        assert self.ok >= target or self.failures, f"only {self.ok} answers in {timeout} s"
+
+
+def test_killing_a_replica_mid_load_loses_no_request_and_serve_restarts_it(
+    cluster: tuple[RayCluster, str], uvicorn_answers: dict[int, tuple[Any, ...]]
+) -> None:
+    ray, url = cluster
+    before = ray.wait_running(2)
+    victim = before[0]
+    load = Load(url, uvicorn_answers)
+    threads = [threading.Thread(target=load.run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        load.wait_for(100)
+        os.kill(victim.pid, signal.SIGKILL)
+        after = ray.wait_running(2, exclude=victim.pid)
+        load.wait_for(100)  # and on after the replacement joined
+    finally:
+        load.stop.set()
+        for t in threads:
+            t.join()
+    assert load.failures == []
+    assert victim.pid not in {r.pid for r in after}
+    # The replacement went where the room was: the node that lost its replica.
+    assert {r.node_id for r in after} == {r.node_id for r in before}
+    # Requests were in flight on the killed replica: the proxy sent them again.
+    assert "sending it again" in ray.proxy_log()
