@@ -252,7 +252,8 @@ class RayCluster:
         self.sessions: list[int] = []  # each `ray start` runs in a session of its own
         # The workers import this checkout's `app` (the editable install may point elsewhere).
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env |= {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        self.env |= {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def start(self) -> None:
         self._ray_start(
