@@ -1,25 +1,19 @@
 """Ray Serve (app/ray_serve.py, deploy/ray/): the same app on a real two-node Ray cluster.
 
-The cluster is two `ray start` nodes on this machine (distinct ports, one CPU each, a temp dir
-of their own), and the app goes on it with `serve deploy deploy/ray/serve.yaml`, changing only
-the artifact, the proxy's port and where proxies run. Everything is called through Ray's HTTP
-proxy and compared byte for byte with a plain uvicorn `python -m app` serving the same artifact.
-
-Teardown kills exactly the processes these nodes started (their sessions, and the workers
-their raylets forked), never `ray stop`, which kills every Ray process of the user by name.
+The cluster (bench.ray.RayCluster) is two `ray start` nodes on this machine (distinct ports,
+one CPU each, a temp dir of their own), and the app goes on it with `serve deploy
+deploy/ray/serve.yaml`, changing only the artifact, the proxy's port and where proxies run.
+Everything is called through Ray's HTTP proxy and compared byte for byte with a plain uvicorn
+`python -m app` serving the same artifact. Teardown kills exactly the processes those nodes
+started, never `ray stop`, which kills every Ray process of the user by name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -38,6 +32,7 @@ from starlette.types import Message, Scope
 
 from app.main import create_app
 from app.settings import Settings
+from bench.ray import DEPLOYMENT, RayCluster, serve_config
 from tests.conftest import REPO, Server, free_port
 
 with warnings.catch_warnings():
@@ -51,8 +46,6 @@ with warnings.catch_warnings():
     from app import ray_serve
 
 CONFIGS = sorted((REPO / "deploy" / "ray").glob("*.yaml"))
-CPU_CONFIG = REPO / "deploy" / "ray" / "serve.yaml"
-BIN = Path(sys.executable).parent  # the `ray` and `serve` commands of this environment
 
 # -- the config files ---------------------------------------------------------------------------
 
@@ -68,7 +61,7 @@ def test_config_file_is_a_valid_serve_config(path: Path) -> None:
     (application,) = config.applications
     assert application.import_path == "app.ray_serve:build_app"
     (deployment,) = application.deployments
-    assert deployment.name == ray_serve.DEPLOYMENT
+    assert deployment.name == ray_serve.DEPLOYMENT == DEPLOYMENT  # bench.ray names it too
     # A replica count or an autoscaling_config, one of the two.
     assert len({"num_replicas", "autoscaling_config"} & deployment.model_fields_set) == 1
 
@@ -232,148 +225,6 @@ def test_retry_stops_when_the_client_left() -> None:
 # -- the two-node cluster -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Replica:
-    pid: int
-    node_id: str
-    state: str
-
-
-class RayCluster:
-    """A head and a second node of a real Ray cluster on this machine, via `ray start`."""
-
-    def __init__(self, log_dir: Path) -> None:
-        # Short: Ray puts unix sockets under it, and those paths are limited to 107 bytes.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-        self.log_dir = log_dir
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.sessions: list[int] = []  # each `ray start` runs in a session of its own
-        # The workers import this checkout's `app` (the editable install may point elsewhere).
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        self.env |= {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def start(self) -> None:
-        self._ray_start(
-            "head", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
-        )  # fmt: skip
-        self._ray_start("node2", f"--address=127.0.0.1:{self.gcs_port}")
-        self._wait_for_dashboard()
-
-    def _ray_start(self, name: str, *args: str) -> None:
-        log = self.log_dir / f"ray-start-{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [str(BIN / "ray"), "start", *args, "--num-cpus=1", "--disable-usage-stats",
-                 "--node-ip-address=127.0.0.1", "--object-store-memory=100000000",
-                 # Two nodes on one host: each agent needs a port of its own.
-                 f"--dashboard-agent-listen-port={free_port()}"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self.sessions.append(proc.pid)
-        if proc.wait(timeout=120) != 0:
-            raise AssertionError(f"ray start ({name}) failed:\n{log.read_text()}")
-
-    def _wait_for_dashboard(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.dashboard}/api/serve/applications/").status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise AssertionError(f"the dashboard did not answer in {timeout:.0f} s")
-
-    def serve_deploy(self, config: Path) -> None:
-        out = subprocess.run(
-            [str(BIN / "serve"), "deploy", str(config), f"--address={self.dashboard}"],
-            env=self.env, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stdout + out.stderr
-
-    def replicas(self) -> tuple[str, list[Replica]]:
-        """The application's status and its replicas, from Serve's REST API (what
-        `serve status` reads)."""
-        details = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
-        app = details["applications"].get("vae")
-        if app is None:
-            return "NOT_STARTED", []
-        deployment = app["deployments"].get(ray_serve.DEPLOYMENT, {"replicas": []})  # building
-        replicas = deployment["replicas"]
-        return app["status"], [
-            Replica(r.get("pid") or 0, r.get("node_id") or "", r["state"]) for r in replicas
-        ]
-
-    def wait_running(self, count: int, timeout: float = 120.0, exclude: int = 0) -> list[Replica]:
-        deadline = time.monotonic() + timeout
-        status, replicas = "", []
-        while time.monotonic() < deadline:
-            status, replicas = self.replicas()
-            running = [r for r in replicas if r.state == "RUNNING" and r.pid != exclude]
-            if status == "RUNNING" and len(running) == count == len(replicas):
-                return running
-            if status == "DEPLOY_FAILED":
-                break
-            time.sleep(0.25)
-        raise AssertionError(
-            f"not {count} replicas RUNNING in {timeout:.0f} s: {status} {replicas}\n"
-            + self.logs_tail()
-        )
-
-    def logs_tail(self, lines: int = 40) -> str:
-        found = sorted((self.temp_dir / "session_latest" / "logs" / "serve").glob("*.log"))
-        tails = [f"== {p.name}\n" + "\n".join(p.read_text().splitlines()[-lines:]) for p in found]
-        return "\n".join(tails)
-
-    def proxy_log(self) -> str:
-        logs = (self.temp_dir / "session_latest" / "logs" / "serve").glob("proxy_*.log")
-        return "".join(p.read_text() for p in logs)
-
-    def stop(self) -> None:
-        """SIGKILL what our `ray start`s left: their sessions and every descendant (the
-        workers, which their raylets fork into process groups of their own)."""
-        ours = _processes_of(set(self.sessions))
-        for pid in ours:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(pid) for pid in ours):
-            time.sleep(0.1)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, session id, state) for every process we may read."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                # Fields after the parenthesised name: state, ppid, pgrp, session, ...
-                fields = stat[stat.rindex(")") + 2 :].split()
-                table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0])
-    return table
-
-
-def _processes_of(sessions: set[int]) -> list[int]:
-    table = _proc_table()
-    ours = {pid for pid, (_, sid, _) in table.items() if sid in sessions}
-    grew = True
-    while grew:
-        children = {pid for pid, (ppid, _, _) in table.items() if ppid in ours} - ours
-        ours |= children
-        grew = bool(children)
-    return sorted(ours)
-
-
-def _alive(pid: int) -> bool:
-    state = _proc_table().get(pid)
-    return state is not None and state[2] != "Z"
-
-
 # Every endpoint, seeded where it draws: Ray's answer must be uvicorn's, byte for byte.
 X = [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.5, 0.25]]
 NPY_BODY = io.BytesIO()
@@ -425,22 +276,15 @@ def cluster(
 ) -> Iterator[tuple[RayCluster, str]]:
     """Two nodes, the app deployed from deploy/ray/serve.yaml; yields the proxy's URL."""
     work = tmp_path_factory.mktemp("ray")
-    ray = RayCluster(work)
-    try:
-        ray.start()
-        config = load_config(CPU_CONFIG)
+    with RayCluster(work, node_cpus=(1, 1)) as ray:
         port = free_port()
-        config["http_options"] |= {"host": "127.0.0.1", "port": port}
-        # Both nodes share this host, so only one of them can bind the proxy's port.
-        config["proxy_location"] = "HeadOnly"
-        config["applications"][0]["runtime_env"]["env_vars"]["VAE_MODEL_PATH"] = str(tiny_artifact)
+        # deploy/ray/serve.yaml as it is (two replicas, at most one per node), but for the
+        # artifact, the port, and the proxy on the head only (both nodes share this host).
         path = work / "serve.yaml"
-        path.write_text(yaml.safe_dump(config))
-        ray.serve_deploy(path)
+        path.write_text(yaml.safe_dump(serve_config(tiny_artifact, port)))
+        ray.serve("deploy", str(path))
         ray.wait_running(2)
         yield ray, f"http://127.0.0.1:{port}"
-    finally:
-        ray.stop()
 
 
 def test_two_replicas_run_one_per_node(cluster: tuple[RayCluster, str]) -> None:
