@@ -1,11 +1,13 @@
-"""`python -m bench.ray`: /encode x1 through Ray Serve's HTTP proxy against plain uvicorn.
+"""`python -m bench.ray`: /encode through Ray Serve's HTTP proxy against plain uvicorn.
 
-One run, one machine, one artifact (bench.artifact's untrained MNIST-sized VAE, as `python -m
-bench` uses), wrk at 16 connections on single-instance /encode: first plain uvicorn (`python -m
-app`'s stack, one worker), then a one-node Ray cluster serving deploy/ray/serve.yaml with one
-replica given every core, so the difference is what Ray's proxy and routing cost. It is
-measured twice on Ray: as deployed (with the config's proxy retry middleware) and without that
-middleware, so its own cost shows too. Writes build/bench-ray.json.
+One run, one machine, one artifact (the untrained MNIST-sized VAE `python -m bench` builds),
+wrk at 16 connections: first plain uvicorn (`python -m app`'s stack, one worker), then a
+one-node Ray cluster serving deploy/ray/serve.yaml with one replica given every core, so the
+difference is what Ray's proxy and routing cost. Two scenarios each: single-image /encode (the
+headline: the per-request cost is all there is) and 256-image .npy /encode (that cost spread
+over a batch). Ray runs twice, without and then with the config's proxy retry middleware, so
+its own cost shows too. Logging is the same on both sides: none per request. Writes
+build/bench-ray.json.
 
 `RayCluster` is also what tests/test_ray.py runs its two-node cluster with: `ray start` nodes on
 this machine, in a temp dir of their own, torn down by killing exactly the processes they
@@ -238,9 +240,14 @@ def serve_config(
     replicas: int | None = None,
     replica_cpus: float | None = None,
     retry: bool = True,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """deploy/ray/serve.yaml for a cluster on this one machine: the proxy on 127.0.0.1:`port`
-    and only on the head (nodes here share one host, so only one can bind the port)."""
+    and only on the head (nodes here share one host, so only one can bind the port).
+
+    `quiet` logs what the benchmark's uvicorn logs (`--log-level warning --no-access-log`,
+    VAE_LOG_LEVEL=warning): no line per request from the proxy, the replicas or the app.
+    """
     config: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
     config["http_options"] |= {"host": "127.0.0.1", "port": port}
     config["proxy_location"] = "HeadOnly"
@@ -248,6 +255,9 @@ def serve_config(
         del config["controller_options"]
     (app,) = config["applications"]
     app["runtime_env"]["env_vars"]["VAE_MODEL_PATH"] = str(model_path)
+    if quiet:
+        config["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+        app["runtime_env"]["env_vars"]["VAE_LOG_LEVEL"] = "warning"
     (deployment,) = app["deployments"]
     if replicas is not None:
         deployment["num_replicas"] = replicas
@@ -260,10 +270,29 @@ def serve_config(
 # -- the benchmark ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    label: str
+    body: str  # a field of bench.artifact.Bodies
+    images: int  # per request
+    headers: dict[str, str]
+
+
+JSON = {"Content-Type": "application/json"}
+NPY = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+SCENARIOS = (
+    # The headline: one small image per request, so the per-request cost is all there is.
+    Scenario("encode.x1", "/encode x1 json", "single", 1, JSON),
+    # 256 images per request, binary both ways: the per-request cost is spread over them.
+    Scenario("encode.npy256", "/encode x256 npy", "batch_npy", 256, NPY),
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.ray",
-        description="Throughput and p99 of /encode x1 at 16 connections through Ray Serve's "
+        description="Throughput and p99 of /encode at 16 connections through Ray Serve's "
         "HTTP proxy, as ratios to plain uvicorn, on this machine in one run.",
     )
     p.add_argument("--artifact", type=Path, help="serve this artifact (default: build the "
@@ -285,50 +314,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@dataclass
+@dataclass(frozen=True)
 class Measured:
-    name: str
+    stack: str  # uvicorn, ray, ray-no-retry
+    scenario: Scenario
     result: WrkResult
     serving_cores: float  # CPU of the serving processes (uvicorn; every Ray process) per second
     other_cores: float  # everything else on the machine, wrk excluded
-    answer: bytes  # what a seeded /encode with samples answered
 
-    def to_dict(self, reference: bytes) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name,
+            "stack": self.stack,
+            "scenario": self.scenario.key,
+            "images_per_s": self.result.rps * self.scenario.images,
             "wrk": self.result.to_dict() | {"errors": self.result.errors},
             "serving_cores": self.serving_cores,
             "other_cores": self.other_cores,
-            "answer_matches_uvicorn": self.answer == reference,
         }
 
 
 class Run:
-    def __init__(self, args: argparse.Namespace, work: Path, log_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        self.log_dir = log_dir
         self.wrk = ensure_wrk()
-        self.body = work / "single.body"
-        self.script = work / "encode.lua"
+        self.measured: list[Measured] = []
+        self.answers: dict[str, bytes] = {}  # stack -> its answer to a seeded call
+        bodies = make_bodies(784, 256)
+        self.scripts = {}
+        for sc in SCENARIOS:
+            body = work / f"{sc.key}.body"
+            body.write_bytes(getattr(bodies, sc.body))
+            self.scripts[sc.key] = write_script(work / f"{sc.key}.lua", body, sc.headers)
+        # A seeded call with samples: every stack must answer the very same bytes.
+        self.seeded = json.dumps(
+            {"instances": bodies.single_array.tolist(), "samples": 2, "seed": 0}
+        ).encode()
 
-    def measure(self, name: str, url: str, cpu: Callable[[], float], seeded: bytes) -> Measured:
-        r = httpx.post(url, content=seeded, headers={"content-type": "application/json"})
+    def measure(self, stack: str, base_url: str, cpu: Callable[[], float]) -> None:
+        r = httpx.post(base_url + "/encode", content=self.seeded, headers=JSON, timeout=60)
         r.raise_for_status()
-        print(f"  {name} ...", end="", flush=True)
-        if self.args.warmup:
-            run_wrk(self.wrk, url, self.script, connections=CONNECTIONS,
-                    duration_s=self.args.warmup)  # fmt: skip
-        cpu0, busy0 = cpu(), machine_busy_seconds()
-        result, _ = run_wrk(self.wrk, url, self.script, connections=CONNECTIONS,
-                            duration_s=self.args.duration)  # fmt: skip
-        cpu1, busy1 = cpu(), machine_busy_seconds()
-        wall = result.duration_s or 1.0
-        serving = (cpu1 - cpu0) / wall
-        other = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - result.wrk_cpu_s) / wall
-        print(f" {result.rps:,.0f} req/s, p99 {result.p99_ms:.1f} ms, errors "
-              f"{result.error_text()}, {serving:.2f} cores", flush=True)  # fmt: skip
-        return Measured(name, result, serving, other, r.content)
+        self.answers[stack] = r.content
+        for sc in SCENARIOS:
+            url, script = base_url + "/encode", self.scripts[sc.key]
+            print(f"  {stack} {sc.label} ...", end="", flush=True)
+            if self.args.warmup:
+                run_wrk(self.wrk, url, script, connections=CONNECTIONS,
+                        duration_s=self.args.warmup)  # fmt: skip
+            cpu0, busy0 = cpu(), machine_busy_seconds()
+            result, _ = run_wrk(self.wrk, url, script, connections=CONNECTIONS,
+                                duration_s=self.args.duration)  # fmt: skip
+            cpu1, busy1 = cpu(), machine_busy_seconds()
+            wall = result.duration_s or 1.0
+            serving = (cpu1 - cpu0) / wall
+            other = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - result.wrk_cpu_s) / wall
+            print(f" {result.rps:,.0f} req/s, p99 {result.p99_ms:.1f} ms, errors "
+                  f"{result.error_text()}, {serving:.2f} cores", flush=True)  # fmt: skip
+            self.measured.append(Measured(stack, sc, result, serving, other))
+
+    def ratios(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        """stack -> scenario -> req/s and p99 over uvicorn's."""
+        base = {m.scenario.key: m.result for m in self.measured if m.stack == "uvicorn"}
+        out: dict[str, dict[str, dict[str, float | None]]] = {}
+        for m in self.measured:
+            b = base[m.scenario.key]
+            if m.stack != "uvicorn":
+                out.setdefault(m.stack, {})[m.scenario.key] = {
+                    "rps": m.result.rps / b.rps if b.rps else None,
+                    "p99": m.result.p99_ms / b.p99_ms if b.p99_ms else None,
+                }
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,65 +394,51 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     nproc = len(os.sched_getaffinity(0))
     load_start = os.getloadavg()
-    measured: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="vae-bench-ray-") as tmp:
         work = Path(tmp)
-        run = Run(args, work, log_dir)
+        run = Run(args, work)
         artifact = args.artifact.resolve() if args.artifact else build_artifact(work / "vae.pt")
-        bodies = make_bodies(784, 1)
-        run.body.write_bytes(bodies.single)
-        write_script(run.script, run.body, {"Content-Type": "application/json"})
-        # A seeded call with samples, to check both stacks answer the very same bytes.
-        seeded = json.dumps({"instances": bodies.single_array.tolist(), "samples": 2,
-                             "seed": 0}).encode()  # fmt: skip
 
         print(f"uvicorn (python -m app's stack, 1 worker), {nproc} cores:", flush=True)
         env = {"VAE_MODEL_PATH": str(artifact), "VAE_LOG_LEVEL": "warning", "VAE_DEVICE": "cpu"}
         with Server("uvicorn", "app.main:create_app", Stack("auto", "auto", 1),
                     port=free_port(), ready_path="/ready", env=env,
                     log_dir=log_dir) as server:  # fmt: skip
-            measured.append(
-                run.measure("uvicorn", server.url + "/encode", server.cpu_seconds, seeded)
-            )
+            run.measure("uvicorn", server.url, server.cpu_seconds)
 
         print(f"Ray Serve: one node, {args.replicas} replica(s) sharing {nproc} cores:")
-        variants = [("ray", True)] + ([] if args.skip_no_retry else [("ray-no-retry", False)])
-        with RayCluster(log_dir, node_cpus=(nproc,)) as cluster:
-            for name, retry in variants:
+        variants = [("ray-no-retry", False)] if not args.skip_no_retry else []
+        variants.append(("ray", True))
+        for stack, retry in variants:
+            # A fresh cluster each: a second Serve on the same cluster (after `serve
+            # shutdown`) measured about 20% slower than the first, whichever variant went first.
+            with RayCluster(log_dir, node_cpus=(nproc,)) as cluster:
                 port = free_port()
                 config = serve_config(artifact, port, replicas=args.replicas,
-                                      replica_cpus=nproc / args.replicas, retry=retry)  # fmt: skip
-                path = work / f"{name}.yaml"
+                                      replica_cpus=nproc / args.replicas, retry=retry,
+                                      quiet=True)  # fmt: skip
+                path = work / f"{stack}.yaml"
                 path.write_text(yaml.safe_dump(config))
                 cluster.serve("deploy", str(path))
                 cluster.wait_running(args.replicas)
-                url = f"http://127.0.0.1:{port}/encode"
-                measured.append(run.measure(name, url, cluster.cpu_seconds, seeded))
-                # Controller options (the retry) and the proxy's port apply when Serve
-                # starts: stop Serve before the next variant.
-                cluster.serve("shutdown", "-y")
+                run.measure(stack, f"http://127.0.0.1:{port}", cluster.cpu_seconds)
 
-    base = measured[0].result
-    ratios = {
-        m.name: {
-            "rps": m.result.rps / base.rps if base.rps else None,
-            "p99": m.result.p99_ms / base.p99_ms if base.p99_ms else None,
-            "p50": m.result.p50_ms / base.p50_ms if base.p50_ms else None,
-        }
-        for m in measured[1:]
-    }
+    ratios = run.ratios()
+    same = {stack: answer == run.answers["uvicorn"] for stack, answer in run.answers.items()}
     print()
-    print(f"/encode x1, {CONNECTIONS} connections, {args.duration} s after {args.warmup} s "
-          "warm-up")  # fmt: skip
-    print(f"{'stack':<14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'cores':>7}{'other':>7}  same answer")  # fmt: skip
-    for m in measured:
+    print(f"{CONNECTIONS} connections, {args.duration} s each after {args.warmup} s warm-up")
+    print(f"{'stack':<13}{'scenario':<18}{'req/s':>8}{'images/s':>10}{'p50 ms':>8}"
+          f"{'p99 ms':>8}{'errors':>7}{'cores':>6}{'other':>6}")  # fmt: skip
+    for m in run.measured:
         r = m.result
-        print(f"{m.name:<14}{r.rps:>9,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
-              f"{m.serving_cores:>7.2f}{m.other_cores:>7.2f}  "
-              f"{m.answer == measured[0].answer}")  # fmt: skip
-    for name, ratio in ratios.items():
-        print(f"{name} / uvicorn: req/s x{ratio['rps']:.3f}, p99 x{ratio['p99']:.3f}")
+        print(f"{m.stack:<13}{m.scenario.label:<18}{r.rps:>8,.0f}"
+              f"{r.rps * m.scenario.images:>10,.0f}{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}"
+              f"{r.errors:>7}{m.serving_cores:>6.2f}{m.other_cores:>6.2f}")  # fmt: skip
+    for stack, by_scenario in ratios.items():
+        for key, ratio in by_scenario.items():
+            rps, p99 = ratio["rps"], ratio["p99"]
+            print(f"{stack} / uvicorn, {key}: req/s x{rps or 0:.3f}, p99 x{p99 or 0:.2f}")
+    print(f"seeded answers equal to uvicorn's: {same}")
     report = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "elapsed_s": time.monotonic() - started,
@@ -412,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
             "uvicorn": metadata.version("uvicorn"),
             "wrk": wrk_version(run.wrk),
         },
-        "measured": [m.to_dict(measured[0].answer) for m in measured],
+        "measured": [m.to_dict() for m in run.measured],
         "ratios_to_uvicorn": ratios,
+        "answers_equal_uvicorn": same,
         "logs": str(log_dir),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
