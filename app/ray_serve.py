@@ -15,9 +15,9 @@ so `install_signal_handlers` leaves SIGTERM and SIGHUP to Ray: the controller dr
 replicas itself.
 
 `proxy_middlewares` is for Serve's HTTP proxy (the config files name it): when a replica dies
-with requests in flight, Ray's proxy answers those 500 with no body; the middleware sends them
-once more instead, to a live replica. This module is imported by the proxy for it, so it keeps
-torch out: `create_app` is imported in the replica, when the app is built.
+with requests in flight, Ray's proxy answers each of them a bare 500 ("Internal Server Error");
+the middleware sends them once more instead, to a live replica. The proxy imports this module
+for it, so torch stays out: `create_app` is imported in the replica, when the app is built.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from app.settings import Settings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from app.lifecycle import Lifecycle
-
 log = logging.getLogger("ray.serve")
 
 # The deployment's name in a Serve config file's `deployments:` list.
@@ -44,8 +42,8 @@ DEPLOYMENT = "VAEService"
 
 
 class ReplicaNotReadyError(RuntimeError):
-    """`check_health` fails with this until the model is loaded and warmed up, or while the
-    app drains; Serve then keeps (or takes) the replica out of routing."""
+    """`check_health` fails with this until the model is loaded and warmed up (and again once
+    the lifespan has shut down); Serve then keeps (or takes) the replica out of routing."""
 
 
 def _build_asgi_app() -> FastAPI:
@@ -65,20 +63,13 @@ class VAEReplica:
         """Serve calls this once after the constructor (which ran the lifespan) and then
         every health_check_period_s; raising takes the replica out of routing, and Serve
         replaces it."""
-        state = self.app.state
-        lifecycle: Lifecycle = state.lifecycle
-        if not state.ready:
-            raise ReplicaNotReadyError("The model is not loaded and warmed up yet.")
-        if lifecycle.draining:
-            raise ReplicaNotReadyError("The replica is shutting down.")
+        if not self.app.state.ready:
+            raise ReplicaNotReadyError("The model is not loaded and warmed up.")
 
 
 # Decorators spelled as calls: mypy keeps a decorated class's own type, not the Deployment.
 VAEDeployment: Deployment = serve.deployment(
     name=DEPLOYMENT,
-    # One replica per node by default: each replica's torch threads use its node's cores,
-    # and two on one node would fight for them.
-    max_replicas_per_node=1,
     ray_actor_options={"num_cpus": 1},
     # Serve's default (5) caps what a replica is sent at once; the batcher merges only what
     # is queued together, so let as many through as it merges into one forward pass.
@@ -136,9 +127,10 @@ class RetryUnanswered:
 
     A replica that dies with requests in flight (a crash, a killed process, a lost node)
     leaves Ray's proxy with an ActorDiedError for each, which it ends without a response, so
-    the client gets uvicorn's bare 500. The router marks the dead replica, so a second attempt
-    goes to a live one. Nothing is retried once a response has started, after the client
-    disconnects, or for a refusal Ray answers itself (408, 429, 503: those have responses).
+    the client would get uvicorn's bare 500 ("Internal Server Error"). The router marks the
+    dead replica, so a second attempt goes to a live one. Nothing is retried once a response
+    has started, after the client disconnects, or for a refusal Ray answers itself (408, 429,
+    503: those have responses).
     """
 
     def __init__(
