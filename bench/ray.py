@@ -173,6 +173,11 @@ class RayCluster:
             for p in found
         )
 
+    def worker_log(self, pid: int) -> str:
+        """What a worker process (a replica, say) wrote to stderr: the app's own log lines."""
+        logs = (self.temp_dir / "session_latest" / "logs").glob(f"worker-*-{pid}.err")
+        return "".join(p.read_text(errors="replace") for p in logs)
+
     def proxy_log(self) -> str:
         logs = (self.temp_dir / "session_latest" / "logs" / "serve").glob("proxy_*.log")
         return "".join(p.read_text(errors="replace") for p in logs)
