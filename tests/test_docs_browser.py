@@ -32,7 +32,7 @@ from PIL import Image
 from app.docs import ASSETS_DIR, ASSETS_URL, CONTENT_SECURITY_POLICY, VERSIONS
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import REPO, Server
+from tests.conftest import REPO, Server, require_tool
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
 # Every request goes to a proxy on a closed port and fails there, before any DNS lookup, except
@@ -52,13 +52,7 @@ SWAGGER_POST_GREEN = (73, 204, 144)  # swagger-ui.css: .opblock-post .opblock-su
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    found = shutil.which("chromium")
-    if found:
-        return found
-    reason = "chromium is not installed (apt-get install -y chromium; .ci/run installs it)"
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(reason)
-    pytest.skip(f"{reason}; CI is unset, so this skips instead of failing")
+    return require_tool("chromium", "apt-get install -y chromium; .ci/run installs it")
 
 
 @dataclass(frozen=True)
