@@ -38,7 +38,7 @@ import httpx
 import yaml  # type: ignore[import-untyped]  # PyYAML, which Ray requires, ships no types
 
 from bench.artifact import build_artifact, make_bodies
-from bench.servers import REPO, Server, Stack, free_port, machine_busy_seconds
+from bench.servers import REPO, Server, Stack, free_port, machine_busy_seconds, proc_table
 from bench.wrk import WrkResult, ensure_wrk, run_wrk, write_script, wrk_version
 
 CONFIG = REPO / "deploy" / "ray" / "serve.yaml"
@@ -46,7 +46,6 @@ APP = "vae"  # the application's name in the config files
 DEPLOYMENT = "VAEService"  # app.ray_serve.DEPLOYMENT, without importing Ray here
 BIN = Path(sys.executable).parent  # the `ray` and `serve` commands of this environment
 CONNECTIONS = 16
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- a Ray cluster of our own --------------------------------------------------------------------
@@ -185,7 +184,7 @@ class RayCluster:
     def pids(self) -> list[int]:
         """Every process of this cluster: the sessions of our `ray start`s and all their
         descendants (the workers, which raylets fork into process groups of their own)."""
-        table = _proc_table()
+        table = proc_table()
         ours = {pid for pid, p in table.items() if p.sid in self.sessions}
         while True:
             children = {pid for pid, p in table.items() if p.ppid in ours} - ours
@@ -194,7 +193,7 @@ class RayCluster:
             ours |= children
 
     def cpu_seconds(self) -> float:
-        table = _proc_table()
+        table = proc_table()
         return sum(table[pid].cpu_s for pid in self.pids() if pid in table)
 
     def stop(self) -> None:
@@ -209,32 +208,8 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class _Proc:
-    ppid: int
-    sid: int
-    state: str
-    cpu_s: float
-
-
-def _proc_table() -> dict[int, _Proc]:
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # stat(5) after the parenthesised name: state ppid pgrp session ... utime(12) stime(13)
-        f = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(f[11]) + int(f[12])) / _CLK_TCK
-        table[int(entry.name)] = _Proc(int(f[1]), int(f[3]), f[0], cpu)
-    return table
-
-
 def _any_alive(pids: list[int]) -> bool:
-    table = _proc_table()
+    table = proc_table()
     return any(pid in table and table[pid].state != "Z" for pid in pids)
 
 

@@ -195,20 +195,35 @@ class Server:
         return sum(_cpu(pid) for pid in self.all_pids())
 
 
+@dataclass(frozen=True)
+class Proc:
+    """What bench needs of one process, from /proc/<pid>/stat."""
+
+    ppid: int
+    sid: int
+    state: str
+    cpu_s: float  # user + system time so far
+
+
+def read_proc(pid: int) -> Proc | None:
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # stat(5) after the parenthesised name (which may contain spaces): state ppid pgrp session
+    # ... utime and stime, fields 14 and 15, i.e. 11 and 12 here.
+    f = stat[stat.rindex(")") + 2 :].split()
+    return Proc(int(f[1]), int(f[3]), f[0], (int(f[11]) + int(f[12])) / _CLK_TCK)
+
+
+def proc_table() -> dict[int, Proc]:
+    """Every process on the machine, by pid."""
+    pids = (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+    return {pid: proc for pid in pids if (proc := read_proc(pid)) is not None}
+
+
 def _children(ppid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name, which may itself contain spaces.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == ppid:
-            found.append(int(entry.name))
-    return sorted(found)
+    return sorted(pid for pid, proc in proc_table().items() if proc.ppid == ppid)
 
 
 def _cmdline(pid: int) -> str:
@@ -229,13 +244,8 @@ def _rss(pid: int) -> int:
 
 
 def _cpu(pid: int) -> float:
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # utime and stime are fields 14 and 15 of stat(5), i.e. 11 and 12 after the name.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    proc = read_proc(pid)
+    return 0.0 if proc is None else proc.cpu_s
 
 
 def machine_busy_seconds() -> float:
