@@ -19,7 +19,7 @@ from app.batching import Batcher
 from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
 from app.lifecycle import Lifecycle, install_signal_handlers, load_model
-from app.middleware import OPEN_PATHS, Guard
+from app.middleware import Guard, open_paths
 from app.model import VAEService
 from app.observability import Metrics, Observe, configure_logging
 from app.routes import admin_router, model_router, router
@@ -123,8 +123,7 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     if app.state.auth_enabled:  # so "Authorize" on /docs can send a key
-        metrics_open = {"/metrics"} if app.state.settings.metrics_public else set()
-        _declare_api_keys(schema, OPEN_PATHS | metrics_open)
+        _declare_api_keys(schema, open_paths(app.state.settings))
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in (EncodeRequest, DecodeRequest, AnomalyScoreRequest, SampleRequest):
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -160,7 +159,7 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def _declare_api_keys(schema: dict[str, Any], open_paths: frozenset[str] | set[str]) -> None:
+def _declare_api_keys(schema: dict[str, Any], open_routes: frozenset[str]) -> None:
     """Both ways to send a key, required everywhere but the routes the Guard leaves open."""
     schema.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "An API key."},
@@ -168,7 +167,7 @@ def _declare_api_keys(schema: dict[str, Any], open_paths: frozenset[str] | set[s
     }
     schema["security"] = [{"bearer": []}, {"apiKey": []}]
     for path, operations in schema["paths"].items():
-        if path in open_paths:
+        if path in open_routes:
             for operation in operations.values():
                 operation["security"] = []
 

@@ -35,13 +35,19 @@ ADMIN_PREFIX = "/admin/"
 RETRY_AFTER_S = 1
 
 
+def open_paths(settings: Settings) -> frozenset[str]:
+    """The paths served without a key, when keys are on: the probes and docs, and /metrics
+    unless VAE_METRICS_PUBLIC=false."""
+    return OPEN_PATHS | ({"/metrics"} if settings.metrics_public else frozenset())
+
+
 class Guard:
     def __init__(self, app: ASGIApp, settings: Settings, keys: list[SecretStr]) -> None:
         self.app = app
         self.settings = settings
         # Compare digests, not keys: equal lengths, so the comparison time says nothing.
         self._digests = [_digest(k.get_secret_value().encode()) for k in keys]
-        self._open = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
+        self._open = open_paths(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Only the methods the API has; any other gets the router's 405, unread and harmless.
