@@ -118,16 +118,26 @@ def free_port() -> int:
 
 
 class Server:
-    """A real `python -m app` process on a free port."""
+    """A real `python -m app` process (or other server `args`) on a free port, or the given one."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path,
+        *,
+        port: int | None = None,
+        args: tuple[str, ...] = ("-m", "app"),
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._log_file = log.open("wb")
-        full_env = {**os.environ, **env, "VAE_PORT": str(self.port), "VAE_HOST": "127.0.0.1"}
+        # Only the VAE_* variables given here: none from the shell (module-scoped servers start
+        # outside the clean_environ fixture).
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+        full_env = {**clean, **env, "VAE_PORT": str(self.port), "VAE_HOST": "127.0.0.1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app"],
+            [sys.executable, *args],
             cwd=REPO,
             env=full_env,
             stdout=self._log_file,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -62,10 +61,7 @@ PATIENT = RetryPolicy(retries=600, backoff=0.05, max_backoff=0.25)
 @pytest.fixture(scope="module")
 def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One real server for the tests that only read from it."""
-    with pytest.MonkeyPatch.context() as env:
-        for key in [k for k in os.environ if k.startswith("VAE_")]:
-            env.delenv(key)
-        srv = Server({"VAE_MODEL_PATH": str(tiny_artifact)}, tmp_path_factory.mktemp("s") / "log")
+    srv = Server({"VAE_MODEL_PATH": str(tiny_artifact)}, tmp_path_factory.mktemp("s") / "log")
     try:
         srv.wait_ready()
         yield srv
@@ -73,46 +69,20 @@ def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         srv.stop()
 
 
-class Process:
-    """A server command on a port chosen in advance (conftest's Server picks its own)."""
-
-    def __init__(self, args: list[str], port: int, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("wb")
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=REPO,
-            env={**clean, **env, "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port)},
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
-
-
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    procs: list[Process] = []
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    procs: list[Server] = []
 
-    def start(port: int, env: dict[str, str], *, ready: bool = True) -> Process:
+    def start(port: int, env: dict[str, str], *, ready: bool = True) -> Server:
         # `ready=False`: the real app with its lifespan off, so the model never loads and the
         # model routes answer 503, as a server does before its warm-up ends (uvicorn only
         # listens once the lifespan has finished, so a starting server refuses connections
         # instead: no other real way to meet its 503 today).
-        args = ["-m", "app"]
+        args: tuple[str, ...] = ("-m", "app")
         if not ready:
-            args = ["-m", "uvicorn", "app.main:create_app", "--factory", "--lifespan", "off",
-                    "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-        proc = Process(args, port, env, tmp_path / f"server{len(procs)}.log")
+            args = ("-m", "uvicorn", "app.main:create_app", "--factory", "--lifespan", "off",
+                    "--host", "127.0.0.1", "--port", str(port))  # fmt: skip
+        proc = Server(env, tmp_path / f"server{len(procs)}.log", port=port, args=args)
         procs.append(proc)
         return proc
 
@@ -121,7 +91,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
         proc.stop()
 
 
-def wait_listening(url: str, proc: Process, timeout: float = 60.0) -> None:
+def wait_listening(url: str, proc: Server, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.proc.poll() is None, proc.log.read_text()
@@ -401,13 +371,13 @@ def test_status_maps_to_its_typed_error(
 
 
 def test_retries_until_a_late_server_comes_up(
-    spawn: Callable[..., Process],
+    spawn: Callable[..., Server],
     tiny_artifact: Path,
     client_log: Callable[[logging.Handler], None],
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    started: list[Process] = []
+    started: list[Server] = []
     # The server starts only once the first attempt has failed.
     on_first = OnRecord(
         "ConnectError; retry 1 of 600",
@@ -440,7 +410,7 @@ def test_no_retries_raises_the_connection_error_at_once(
 
 
 def test_503_is_retried_then_raised_with_the_servers_detail(
-    spawn: Callable[..., Process],
+    spawn: Callable[..., Server],
     tiny_artifact: Path,
     client_log: Callable[[logging.Handler], None],
 ) -> None:
@@ -464,7 +434,7 @@ def test_503_is_retried_then_raised_with_the_servers_detail(
 
 
 def test_async_client_waits_out_503_until_the_model_is_ready(
-    spawn: Callable[..., Process],
+    spawn: Callable[..., Server],
     tiny_artifact: Path,
     server: Server,
     client_log: Callable[[logging.Handler], None],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -185,12 +184,8 @@ def asset(server: Server, package: str, file: str) -> str:
 def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One real `python -m app` (conftest's Server, as `start_server` makes them) for all the
     browser tests: they only read from it, and each start costs seconds of loading."""
-    with pytest.MonkeyPatch.context() as env:
-        # conftest's clean_environ runs per test, after a module fixture: scrub VAE_* here too.
-        for key in [k for k in os.environ if k.startswith("VAE_")]:
-            env.delenv(key)
-        log = tmp_path_factory.mktemp("docs-server") / "server.log"
-        s = Server({"VAE_MODEL_PATH": str(tiny_artifact)}, log)
+    log = tmp_path_factory.mktemp("docs-server") / "server.log"
+    s = Server({"VAE_MODEL_PATH": str(tiny_artifact)}, log)  # it passes on no VAE_* of ours
     try:
         s.wait_ready()
         yield s

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import struct
 import subprocess
 import time
@@ -34,11 +33,7 @@ PNG_ACCEPT = {"accept": "image/png"}
 
 
 def start(env: dict[str, str], log: Path) -> Server:
-    # conftest's clean_environ is per test, after a module fixture: strip the shell's VAE_* here.
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("VAE_")]:
-            mp.delenv(key)
-        server = Server(env, log)
+    server = Server(env, log)  # it passes on no VAE_* of the shell's
     server.wait_ready()
     return server
 

@@ -264,11 +264,7 @@ def uvicorn_answers(
 ) -> dict[int, tuple[Any, ...]]:
     """What plain uvicorn (`python -m app`) answers to each of CALLS."""
     log = tmp_path_factory.mktemp("uvicorn") / "server.log"
-    # Module-scoped, so set up before the autouse clean_environ: clear VAE_* here too.
-    with pytest.MonkeyPatch.context() as env:
-        for key in [k for k in os.environ if k.startswith("VAE_")]:
-            env.delenv(key)
-        server = Server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_DEVICE": "cpu"}, log)
+    server = Server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_DEVICE": "cpu"}, log)
     try:
         server.wait_ready()
         with httpx.Client(base_url=server.url, timeout=10) as http:

@@ -3,7 +3,6 @@ hand-built requests, and checked against the REST answers for the same work."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,11 +38,7 @@ def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "VAE_MAX_SAMPLES": "50",
         "VAE_MAX_BATCH_SIZE": "8",
     }
-    # conftest's clean_environ is per test, after this fixture: strip the shell's VAE_* here.
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("VAE_")]:
-            mp.delenv(key)
-        srv = Server(env, tmp_path_factory.mktemp("v2") / "server.log")
+    srv = Server(env, tmp_path_factory.mktemp("v2") / "server.log")
     try:
         srv.wait_ready()
         yield srv
