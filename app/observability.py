@@ -115,7 +115,6 @@ class Observe:
         start = time.perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
         status = 500  # what the client sees if the app fails before answering
 
         async def send_with_id(message: Message) -> None:
@@ -137,7 +136,7 @@ class Observe:
                 "%s %s %d %.1f ms", method, route, status, seconds * 1000,
                 extra={"request_id": request_id, "route": route, "method": method,
                        "status": status, "duration_ms": round(seconds * 1000, 3),
-                       "instances": scope["state"].get("instances")},
+                       "instances": scope.get("state", {}).get("instances")},
             )  # fmt: skip
 
 
