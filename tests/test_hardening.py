@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import os
+import re
 import select
 import signal
 import socket
@@ -32,8 +33,8 @@ def slow_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
 
 
-def slow_body(seed: int = 0) -> dict[str, object]:
-    x = (np.random.default_rng(seed).random((16, 784)) > 0.5).astype(float)
+def slow_body(seed: int = 0, instances: int = 16) -> dict[str, object]:
+    x = (np.random.default_rng(seed).random((instances, 784)) > 0.5).astype(float)
     return {"instances": x.tolist(), "seed": seed, "log_likelihood_samples": 1024}
 
 
@@ -41,6 +42,14 @@ def serve(start: Start, artifact: Path, **env: str) -> Server:
     server = start({"VAE_MODEL_PATH": str(artifact), **env})
     server.wait_ready()
     return server
+
+
+def in_flight(server: Server) -> float:
+    """The server's own count of model requests accepted and not yet answered."""
+    text = httpx.get(f"{server.url}/metrics").text
+    match = re.search(r"^vae_requests_in_flight (\S+)$", text, re.MULTILINE)
+    assert match, "no vae_requests_in_flight in /metrics"
+    return float(match.group(1))
 
 
 def good_request_works(server: Server, headers: dict[str, str] | None = None) -> None:
@@ -156,15 +165,21 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits(
     start_server: Start, slow_artifact: Path
 ) -> None:
     server = serve(start_server, slow_artifact, VAE_SHUTDOWN_TIMEOUT_S="20")
+    # 64 instances with K=1024: about a second each on an idle machine, so the drain lasts
+    # seconds, whatever the machine's load.
+    body = [slow_body(i, instances=64) for i in range(3)]
     with cf.ThreadPoolExecutor(3) as pool:
         accepted = [
-            pool.submit(httpx.post, f"{server.url}/anomaly-score", json=slow_body(i), timeout=60)
-            for i in range(3)
+            pool.submit(httpx.post, f"{server.url}/anomaly-score", json=b, timeout=60) for b in body
         ]
-        time.sleep(0.5)  # all three are in: one runs, two queue behind it
+        # All three are in (one runs, two queue behind it) before the signal, not after a guess.
+        deadline = time.monotonic() + 30
+        while in_flight(server) < 3:
+            assert time.monotonic() < deadline, "the slow requests never got in"
+            time.sleep(0.02)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.2)
         late = httpx.post(f"{server.url}/encode", json={"instances": [[0.0] * 784]})
         ready = httpx.get(f"{server.url}/ready")
         answers = [f.result() for f in accepted]
