@@ -1,6 +1,6 @@
 """A Python client for vae-service: numpy arrays in and out, over httpx.
 
-    from app.client import VAEClient
+    from vae_service_client import VAEClient
 
     with VAEClient("http://127.0.0.1:8000", api_key="...") as vae:
         enc = vae.encode(x, samples=4, seed=0)      # Encoded(mean, std, samples)
@@ -12,12 +12,12 @@
 
 Binary: a regular numeric array goes to the server as one float32 .npy body (the options in the
 query string), and array answers are asked for as .npy with `Accept`, so no float is printed
-and re-parsed on either side. Every server this client ships with reads .npy (it ships in the
-same distribution, and .npy bodies predate its first release), so there is no probe of the
-OpenAPI document first: that would cost a round trip per client and fail where /openapi.json
-is hidden. Answers are read by their Content-Type, so a JSON answer works as well. Input that
-no regular array can hold (flat and nested instances mixed, say) goes as JSON, for the server
-to accept or to reject by index; `binary=False` sends everything as JSON.
+and re-parsed on either side. Every release of the server reads .npy (.npy bodies predate
+this client's first release), so there is no probe of the OpenAPI document first: that would
+cost a round trip per client and fail where /openapi.json is hidden. Answers are read by their
+Content-Type, so a JSON answer works as well. Input that no regular array can hold (flat and
+nested instances mixed, say) goes as JSON, for the server to accept or to reject by index;
+`binary=False` sends everything as JSON.
 
 Retries: on 503 (not ready, queue full, draining) and on failures to connect, with exponential
 backoff and jitter, or after the server's `Retry-After` up to a cap. Every endpoint is a pure
@@ -46,7 +46,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from app import __version__
+__version__ = "0.1.0"
 
 __all__ = [
     "AnomalyScores",
@@ -65,7 +65,7 @@ __all__ = [
     "VAEValidationError",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vae_service_client")
 
 JSON = "application/json"
 NPY = "application/x-npy"
