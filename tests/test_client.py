@@ -1,4 +1,4 @@
-"""app.client against real servers: real `python -m app` (uvicorn) processes on real ports.
+"""vae_service_client against real servers: real `python -m app` (uvicorn) processes on real ports.
 
 The equality tests compare every method of both clients, in both the .npy and the JSON mode,
 with the raw JSON REST answer to the same seeded request. The retry tests use servers that
@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from app.client import (
+from vae_service_client import (
     AnomalyScores,
     AsyncVAEClient,
     Encoded,
@@ -35,9 +34,9 @@ from app.client import (
     VAETimeoutError,
     VAEUnavailableError,
     VAEValidationError,
-    error_from_response,
-    parse_retry_after,
 )
+from vae_service_client.client import error_from_response, parse_retry_after
+
 from app.settings import Settings
 from tests.conftest import REPO, Server, free_port
 
@@ -104,7 +103,7 @@ def wait_listening(url: str, proc: Server, timeout: float = 60.0) -> None:
 
 
 class OnRecord(logging.Handler):
-    """Calls `action` once, at the first app.client log record whose message has `text`."""
+    """Calls `action` once, at the first vae_service_client log record whose message has `text`."""
 
     def __init__(self, text: str, action: Callable[[], None]) -> None:
         super().__init__(logging.WARNING)
@@ -119,7 +118,7 @@ class OnRecord(logging.Handler):
 
 @pytest.fixture
 def client_log() -> Iterator[Callable[[logging.Handler], None]]:
-    logger = logging.getLogger("app.client")
+    logger = logging.getLogger("vae_service_client")
     added: list[logging.Handler] = []
 
     def add(handler: logging.Handler) -> None:
@@ -246,7 +245,7 @@ def test_async_client_matches_the_raw_json_api(server: Server, binary: bool) -> 
 def test_binary_mode_sends_and_receives_npy(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="app.client")
+    caplog.set_level(logging.DEBUG, logger="vae_service_client")
     with VAEClient(server.url) as client:
         client.encode(X, seed=0)
         client.sample(2, seed=0)
@@ -294,7 +293,7 @@ def test_shaped_and_mixed_instances_give_the_same_posterior(server: Server) -> N
 def test_422_raises_the_typed_error_with_the_servers_detail_and_is_not_retried(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="app.client")
+    caplog.set_level(logging.DEBUG, logger="vae_service_client")
     with VAEClient(server.url, retry=RetryPolicy(retries=3)) as client:
         with pytest.raises(VAEValidationError) as bad_shape:
             client.encode([[0.0, 1.0, 1.0]])
@@ -517,7 +516,7 @@ def test_api_key_is_sent_as_a_bearer_token(start_server: StartServer, tiny_artif
 
 def test_importing_the_client_loads_no_torch_and_no_fastapi() -> None:
     code = (
-        "import sys, app.client; "
+        "import sys, vae_service_client; "
         "print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'pydantic') if m in sys.modules))"
     )
     out = subprocess.run(
