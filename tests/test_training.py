@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from tests.conftest import MNIST_DIR
-from training.__main__ import TEST_BINARIZATION_SEED, main
-from training.config import ModelConfig
-from training.data import binarize_fixed, load_data
+from training.__main__ import TEST_BINARIZATION_SEED, main, model_config, parse_args, train_config
+from training.config import ModelConfig, TrainConfig
+from training.data import DataError, binarize_fixed, load_data
 from training.evaluate import auroc, mean_elbo
 from training.export import load_artifact
 from training.model import VAE
+from training.pipeline import validation_size
 
 
 @pytest.fixture
@@ -160,3 +161,109 @@ def test_raw_idx_files_train_like_gzipped_ones(tmp_path: Path) -> None:
         (tmp_path / name.replace("t10k", "train")).write_bytes(raw)
     assert run(tmp_path, tmp_path / "vae.pt", "--dry-run") == 0
     assert load_artifact(tmp_path / "vae.pt")[1]["dataset"]["test_size"] == 10_000
+
+
+def test_help_prints_each_default_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one line per flag
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    assert all(line.count("default:") <= 1 for line in lines), lines
+    assert "(default: None)" not in "\n".join(lines)
+    epochs = next(line for line in lines if line.startswith("  --epochs"))
+    assert epochs.endswith("training epochs (default: 200; quick: 15)")
+
+
+def test_no_flags_train_the_full_preset_with_the_full_evaluation() -> None:
+    cfg = train_config(parse_args([]), "mnist", "cpu")
+    assert cfg == TrainConfig(preset="full")
+    assert train_config(parse_args(["--preset", "full"]), "mnist", "cpu") == cfg
+    assert (cfg.epochs, cfg.lr_min_factor, cfg.kl_warmup_epochs) == (200, 0.1, 10)
+    assert (cfg.eval_k, cfg.eval_images) == (5000, None)  # None: every test image
+
+
+def test_setting_flags_override_the_preset_and_set_their_fields() -> None:
+    args = parse_args(["--preset", "quick", "--epochs", "4", "--batch-size", "64", "--lr", "0.01",
+                       "--lr-min-factor", "1", "--kl-warmup-epochs", "0.5", "--patience", "2",
+                       "--seed", "7", "--val-fraction", "0.2", "--val-min", "50",
+                       "--val-max", "500", "--no-dynamic-binarization", "--stop-after", "1",
+                       "--hidden-dims", "64", "32", "--latent-dim", "4"])  # fmt: skip
+    assert train_config(args, "mnist", "cuda:0") == TrainConfig(
+        epochs=4, batch_size=64, lr=0.01, lr_min_factor=1.0, kl_warmup_epochs=0.5, patience=2,
+        seed=7, val_fraction=0.2, val_min=50, val_max=500, dynamic_binarization=False,
+        stop_after=1, eval_k=100, eval_images=1000, device="cuda:0", preset="quick",
+    )  # fmt: skip
+    assert model_config(args, 8, "gaussian") == ModelConfig(
+        input_dim=8, hidden_dims=(64, 32), latent_dim=4, likelihood="gaussian"
+    )
+    assert train_config(parse_args(["--preset", "quick"]), "mnist", "cpu").epochs == 15
+
+
+@pytest.mark.parametrize(
+    ("flags", "dataset", "expected"),
+    [
+        ([], "mnist", (5000, None)),  # the full run
+        (["--epochs", "300"], "mnist", (5000, None)),
+        (["--epochs", "3"], "mnist", (100, 1000)),  # few epochs
+        (["--preset", "quick"], "mnist", (100, 1000)),
+        ([], "digit3", (100, 1000)),  # other data
+        (["--epochs", "3", "--eval-k", "5000"], "mnist", (5000, 1000)),  # flags ask for more
+        (["--epochs", "3", "--eval-images", "5000"], "digit3", (100, 5000)),
+        (["--eval-k", "20", "--eval-images", "50"], "mnist", (20, 50)),
+        (["--dry-run"], "mnist", (10, 100)),
+    ],
+)
+def test_evaluation_is_proportionate_to_the_run(
+    flags: list[str], dataset: str, expected: tuple[int, int | None]
+) -> None:
+    cfg = train_config(parse_args(flags), dataset, "cpu")
+    assert (cfg.eval_k, cfg.eval_images) == expected
+
+
+def test_short_run_reports_the_evaluation_it_did(
+    vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "vae.pt"
+    assert main(["--data-dir", str(vectors), "--out", str(out), "--epochs", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    metrics = load_artifact(out)[1]["metrics"]
+    assert (metrics["log_likelihood_k"], metrics["test_images"]) == (100, 100)  # all 100 it has
+    stdout = capsys.readouterr().out
+    assert "(IWAE bound, K=100, 100 test images)" in stdout
+    assert f"data         {vectors.name}: 500 train, 100 validation, 100 test" in stdout
+
+
+@pytest.mark.parametrize(
+    ("n", "val"),
+    [(22_699, 2000), (20_000, 2000), (2_369, 237), (1_000, 100), (600, 100), (300, 100)],
+)
+def test_validation_split_is_a_tenth_within_floor_and_cap(n: int, val: int) -> None:
+    assert validation_size(n, TrainConfig()) == val
+
+
+def test_validation_split_follows_its_flags() -> None:
+    cfg = TrainConfig(val_fraction=0.5, val_min=10, val_max=40)
+    assert [validation_size(n, cfg) for n in (40, 60, 1000)] == [20, 30, 40]
+
+
+def test_data_set_too_small_to_train_on_is_refused() -> None:
+    with pytest.raises(DataError, match="299 training rows are too few: a validation split of "
+                       "100 would leave 199 to train on, fewer than the 200 needed"):  # fmt: skip
+        validation_size(299, TrainConfig())
+
+
+def test_too_small_data_set_exits_2_naming_the_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 250), ("test", 20)):
+        np.save(tmp_path / f"{name}.npy", rng.random((n, 4), dtype=np.float32))
+    assert run(tmp_path, tmp_path / "vae.pt") == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {tmp_path}: 250 training rows are too few: a validation split of 100 would "
+        "leave 150 to train on, fewer than the 200 needed (twice --val-min).\n"
+    )
+    assert not (tmp_path / "vae.pt").exists()

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from training.config import PRESETS, ModelConfig, TrainConfig, apply
+from training.config import (
+    PRESETS,
+    SHORT_RUN_EVALUATION,
+    Likelihood,
+    ModelConfig,
+    TrainConfig,
+    is_full_run,
+)
 from training.data import DataError, default_data_dir, download_mnist, load_data
 from training.export import build_manifest, export_artifact
 from training.pipeline import TEST_BINARIZATION_SEED, calibration, fit, split, test_metrics
@@ -22,67 +32,42 @@ log = logging.getLogger("training")
 
 __all__ = ["TEST_BINARIZATION_SEED", "main"]
 
+Config = ModelConfig | TrainConfig
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m training",
         description="Train a VAE on MNIST (IDX) or vector (.npy) data and export the artifact.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--data-dir",
         type=Path,
         default=default_data_dir(),
-        help="MNIST IDX files, or train.npy + test.npy ($VAE_DATA_DIR, else data/mnist)",
+        help="MNIST IDX files, or train.npy + test.npy; $VAE_DATA_DIR sets the default "
+        "(default: %(default)s)",
     )
-    p.add_argument("--out", type=Path, default=Path("models/vae.pt"), help="artifact path")
+    p.add_argument("--out", type=Path, default=Path("models/vae.pt"),
+                   help="artifact path (default: %(default)s)")  # fmt: skip
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default="full",
-        help="'quick' serves within minutes; 'full' is the measured default",
-    )
-    p.add_argument("--epochs", type=int, help="training epochs (default: from the preset)")
-    p.add_argument(
-        "--latent-dim", type=int, help=f"latent size (default: {ModelConfig.latent_dim})"
-    )
-    p.add_argument(
-        "--hidden-dims",
-        type=int,
-        nargs="+",
-        help=f"encoder hidden sizes (default: {' '.join(map(str, ModelConfig.hidden_dims))})",
+        help="'full' is the settings' defaults, measured; 'quick' serves within minutes "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--likelihood",
         choices=["auto", "bernoulli", "gaussian"],
         default="auto",
-        help="decoder p(x|z); auto is bernoulli when all data lies in [0, 1]",
+        help="decoder p(x|z); auto is bernoulli when all data lies in [0, 1] "
+        "(default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, help=f"(default: {TrainConfig.batch_size})")
-    p.add_argument(
-        "--val-size", type=int, help=f"validation images (default: {TrainConfig.val_size})"
-    )
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {TrainConfig.lr})")
-    p.add_argument("--lr-min-factor", type=float, help="cosine-decay the lr to lr * this")
-    p.add_argument("--kl-warmup-epochs", type=float, help="ramp the KL weight 0 -> 1 over these")
-    p.add_argument("--patience", type=int, help="early-stop after this many epochs w/o progress")
-    p.add_argument("--seed", type=int, default=0, help="makes a run reproducible")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--no-dynamic-binarization",
-        action="store_true",
-        help="train a Bernoulli model on the [0, 1] intensities as they are",
-    )
-    p.add_argument("--eval-k", type=int, help="importance samples K for the test log-likelihood")
-    p.add_argument("--eval-images", type=int, help="test images to evaluate (default: all)")
-    p.add_argument("--checkpoint-dir", type=Path, help="(default: OUT's folder/checkpoints)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")  # fmt: skip
+    p.add_argument("--checkpoint-dir", type=Path,
+                   help="for last.pt and best.pt (default: OUT's folder/checkpoints)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument(
-        "--stop-after",
-        type=int,
-        help="end this invocation after N epochs (time-boxed or preemptible machines); "
-        "--resume goes on from there",
-    )
     p.add_argument(
         "--download",
         action="store_true",
@@ -94,7 +79,79 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one batch, one epoch, a tiny evaluation: check the whole path quickly",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p.add_argument_group("model settings (ModelConfig)"), ModelConfig)
+    add_config_flags(p.add_argument_group("training settings (TrainConfig)"), TrainConfig)
     return p.parse_args(argv)
+
+
+def add_config_flags(group: argparse._ArgumentGroup, cls: type[Config]) -> None:
+    """One flag per field of cls made with config.option: its name, type, help and default
+    come from the field. Unset flags stay out of the namespace (SUPPRESS), so that only the
+    flags given override the preset."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # X | None takes an X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS}
+        kw["help"] = f"{f.metadata['help']} ({_defaults(cls, f.name, f.default)})"
+        if kind is bool:  # --dynamic-binarization / --no-dynamic-binarization
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(kind) is tuple:  # --hidden-dims 512 256
+            group.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", **kw)
+        else:
+            group.add_argument(flag, type=kind, **kw)
+
+
+def _defaults(cls: type[Config], name: str, default: object) -> str:
+    """'default: 200; quick: 15': the field's default and where a preset or rule changes it."""
+    parts = [f"default: {_show(default)}"]
+    for preset_name, preset in sorted(PRESETS.items()):
+        values = preset.model if cls is ModelConfig else preset.train
+        if name in values:
+            parts.append(f"{preset_name}: {_show(values[name])}")
+    if cls is TrainConfig and name in SHORT_RUN_EVALUATION:
+        parts.append(
+            f"{_show(SHORT_RUN_EVALUATION[name])} for a run under {TrainConfig.epochs} epochs "
+            "or not on MNIST"
+        )
+    return "; ".join(parts)
+
+
+def _show(value: object) -> str:
+    """A value as one would type it on the command line: 512 256 for (512, 256)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def given(args: argparse.Namespace, cls: type[Config]) -> dict[str, Any]:
+    """The settings of cls that the command line set."""
+    names = {f.name for f in dataclasses.fields(cls) if "help" in f.metadata}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
+
+
+def train_config(args: argparse.Namespace, dataset: str, device: str) -> TrainConfig:
+    """The defaults, then the preset, then the flags given; a run that is not the full one
+    is evaluated by SHORT_RUN_EVALUATION where neither preset nor flags said otherwise."""
+    chosen = PRESETS[args.preset].train | given(args, TrainConfig)
+    cfg = dataclasses.replace(TrainConfig(), **chosen, device=device, preset=args.preset)
+    if not is_full_run(cfg, dataset):
+        short = {k: v for k, v in SHORT_RUN_EVALUATION.items() if k not in chosen}
+        cfg = dataclasses.replace(cfg, **short)
+    if args.dry_run:
+        cfg = dataclasses.replace(cfg, epochs=1, max_batches=1, eval_k=10, eval_images=100)
+    return cfg
+
+
+def model_config(args: argparse.Namespace, input_dim: int, likelihood: Likelihood) -> ModelConfig:
+    chosen = PRESETS[args.preset].model | given(args, ModelConfig)
+    return dataclasses.replace(ModelConfig(), **chosen, input_dim=input_dim, likelihood=likelihood)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,20 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
     )
-    preset = PRESETS[args.preset]
-    overrides = {
-        "epochs": args.epochs, "val_size": args.val_size, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "lr_min_factor": args.lr_min_factor,
-        "kl_warmup_epochs": args.kl_warmup_epochs, "patience": args.patience,
-        "stop_after": args.stop_after,
-        "eval_k": args.eval_k, "eval_images": args.eval_images, "device": str(device),
-        "dynamic_binarization": False if args.no_dynamic_binarization else None,
-        "preset": args.preset,
-    }  # fmt: skip
-    if args.dry_run:
-        overrides |= {"epochs": 1, "max_batches": 1, "eval_k": 10, "eval_images": 100}
-    cfg: TrainConfig = apply(apply(TrainConfig(), preset.train), overrides)
-
     try:
         if args.download and rank == 0:
             download_mnist(args.data_dir)
@@ -146,26 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    likelihood = args.likelihood
-    if likelihood == "auto":
+    likelihood: Likelihood = args.likelihood
+    if args.likelihood == "auto":
         in_unit = data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
         likelihood = "bernoulli" if in_unit else "gaussian"
-    model_cfg: ModelConfig = apply(
-        apply(ModelConfig(), preset.model),
-        {
-            "input_dim": data.x_train.shape[1],
-            "latent_dim": args.latent_dim,
-            "hidden_dims": tuple(args.hidden_dims) if args.hidden_dims else None,
-            "likelihood": likelihood,
-        },
-    )
     if likelihood == "bernoulli" and (data.x_train.min() < 0.0 or data.x_train.max() > 1.0):
         print(f"error: {args.data_dir}: a Bernoulli model needs data in [0, 1].", file=sys.stderr)
         return 2
-    splits = split(data, cfg, likelihood, device)
+    model_cfg = model_config(args, data.x_train.shape[1], likelihood)
+    cfg = train_config(args, data.name, str(device))
+    try:
+        splits = split(data, cfg, likelihood, device)
+    except DataError as e:
+        print(f"error: {args.data_dir}: {e}", file=sys.stderr)
+        return 2
     ckpt_dir = args.checkpoint_dir or args.out.parent / "checkpoints"
     log.info("training %s on %s (%d train, %d val) on %s", model_cfg, data.name,
              len(splits.x_train), len(splits.x_val), device)  # fmt: skip
+    log.info("evaluation afterwards: K=%d on %d test images", cfg.eval_k, len(splits.x_test))
     try:
         model, result = fit(
             splits, model_cfg, cfg, checkpoint_dir=ckpt_dir, resume=args.resume,
@@ -202,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nartifact     {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)\n"
         f"sha256       {sha}\n"
+        f"data         {data.name}: {len(splits.x_train)} train, {len(splits.x_val)} validation, "
+        f"{len(data.x_test)} test\n"
         f"test ELBO    {metrics['test_elbo']:.2f} nats/image\n"
         f"test log p(x) {metrics['test_log_likelihood']:.2f} nats/image "
-        f"(IWAE bound, K={cfg.eval_k}, {metrics['test_images']} test images)\n"
+        f"(IWAE bound, K={metrics['log_likelihood_k']}, {metrics['test_images']} test images)\n"
         f"best epoch   {result.best_epoch}/{cfg.epochs} (val ELBO {result.best_val_elbo:.2f})\n"
         f"train time   {result.seconds:.0f}s; wall time {time.perf_counter() - t_start:.0f}s"
     )

@@ -60,11 +60,11 @@ def run_digit(data: Dataset, digit: int, args: argparse.Namespace) -> dict[str, 
         input_dim=data.x_train.shape[1], hidden_dims=tuple(args.hidden_dims),
         latent_dim=args.latent_dim,
     )  # fmt: skip
-    # The full preset's recipe (cosine decay, KL warm-up), for fewer epochs.
+    # The default recipe (cosine decay, KL warm-up) for fewer epochs: warm up over half at most.
+    warmup = min(TrainConfig.kl_warmup_epochs, args.epochs / 2)
     cfg = TrainConfig(
-        epochs=args.epochs, seed=args.seed, lr_min_factor=0.1,
-        kl_warmup_epochs=min(10, args.epochs / 2), eval_images=args.test_images,
-    )  # fmt: skip
+        epochs=args.epochs, seed=args.seed, kl_warmup_epochs=warmup, eval_images=args.test_images
+    )
     splits = split(leave_out(data, digit), cfg, "bernoulli", torch.device(args.device))
     with tempfile.TemporaryDirectory() as ckpt:
         model, _ = fit(splits, model_cfg, cfg, checkpoint_dir=Path(ckpt), progress=False)

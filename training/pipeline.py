@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from training.config import ModelConfig, TrainConfig
-from training.data import Dataset, binarize_fixed, train_val_split
+from training.data import DataError, Dataset, binarize_fixed, train_val_split
 from training.evaluate import (
     active_units,
     anomaly_scores,
@@ -39,9 +39,23 @@ class Splits:
     binarize: bool
 
 
+def validation_size(n: int, cfg: TrainConfig) -> int:
+    """How many of n training rows to hold out: cfg.val_fraction of them, within
+    [cfg.val_min, cfg.val_max]. A DataError when fewer than twice val_min (200 by default)
+    would be left to train on: a model fitted on so few rows learns too little for its
+    validation ELBO or its calibration to mean much."""
+    val = min(max(round(n * cfg.val_fraction), cfg.val_min), cfg.val_max)
+    min_train = 2 * cfg.val_min
+    if n - val < min_train:
+        raise DataError(
+            f"{n} training rows are too few: a validation split of {val} would leave {n - val} "
+            f"to train on, fewer than the {min_train} needed (twice --val-min)."
+        )
+    return val
+
+
 def split(data: Dataset, cfg: TrainConfig, likelihood: str, device: torch.device) -> Splits:
-    # Small data sets keep 90% for training, whatever val_size asks.
-    val_size = min(cfg.val_size, max(1, len(data.x_train) // 10))
+    val_size = validation_size(len(data.x_train), cfg)
     train_idx, val_idx = train_val_split(len(data.x_train), val_size, cfg.seed)
     binarize = likelihood == "bernoulli" and cfg.dynamic_binarization
     x_val, x_test = data.x_train[val_idx], data.x_test[: cfg.eval_images]
