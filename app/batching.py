@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.model import Array
+from app.common import Array
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    async def submit(self, key: Hashable | None, x: Array, op: Op, name: str = "op") -> Outputs:
-        """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None."""
+    async def submit(self, key: Hashable | None, x: Array, op: Op, name: str) -> Outputs:
+        """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None.
+        `name` labels the job's metrics (the operation: encode, decode, ...)."""
         loop = asyncio.get_running_loop()
         job = _Job(key, name, x, op, loop.create_future(), loop)
         self._queue.put(job)

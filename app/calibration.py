@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from app.common import Array
 from app.errors import ModelLoadError
-
-Array = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from typing import Annotated
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
+from app.common import Array
 from app.errors import InvalidInputError, UnsupportedMediaTypeError
+from app.schemas import Strict
 
 MAX_SIDE = 4096  # pixels, both ways: what an upload may declare, and what a grid may become
 # All of one request's uploads together: decoding costs about 50 ms per megapixel here, and a
@@ -37,7 +39,6 @@ FORMATS = ("PNG", "JPEG")
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 Pixels = npt.NDArray[np.uint8]
-Array = npt.NDArray[np.float32]
 ValueRange = tuple[float | None, float | None]
 
 
@@ -52,10 +53,8 @@ def _true_or_false(value: object) -> object:
     return value
 
 
-class UploadOptions(BaseModel):
+class UploadOptions(Strict):
     """The one option of an image upload that the .npy and JSON bodies do not have."""
-
-    model_config = ConfigDict(extra="forbid")
 
     invert: Annotated[bool, BeforeValidator(_true_or_false)] = Field(
         False,
@@ -64,10 +63,8 @@ class UploadOptions(BaseModel):
     )
 
 
-class PngOptions(BaseModel):
+class PngOptions(Strict):
     """Options of an `Accept: image/png` answer, given in the query string."""
-
-    model_config = ConfigDict(extra="forbid")
 
     scale: int = Field(
         1,

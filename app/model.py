@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from app.calibration import Calibration
+from app.common import Array, Arrays
 from app.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,6 @@ REQUIRED_METHODS = (
     "log_likelihood",
 )
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
-
-Array = npt.NDArray[np.float32]
-SCORES = ("kl_divergence", "reconstruction_log_prob", "log_likelihood")
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,7 @@ class VAEService:
     @torch.no_grad()
     def anomaly_scores(
         self, x: Array, samples: int, seed: int | None = None, ll_samples: int = 0
-    ) -> dict[str, Array]:
+    ) -> Arrays:
         """KL, log reconstruction probability over L=`samples`, and with K=`ll_samples` > 0 the
         importance-sampled log-likelihood; each (B,)."""
         xt = self._tensor(x)

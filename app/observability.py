@@ -28,7 +28,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.model import Array, VAEService
+from app.common import Array
+from app.model import VAEService
 
 log = logging.getLogger("app.access")
 
@@ -177,3 +178,21 @@ def configure_logging(level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):  # into ours: one format for every line
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+def startup_summary(vae: VAEService) -> dict[str, Any]:
+    """What an operator wants in the start-up log: which artifact, trained on what, how good."""
+    m = vae.manifest
+    metrics = m.get("metrics", {})
+    return {
+        "sha256": vae.sha256,
+        "device": str(vae.device),
+        "format_version": m["format_version"],
+        "input_shape": m["input_shape"],
+        "latent_dim": m["latent_dim"],
+        "likelihood": m["likelihood"],
+        "dataset": m.get("dataset", {}).get("name"),
+        "test_elbo": metrics.get("test_elbo"),
+        "test_log_likelihood": metrics.get("test_log_likelihood"),
+        "created_at": m.get("created_at"),
+    }

@@ -31,14 +31,11 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import images
+from app.common import JSON, MULTIPART, NPY, PNG
 from app.errors import InvalidInputError, UnsupportedMediaTypeError, VAEServiceError
 from app.model import VAEService
 from app.validation import float32
 
-JSON = "application/json"
-NPY = "application/x-npy"
-MULTIPART = "multipart/form-data"
-PNG = "image/png"
 UPLOAD_FIELD = "file"
 
 P = TypeVar("P", bound=BaseModel)

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from app.common import ScoreName
+
 # Strict: a JSON `true` is not the number 1. Finite: NaN and Infinity are refused by index.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -47,11 +49,13 @@ EXAMPLE_INPUT_DIM = 784
 EXAMPLE_LATENT_DIM = 32
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Refuses unknown fields: a typo in an option is an error, not a silent default."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class EncodeParams(_Strict):
+class EncodeParams(Strict):
     """/encode's options: JSON fields, or query parameters with a .npy body."""
 
     samples: Int = Field(
@@ -83,7 +87,7 @@ class EncodeResponse(BaseModel):
     )
 
 
-class DecodeParams(_Strict):
+class DecodeParams(Strict):
     output: Output = "mean"
 
 
@@ -103,7 +107,7 @@ class DecodeResponse(BaseModel):
     outputs: list[list[float]] = Field(description="Decoded outputs, (B, D).")
 
 
-class SampleRequest(_Strict):
+class SampleRequest(Strict):
     n: Int = Field(1, ge=1, description="How many samples to draw from the prior.", examples=[4])
     seed: Seed | None = None
     output: Output = "mean"
@@ -120,10 +124,7 @@ class SampleResponse(BaseModel):
     outputs: list[list[float]] = Field(description="Their decoded outputs, (n, D).")
 
 
-ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"]
-
-
-class AnomalyScoreParams(_Strict):
+class AnomalyScoreParams(Strict):
     samples: Int | None = Field(
         None,
         ge=1,

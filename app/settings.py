@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.common import ScoreName
+
 # A comma-separated environment variable, read as a list (not as JSON).
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]  # never shown in a repr or a log
@@ -65,7 +67,7 @@ class Settings(BaseSettings):
         0.99, gt=0.0, lt=1.0, description="Flag an instance as anomalous when its decision "
         "score is more anomalous than this share of normal validation data.",
     )  # fmt: skip
-    anomaly_score: Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"] = Field(
+    anomaly_score: ScoreName = Field(
         "reconstruction_log_prob", description="The score that drives is_anomaly (the best "
         "measured in README's leave-one-digit-out benchmark).",
     )  # fmt: skip

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.common import Array
 from app.errors import InvalidInputError
-from app.model import Array, VAEService
+from app.model import VAEService
 from app.schemas import AnomalyScoreParams
 from app.settings import Settings
 

@@ -24,7 +24,7 @@ def run_jobs(batcher: Batcher, jobs: list[tuple[object, np.ndarray]]) -> list[Ou
     """Queue every job before the inference thread starts, so what merges is deterministic."""
 
     async def main() -> list[Outputs]:
-        tasks = [asyncio.create_task(batcher.submit(key, x, double)) for key, x in jobs]  # type: ignore[arg-type]
+        tasks = [asyncio.create_task(batcher.submit(key, x, double, "double")) for key, x in jobs]  # type: ignore[arg-type]
         await asyncio.sleep(0)  # let every task put its job on the queue
         batcher.start()
         return await asyncio.gather(*tasks)
@@ -69,7 +69,7 @@ def test_an_op_failure_reaches_every_merged_request() -> None:
         raise ValueError("boom")
 
     async def main() -> list[object]:
-        tasks = [asyncio.create_task(batcher.submit("k", rows(1), broken)) for _ in range(3)]
+        tasks = [asyncio.create_task(batcher.submit("k", rows(1), broken, "broken")) for _ in range(3)]
         await asyncio.sleep(0)
         batcher.start()
         return await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,21 @@
+"""Names that several modules share, each defined once: array types, score names, media types."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float32]
+Arrays = dict[str, Array]  # an operation's outputs, by name
+
+# The anomaly scores an artifact can be asked for; calibration.py knows each one's direction.
+ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"]
+SCORES: tuple[ScoreName, ...] = get_args(ScoreName)
+
+JSON = "application/json"
+NPY = "application/x-npy"
+OCTET = "application/octet-stream"
+PNG = "image/png"
+MULTIPART = "multipart/form-data"
