@@ -1,6 +1,7 @@
 """Domain exceptions and their one mapping to HTTP.
 
-Every error answer keeps FastAPI's `{"detail": ...}` shape with a one-sentence reason.
+Every error answer has a one-sentence reason: in FastAPI's `{"detail": ...}` shape, or in
+`{"error": ...}` under /v2, the shape V2 clients read (`error_payload`).
 """
 
 from __future__ import annotations
@@ -55,24 +56,17 @@ class ModelLoadError(Exception):
     """The artifact cannot be served; the message names the file and the problem."""
 
 
-# The refusals of app/middleware.py, which any route behind it can give.
-AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse, "description": "A valid API key is required (VAE_API_KEYS)."},
-}
-# Documented on every route that takes a body, instead of FastAPI's list-shaped default.
-VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {
-    **AUTH_RESPONSES,
-    413: {"model": ErrorResponse, "description": "The body is over VAE_MAX_BODY_BYTES."},
-    415: {"model": ErrorResponse, "description": "The body is neither JSON nor .npy."},
-    422: {"model": ErrorResponse, "description": "The request is not valid for this model."},
-    503: {
-        "model": ErrorResponse,
-        "description": "The model is not loaded yet, the server is draining, or VAE_MAX_IN_FLIGHT "
-        "requests are already in flight; retry after `Retry-After` seconds.",
-        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-    },
-    504: {"model": ErrorResponse, "description": "Over VAE_REQUEST_TIMEOUT_S."},
-}
+V2_PREFIX = "/v2"
+
+
+def speaks_v2(path: str) -> bool:
+    """Whether `path` belongs to the Open Inference Protocol, whose errors read `{"error": ...}`."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_payload(detail: str, *, v2: bool = False) -> dict[str, str]:
+    """An error answer's body: the service's `{"detail": ...}`, or V2's `{"error": ...}`."""
+    return {"error": detail} if v2 else {"detail": detail}
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:
@@ -114,11 +108,11 @@ def _format_loc(loc: list[str]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VAEServiceError)
     async def _service_error(_: Request, exc: VAEServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(error_payload(exc.detail), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            {"detail": describe_validation_error(exc)},
+            error_payload(describe_validation_error(exc)),
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         )

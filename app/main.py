@@ -1,4 +1,4 @@
-"""The app factory: `create_app(settings)`, its lifespan, error handlers and routers."""
+"""The app factory, `create_app(settings)`, and its lifespan: threads, load, warm-up, ready."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from app import __version__
@@ -19,25 +17,14 @@ from app.batching import Batcher
 from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
 from app.lifecycle import Lifecycle, install_signal_handlers, load_model
-from app.middleware import Guard, open_paths
-from app.model import VAEService
-from app.observability import Metrics, Observe, configure_logging
+from app.middleware import Guard
+from app.observability import Metrics, Observe, configure_logging, startup_summary
+from app.openapi import DESCRIPTION, install_openapi
 from app.routes import admin_router, model_router, router
-from app.schemas import AnomalyScoreRequest, DecodeRequest, EncodeRequest, SampleRequest
 from app.settings import Settings
 from app.v2 import router as v2_router
 
 log = logging.getLogger("app")
-
-DESCRIPTION = """
-Serves a trained Variational Autoencoder (Kingma & Welling 2013) from one TorchScript artifact.
-
-* **/encode**: the posterior q(z|x), its mean is the representation.
-* **/decode**, **/sample**: outputs from latents, or from prior draws.
-* **/anomaly-score**: KL(q(z|x) || p(z)) and An & Cho's reconstruction probability.
-
-A request with a `seed` gets a byte-identical answer every time.
-"""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -74,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # reach: full collections over it paused requests for up to ~100 ms under load; with
         # it frozen, p99 at 16 connections fell from 124 ms to 14 ms (python -m bench --quick).
         gc.freeze()
-        log.info("ready", extra=_startup_summary(vae))
+        log.info("ready", extra=startup_summary(vae))
         yield
         app.state.ready = False
         batcher.stop()
@@ -110,108 +97,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
             expose_headers=["Retry-After", "X-Request-ID"],
         )
-    app.openapi = lambda: _openapi_for_model(app)  # type: ignore[method-assign]
+    install_openapi(app)
     return app
-
-
-def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
-    """The schema, with the manually read request bodies in its components and examples sized
-    to the loaded model, so "Try it out" works as it is."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title, version=app.version, description=app.description, routes=app.routes
-    )
-    if app.state.auth_enabled:  # so "Authorize" on /docs can send a key
-        _declare_api_keys(schema, open_paths(app.state.settings))
-    comps = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (EncodeRequest, DecodeRequest, AnomalyScoreRequest, SampleRequest):
-        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        comps.update(model_schema.pop("$defs", {}))
-        comps[model.__name__] = model_schema
-    vae: VAEService | None = app.state.vae
-    if vae is None:  # before the model loads: keep the static examples, don't cache
-        return schema
-    settings: Settings = app.state.settings
-    instance = [0.0] * vae.input_dim
-    for name in ("EncodeRequest", "AnomalyScoreRequest"):
-        field = comps[name]["properties"]["instances"]
-        field["examples"] = [[instance]]
-        field.update(_instances_schema(vae, settings.max_instances))
-    latents = comps["DecodeRequest"]["properties"]["latents"]
-    latents["examples"] = [[[0.0] * vae.latent_dim]]
-    latents.update(_rows_schema(vae.latent_dim, {"type": "number"}, settings.max_instances))
-    # What the limits allow (instances x samples has a bound of its own, VAE_MAX_TOTAL_SAMPLES).
-    limit = settings.max_samples
-    for name, field in (("EncodeRequest", "samples"), ("SampleRequest", "n"),
-                        ("AnomalyScoreRequest", "samples"),
-                        ("AnomalyScoreRequest", "log_likelihood_samples")):  # fmt: skip
-        _set_maximum(comps[name]["properties"][field], limit)
-    anomaly = comps["AnomalyScoreRequest"]["properties"]
-    for field, score in (
-        ("samples", "reconstruction_log_prob"),
-        ("log_likelihood_samples", "log_likelihood"),
-    ):
-        cal = vae.calibration.scores.get(score)
-        if cal and cal.samples:
-            anomaly[field]["examples"] = [min(cal.samples, limit)]
-    app.openapi_schema = schema
-    return schema
-
-
-def _declare_api_keys(schema: dict[str, Any], open_routes: frozenset[str]) -> None:
-    """Both ways to send a key, required everywhere but the routes the Guard leaves open."""
-    schema.setdefault("components", {})["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "description": "An API key."},
-        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-    }
-    schema["security"] = [{"bearer": []}, {"apiKey": []}]
-    for path, operations in schema["paths"].items():
-        if path in open_routes:
-            for operation in operations.values():
-                operation["security"] = []
-
-
-def _startup_summary(vae: VAEService) -> dict[str, Any]:
-    """What an operator wants in the start-up log: which artifact, trained on what, how good."""
-    m = vae.manifest
-    metrics = m.get("metrics", {})
-    return {
-        "sha256": vae.sha256,
-        "device": str(vae.device),
-        "format_version": m["format_version"],
-        "input_shape": m["input_shape"],
-        "latent_dim": m["latent_dim"],
-        "likelihood": m["likelihood"],
-        "dataset": m.get("dataset", {}).get("name"),
-        "test_elbo": metrics.get("test_elbo"),
-        "test_log_likelihood": metrics.get("test_log_likelihood"),
-        "created_at": m.get("created_at"),
-    }
-
-
-def _rows_schema(width: int, number: dict[str, Any], max_rows: int) -> dict[str, Any]:
-    row = {"type": "array", "items": number, "minItems": width, "maxItems": width}
-    return {"items": row, "minItems": 1, "maxItems": max_rows}
-
-
-def _instances_schema(vae: VAEService, max_rows: int) -> dict[str, Any]:
-    """Rows of exactly the model's width (flat), or of its image shape (nested), with values in
-    [0, 1] for a Bernoulli model: the schema then says what the checks will accept."""
-    number: dict[str, Any] = {"type": "number"}
-    if vae.likelihood == "bernoulli":
-        number |= {"minimum": 0.0, "maximum": 1.0}
-    flat = _rows_schema(vae.input_dim, number, max_rows)
-    if len(vae.input_shape) != 2:
-        return flat
-    height, width = vae.input_shape
-    image = _rows_schema(width, number, height)
-    image = {"type": "array", "items": image["items"], "minItems": height, "maxItems": height}
-    return {"items": {"anyOf": [flat["items"], image]}, "minItems": 1, "maxItems": max_rows}
-
-
-def _set_maximum(field: dict[str, Any], limit: int) -> None:
-    # Optional fields are anyOf [integer, null]: the bound goes on the integer branch.
-    for branch in field.get("anyOf", [field]):
-        if branch.get("type") == "integer":
-            branch["maximum"] = limit

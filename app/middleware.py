@@ -9,7 +9,8 @@ request, and it can answer before the body is read. Its order of checks is the o
 3. for model requests (every POST outside /admin): draining (503 once SIGTERM arrived), then
    the in-flight bound (503 with Retry-After), then the timeout (504).
 
-Every refusal is the service's usual `{"detail": "<one sentence>"}`.
+Every refusal is one sentence in the shape of the protocol asked: `{"detail": ...}`, or
+`{"error": ...}` on /v2 paths, as V2 clients expect (errors.error_payload).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import error_payload, speaks_v2
 from app.lifecycle import Lifecycle
 from app.settings import Settings
 
@@ -58,12 +60,12 @@ class Guard:
         headers = dict(scope["headers"])  # lower-case names, as ASGI guarantees
         if refusal := self._check_key(path, scope["method"], headers):
             status, detail, extra = refusal
-            await _refuse(send, status, detail, extra)
+            await _refuse(send, path, status, detail, extra)
             return
         limit = self.settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _refuse(send, 413, _too_large(limit), [(b"connection", b"close")])
+            await _refuse(send, path, 413, _too_large(limit), [(b"connection", b"close")])
             return
         if scope["method"] != "POST" or path.startswith(ADMIN_PREFIX):
             await self._call(scope, receive, send, limit)
@@ -71,14 +73,14 @@ class Guard:
         lifecycle: Lifecycle = scope["app"].state.lifecycle
         if lifecycle.draining:
             detail = "The server is shutting down; send the request to another replica."
-            await _refuse(send, 503, detail, [_retry_after(), (b"connection", b"close")])
+            await _refuse(send, path, 503, detail, [_retry_after(), (b"connection", b"close")])
             return
         if lifecycle.in_flight >= self.settings.max_in_flight:
             detail = (
                 f"The server already has {self.settings.max_in_flight} requests in flight, its "
                 f"limit (VAE_MAX_IN_FLIGHT); retry after {RETRY_AFTER_S} s."
             )
-            await _refuse(send, 503, detail, [_retry_after()])
+            await _refuse(send, path, 503, detail, [_retry_after()])
             return
         lifecycle.in_flight += 1
         try:
@@ -137,12 +139,12 @@ class Guard:
         except BodyTooLarge:  # read by a route that let it through, e.g. a plain Request
             if started:
                 raise
-            await _refuse(send, 413, _too_large(limit), [(b"connection", b"close")])
+            await _refuse(send, scope["path"], 413, _too_large(limit), [(b"connection", b"close")])
         except TimeoutError:
             if started or not deadline.expired():  # half an answer cannot be taken back
                 raise
             detail = f"The request took longer than {timeout:g} s (VAE_REQUEST_TIMEOUT_S)."
-            await _refuse(send, 504, detail, [])
+            await _refuse(send, scope["path"], 504, detail, [])
 
 
 class BodyTooLarge(HTTPException):
@@ -174,8 +176,10 @@ def _retry_after() -> tuple[bytes, bytes]:
     return b"retry-after", str(math.ceil(RETRY_AFTER_S)).encode()
 
 
-async def _refuse(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]]) -> None:
-    body = orjson.dumps({"detail": detail})
+async def _refuse(
+    send: Send, path: str, status: int, detail: str, extra: list[tuple[bytes, bytes]]
+) -> None:
+    body = orjson.dumps(error_payload(detail, v2=speaks_v2(path)))
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -1,5 +1,5 @@
-"""The model operations behind both protocols, REST (routes.py) and V2 (v2.py): the checks that
-need the model, the batcher key, and the call.
+"""The model operations behind both protocols, REST (routes.py) and V2 (app/v2/): the checks
+that need the model, the batcher key, and the call.
 
 One definition on purpose: the batcher runs the first job's function for a whole merged batch,
 so two requests that share a key must share the function too. The key carries the model
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.batching import Batcher
-from app.model import Array, VAEService
+from app.common import Array, Arrays
+from app.model import VAEService
 from app.observability import Metrics
-from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams
+from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams, SampleRequest
 from app.settings import Settings
 from app.validation import ScorePlan, check_samples, instances_array, latents_array, plan_scores
 
-Arrays = dict[str, Array]
 Rows = Sequence[object] | np.ndarray
 
 
@@ -58,8 +58,21 @@ async def decode(
     z = latents_array(latents, vae, settings)
     mode = params.output == "mode"
     return await batcher.submit(
-        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}
+        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}, "decode"
     )
+
+
+async def sample(
+    params: SampleRequest, vae: VAEService, batcher: Batcher, settings: Settings
+) -> Arrays:
+    check_samples("n", params.n, settings)
+
+    def run(_: Array) -> Arrays:
+        z, x = vae.sample(params.n, params.seed, mode=params.output == "mode")
+        return {"latents": z, "outputs": x}
+
+    # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
+    return await batcher.submit(None, np.empty((params.n, 0), dtype=np.float32), run, "sample")
 
 
 async def score(
