@@ -22,6 +22,8 @@ from tests.conftest import Server, make_artifact
 Start = Callable[[dict[str, str]], Server]
 
 GOOD = {"instances": [[0.0, 1.0, 1.0, 0.0]]}
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,58 @@ def test_slow_request_gets_504_and_the_server_goes_on(
         time.sleep(0.2)
 
 
+def test_v2_paths_get_the_guards_refusals_in_v2_shape(
+    start_server: Start, slow_artifact: Path
+) -> None:
+    """401, 413, 503 and 504 come from the admission middleware, before any V2 code runs; on
+    /v2 paths they must still read `{"error": ...}`, as V2 clients (tritonclient) parse."""
+    server = serve(
+        start_server, slow_artifact, VAE_API_KEYS=KEY, VAE_MAX_BODY_BYTES="1000000",
+        VAE_MAX_IN_FLIGHT="1", VAE_REQUEST_TIMEOUT_S="2", VAE_MAX_TOTAL_SAMPLES="262144",
+    )  # fmt: skip
+    infer = f"{server.url}/v2/models/vae-anomaly/infer"
+    x = np.asarray(slow_body(instances=192)["instances"])  # about 3 s of work: over the 2 s
+    slow = {
+        "inputs": [{"name": "instances", "shape": list(x.shape), "datatype": "FP32",
+                    "data": x.ravel().tolist()}],
+        "parameters": {"seed": 0, "log_likelihood_samples": 1024},
+    }  # fmt: skip
+    small = {"inputs": [{"name": "instances", "shape": [1, 784], "datatype": "FP32",
+                         "data": [0.0] * 784}]}  # fmt: skip
+
+    no_key = httpx.post(infer, json=small)
+    assert no_key.status_code == 401
+    assert no_key.json() == {
+        "error": "A valid API key is required: send Authorization: Bearer <key> or X-API-Key."
+    }
+    # The same refusal on a REST path keeps the service's own shape.
+    assert httpx.post(f"{server.url}/encode", json=GOOD).json() == {
+        "detail": "A valid API key is required: send Authorization: Bearer <key> or X-API-Key."
+    }
+    too_big = httpx.post(infer, content=b"0" * 1_000_001, headers=AUTH)
+    assert (too_big.status_code, too_big.json()) == (
+        413,
+        {"error": "The request body is larger than 1000000 bytes, the limit (VAE_MAX_BODY_BYTES)."},
+    )
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, infer, json=slow, headers=AUTH, timeout=60)
+        deadline = time.monotonic() + 30
+        while in_flight(server) < 1:
+            assert time.monotonic() < deadline, "the slow request never got in"
+            time.sleep(0.02)
+        busy = httpx.post(infer, json=small, headers=AUTH)
+        timed_out = running.result()
+    assert (busy.status_code, busy.headers["retry-after"]) == (503, "1")
+    assert busy.json() == {
+        "error": "The server already has 1 requests in flight, its limit (VAE_MAX_IN_FLIGHT); "
+        "retry after 1 s."
+    }
+    assert (timed_out.status_code, timed_out.json()) == (
+        504,
+        {"error": "The request took longer than 2 s (VAE_REQUEST_TIMEOUT_S)."},
+    )
+
+
 # -- graceful shutdown ------------------------------------------------------------------------
 
 
@@ -197,9 +251,6 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits(
 
 
 # -- reload and integrity ---------------------------------------------------------------------
-
-KEY = "test-key-0123456789"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def swap_in(path: Path, seed: int) -> str:

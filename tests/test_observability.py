@@ -37,6 +37,8 @@ def test_metrics_parse_and_the_histograms_move(start_server: Start, tiny_artifac
     for _ in range(3):
         assert httpx.post(f"{server.url}/encode", json=GOOD).status_code == 200
     assert httpx.post(f"{server.url}/anomaly-score", json=GOOD).status_code == 200
+    assert httpx.post(f"{server.url}/decode", json={"latents": [[0.0, 0.0]]}).status_code == 200
+    assert httpx.post(f"{server.url}/sample", json={"n": 2}).status_code == 200
     assert httpx.post(f"{server.url}/encode", json={"instances": [[2.0]]}).status_code == 422
     after = scrape(server)
 
@@ -51,6 +53,11 @@ def test_metrics_parse_and_the_histograms_move(start_server: Start, tiny_artifac
     assert moved(f'vae_request_duration_seconds_bucket{{le="+Inf",{ok}}}') == 3
     assert moved('vae_inference_duration_seconds_count{op="encode"}') == 3
     assert moved('vae_inference_duration_seconds_count{op="anomaly"}') == 1
+    # Every operation carries its own name, none the batcher's placeholder.
+    for op in ("decode", "sample"):
+        assert moved(f'vae_inference_duration_seconds_count{{op="{op}"}}') == 1
+        assert moved(f'vae_queue_duration_seconds_count{{op="{op}"}}') == 1
+    assert not [k for k in after if 'op="op"' in k]
     assert moved('vae_batch_size_sum{op="encode"}') == 6  # two instances, three requests
     assert moved('vae_queue_duration_seconds_count{op="encode"}') == 3
     for score in ("kl_divergence", "reconstruction_log_prob"):

@@ -13,13 +13,11 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
-from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from app import __version__
 from app.main import create_app
-from app.routes import get_settings
 from app.settings import Settings
 from tests.conftest import Server
 
@@ -535,21 +533,6 @@ def test_openapi_lists_the_v2_routes_under_tag_v2(tiny_artifact: Path) -> None:
     assert infer["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/V2ErrorResponse"
     )
-
-
-def test_http_errors_from_shared_dependencies_keep_their_status_in_v2_shape(
-    tiny_artifact: Path,
-) -> None:
-    # As an API-key or body-limit dependency would raise it.
-    def refuse() -> Settings:
-        raise HTTPException(401, "A valid API key is required.", {"WWW-Authenticate": "Bearer"})
-
-    app = create_app(Settings(model_path=tiny_artifact))
-    app.dependency_overrides[get_settings] = refuse
-    with TestClient(app) as client:
-        r = client.post("/v2/models/vae/infer", json=GOOD_JSON)
-    assert (r.status_code, r.json()) == (401, {"error": "A valid API key is required."})
-    assert r.headers["www-authenticate"] == "Bearer"
 
 
 def test_v2_and_rest_requests_share_a_forward_pass(tiny_artifact: Path) -> None:
