@@ -46,71 +46,34 @@ class ServerError(RuntimeError):
     pass
 
 
-class Server:
-    """One uvicorn process (a supervisor plus workers when workers > 1), as a context manager."""
+class Process:
+    """A server process on a port: started in a session of its own with none of the caller's
+    VAE_* variables (only `env`'s), polled until `ready_path` answers 200, and stopped with
+    everything it started. bench's `Server` and the tests' servers both build on it."""
 
     def __init__(
-        self,
-        name: str,
-        factory: str,
-        stack: Stack,
-        *,
-        port: int,
-        ready_path: str,
-        env: dict[str, str],
-        log_dir: Path,
+        self, cmd: list[str], *, port: int, env: dict[str, str], log: Path, name: str = "server"
     ) -> None:
         self.name = name
-        self.stack = stack
         self.port = port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ready_path = ready_path
-        self.log = log_dir / f"{name}.log"
-        self.startup_s = 0.0
-        # Nothing from the caller's VAE_* environment may change what is measured.
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
         base = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
         self._env = {**base, **env}
-        self._cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            factory,
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *stack.uvicorn_args(),
-            # Access lines are INFO: off at warning, as VAE_LOG_LEVEL=warning does for the app.
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            # Nothing is in flight when we stop; don't wait 30 s as `python -m app` would.
-            "--timeout-graceful-shutdown",
-            "5",
-        ]
+        self._cmd = cmd
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Server:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise ServerError(f"{self.name} is not running")
+        return self._proc
 
     @property
     def pid(self) -> int:
-        if self._proc is None:
-            raise ServerError(f"{self.name} is not running")
-        return self._proc.pid
+        return self.proc.pid
 
-    def start(self, timeout: float = 120.0) -> None:
-        t0 = time.monotonic()
+    def launch(self) -> None:
         with self.log.open("wb") as log:
             # A session of its own: stop() can then kill the workers too, and only them.
             self._proc = subprocess.Popen(
@@ -121,31 +84,15 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        first_ready = time.monotonic() - t0
-        if self.stack.workers > 1:
-            # /ready answered by one worker says nothing of the others; they load in parallel,
-            # and a worker accepts connections only after its lifespan, so give them as long
-            # again as the first one took (the warm-up run then covers any straggler).
-            time.sleep(first_ready + 0.5)
-            if len(self.worker_pids()) < self.stack.workers:
-                raise ServerError(
-                    f"{self.name}: fewer than {self.stack.workers} workers\n" + self.log_tail()
-                )
-        self.startup_s = time.monotonic() - t0
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 60.0, ready_path: str = "/ready") -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
                 if self._proc is not None and self._proc.poll() is not None:
                     raise ServerError(f"{self.name} exited early:\n{self.log_tail()}")
                 try:
-                    if http.get(self.url + self.ready_path).status_code == 200:
+                    if http.get(self.url + ready_path).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
@@ -171,6 +118,78 @@ class Server:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class Server(Process):
+    """One uvicorn process (a supervisor plus workers when workers > 1), as a context manager."""
+
+    def __init__(
+        self,
+        name: str,
+        factory: str,
+        stack: Stack,
+        *,
+        port: int,
+        ready_path: str,
+        env: dict[str, str],
+        log_dir: Path,
+    ) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            factory,
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *stack.uvicorn_args(),
+            # Access lines are INFO: off at warning, as VAE_LOG_LEVEL=warning does for the app.
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            # Nothing is in flight when we stop; don't wait 30 s as `python -m app` would.
+            "--timeout-graceful-shutdown",
+            "5",
+        ]
+        # Nothing from the caller's VAE_* environment may change what is measured.
+        super().__init__(cmd, port=port, env=env, log=log_dir / f"{name}.log", name=name)
+        self.stack = stack
+        self.ready_path = ready_path
+        self.startup_s = 0.0
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 120.0) -> None:
+        t0 = time.monotonic()
+        self.launch()
+        try:
+            self.wait_ready(timeout, self.ready_path)
+        except BaseException:
+            self.stop()
+            raise
+        first_ready = time.monotonic() - t0
+        if self.stack.workers > 1:
+            # /ready answered by one worker says nothing of the others; they load in parallel,
+            # and a worker accepts connections only after its lifespan, so give them as long
+            # again as the first one took (the warm-up run then covers any straggler).
+            time.sleep(first_ready + 0.5)
+            if len(self.worker_pids()) < self.stack.workers:
+                raise ServerError(
+                    f"{self.name}: fewer than {self.stack.workers} workers\n" + self.log_tail()
+                )
+        self.startup_s = time.monotonic() - t0
 
     def worker_pids(self) -> list[int]:
         """The processes that serve: the server itself, or uvicorn's spawned workers."""

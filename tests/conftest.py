@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
+from bench.servers import Process, ServerError, free_port
 from training.config import ModelConfig
 from training.evaluate import anomaly_scores, calibrate
 from training.export import build_manifest, export_artifact
@@ -110,15 +107,9 @@ def require_tool(name: str, install: str) -> str:
     pytest.skip(f"{reason}; CI is unset, so this skips instead of failing")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Server:
-    """A real `python -m app` process (or other server `args`) on a free port, or the given one."""
+class Server(Process):
+    """A real `python -m app` process (or other server `args`) on a free port, or the given one,
+    started at once; bench's Process owns the launching, the readiness poll and the stopping."""
 
     def __init__(
         self,
@@ -128,44 +119,18 @@ class Server:
         port: int | None = None,
         args: tuple[str, ...] = ("-m", "app"),
     ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = log.open("wb")
-        # Only the VAE_* variables given here: none from the shell (module-scoped servers start
-        # outside the clean_environ fixture).
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-        full_env = {**clean, **env, "VAE_PORT": str(self.port), "VAE_HOST": "127.0.0.1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=REPO,
-            env=full_env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        port = port or free_port()
+        # Only the VAE_* variables given here (Process drops the shell's): module-scoped servers
+        # start outside the clean_environ fixture.
+        env = {**env, "VAE_PORT": str(port), "VAE_HOST": "127.0.0.1"}
+        super().__init__([sys.executable, *args], port=port, env=env, log=log)
+        self.launch()
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
+    def wait_ready(self, timeout: float = 60.0, ready_path: str = "/ready") -> None:
+        try:
+            super().wait_ready(timeout, ready_path)
+        except ServerError as e:
+            raise AssertionError(str(e)) from None
 
 
 @pytest.fixture

@@ -69,7 +69,9 @@ def test_an_op_failure_reaches_every_merged_request() -> None:
         raise ValueError("boom")
 
     async def main() -> list[object]:
-        tasks = [asyncio.create_task(batcher.submit("k", rows(1), broken, "broken")) for _ in range(3)]
+        tasks = [
+            asyncio.create_task(batcher.submit("k", rows(1), broken, "broken")) for _ in range(3)
+        ]
         await asyncio.sleep(0)
         batcher.start()
         return await asyncio.gather(*tasks, return_exceptions=True)

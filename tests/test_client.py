@@ -38,7 +38,8 @@ from vae_service_client import (
 from vae_service_client.client import error_from_response, parse_retry_after
 
 from app.settings import Settings
-from tests.conftest import REPO, Server, free_port
+from bench.servers import free_port
+from tests.conftest import REPO, Server
 
 StartServer = Callable[[dict[str, str]], Server]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MNIST_DIR, REPO, free_port
+from bench.servers import free_port
+from tests.conftest import MNIST_DIR, REPO
 from training.export import load_artifact
 
 ARGS = ["--data-dir", str(MNIST_DIR), "--epochs", "2", "--eval-k", "20", "--eval-images", "500",

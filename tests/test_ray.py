@@ -33,7 +33,8 @@ from starlette.types import Message, Scope
 from app.main import create_app
 from app.settings import Settings
 from bench.ray import DEPLOYMENT, RayCluster, serve_config
-from tests.conftest import REPO, Server, free_port
+from bench.servers import free_port
+from tests.conftest import REPO, Server
 
 with warnings.catch_warnings():
     # Ray Serve's own config models still pass extra keywords to pydantic's Field; that is
