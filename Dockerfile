@@ -1,5 +1,5 @@
-# The VAE service image: the FastAPI app, the offline trainer, and scripts/serve.sh, which trains
-# a model into /srv/models on first start when none is there and then serves it.
+# The VAE service image: the FastAPI app and the MNIST model that ships with the repository. It
+# serves at once and never trains; `python -m training` runs outside it and exports the artifact.
 
 # A build arg, so a pinned digest or a bookworm tag can be swapped in without editing this file.
 ARG BASE_IMAGE=python:3.11-slim
@@ -29,37 +29,32 @@ WORKDIR /srv
 # app never re-download it.
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 
-# Only what the distribution needs to build, so unrelated changes (tests, docs) keep the cache.
+# Only what the distribution needs, so unrelated changes (tests, docs) keep the cache. The
+# trainer comes along (a few small files) for an explicit `python -m training` in the image.
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY training/ training/
-COPY scripts/serve.sh scripts/serve.sh
 
-# torch is already satisfied, so this pulls only the small runtime deps. No extras: training on
-# first start needs only torch and numpy (it runs without a progress bar), so the image stays lean.
-RUN pip install --no-cache-dir . \
- && chmod 0755 scripts/serve.sh
+# torch is already satisfied, so this pulls only the small runtime deps; no extras.
+RUN pip install --no-cache-dir .
 
-# Named volumes mounted on these paths copy the image's ownership, so the non-root user can
-# write the trained artifact (and, for a fresh user, the MNIST download) into them.
-RUN mkdir -p /srv/models /srv/data/mnist \
- && chown -R vae:vae /srv/models /srv/data
+# The MNIST model that ships with the repository, so the image serves at once, offline. To serve
+# another artifact, mount it and point VAE_MODEL_PATH at it (docker-compose.yml shows how).
+COPY models/default/vae.pt models/default/vae.pt
 
-# Listen on all interfaces inside the container; paths point at the volume mounts.
+# Listen on all interfaces inside the container.
 ENV VAE_HOST=0.0.0.0 \
     VAE_PORT=8000 \
-    VAE_MODEL_PATH=/srv/models/vae.pt \
-    VAE_DATA_DIR=/srv/data/mnist
+    VAE_MODEL_PATH=/srv/models/default/vae.pt
 
 USER vae
 
 EXPOSE 8000
 
-# /ready, not /health: it turns 200 only once the model is loaded and warmed. The long start
-# period covers training on first start; slim images have no curl, so python's urllib it is.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
+# /ready, not /health: it turns 200 only once the model is loaded and warmed (seconds). Slim
+# images have no curl, so python's urllib it is.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=1m --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('VAE_PORT', '8000'), timeout=4)"]
 
-# serve.sh trains when the artifact is missing and ends in `exec python -m app`, so the server
-# replaces the shell as PID 1 and gets `docker stop`'s SIGTERM itself (a graceful shutdown).
-CMD ["/srv/scripts/serve.sh"]
+# The server is PID 1, so it gets `docker stop`'s SIGTERM itself (a graceful shutdown).
+CMD ["python", "-m", "app"]

@@ -1,25 +1,43 @@
 # One entry point for people and CI. torch is pinned: an open range pulls GBs of CUDA wheels.
+# Each target installs only what it needs, recorded by a stamp in the venv: serving needs none of
+# the extras, training adds tqdm and matplotlib, the tests add everything (ray, schemathesis, ...).
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+SERVE := $(VENV)/.serve
+TRAIN := $(VENV)/.train
+ALL := $(VENV)/.installed
+# make train: MNIST from $VAE_DATA_DIR, else downloaded (md5-checked) into data/mnist.
+DATA := $(or $(VAE_DATA_DIR),data/mnist)
 
-.PHONY: run test lint
+.PHONY: run train test lint
 
-$(STAMP): pyproject.toml
+define install
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 -e '.[train,dev]'
+	$(PY) -m pip install -q torch==2.13.0 $(1)
 	touch $@
+endef
 
-## run: train the default model if none exists, then serve it on port 8000
-run: $(STAMP)
-	PYTHON=$(PY) scripts/serve.sh
+$(SERVE): pyproject.toml
+	$(call install,-e .)
+$(TRAIN): pyproject.toml
+	$(call install,-e '.[train]')
+$(ALL): pyproject.toml clients/python/pyproject.toml
+	$(call install,-e '.[train,dev]' -e clients/python)
+
+## run: serve models/default/vae.pt (shipped; or $VAE_MODEL_PATH) on port 8000, offline
+run: $(SERVE)
+	$(PY) -m app
+
+## train: the default recipe into models/vae.pt; serve it with VAE_MODEL_PATH=models/vae.pt make run
+train: $(TRAIN)
+	$(PY) -m training --data-dir $(DATA) --out models/vae.pt $(if $(VAE_DATA_DIR),,--download)
 
 ## test: the whole test suite
-test: $(STAMP)
+test: $(ALL)
 	$(PY) -m pytest
 
 ## lint: ruff and mypy --strict
-lint: $(STAMP)
+lint: $(ALL)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

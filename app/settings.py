@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VAE_", protected_namespaces=(), extra="ignore")
 
     model_path: Path = Field(
-        Path("models/vae.pt"), description="The TorchScript artifact to serve (read locally only)."
-    )
+        Path("models/default/vae.pt"), description="The TorchScript artifact to serve (read "
+        "locally only); the default is the MNIST model that ships with the repository.",
+    )  # fmt: skip
     model_sha256: str | None = Field(
         None, pattern=r"^[0-9a-fA-F]{64}$", description="Pins the artifact: start-up and "
         "reload refuse a file whose sha256 differs.",
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port for `python -m app`.")
     workers: int = Field(
         1, ge=1, le=64, description="uvicorn worker processes for `python -m app`; each loads "
-        "the model and runs its own batcher (README \"Performance\" has the measurement).",
+        "the model and runs its own batcher (docs/performance.md has the measurement).",
     )  # fmt: skip
     loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="uvicorn event loop for `python -m app` (auto = uvloop if installed)."
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     anomaly_score: ScoreName = Field(
         "reconstruction_log_prob", description="The score that drives is_anomaly (the best "
-        "measured in README's leave-one-digit-out benchmark).",
+        "measured in the leave-one-digit-out benchmark, docs/anomaly.md).",
     )  # fmt: skip
     max_batch_size: int = Field(
         64, ge=1, le=65536, description="Most instances the batcher merges into one forward "
