@@ -10,9 +10,19 @@ import numpy.typing as npt
 Array = npt.NDArray[np.float32]
 Arrays = dict[str, Array]  # an operation's outputs, by name
 
-# The anomaly scores an artifact can be asked for; calibration.py knows each one's direction.
-ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"]
+# The anomaly scores an artifact can be asked for; its calibration states each one's direction.
+# Format-1 artifacts offer the first three; format 2 adds the rest (app/scores.py).
+ScoreName = Literal[
+    "kl_divergence",
+    "reconstruction_log_prob",
+    "log_likelihood",
+    "input_complexity",
+    "likelihood_ratio",
+    "dose",
+]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)
+# Computed only when asked for, or when deciding: each costs more decoder passes.
+COSTLY_SCORES: tuple[ScoreName, ...] = ("log_likelihood", "likelihood_ratio")
 
 JSON = "application/json"
 NPY = "application/x-npy"

@@ -14,17 +14,15 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BeforeValidator, Field
-from pydantic_core import PydanticCustomError
+from pydantic import Field
 
 from app.common import Array
 from app.errors import InvalidInputError, UnsupportedMediaTypeError
-from app.schemas import Strict
+from app.schemas import Flag, Strict
 
 MAX_SIDE = 4096  # pixels, both ways: what an upload may declare, and what a grid may become
 # All of one request's uploads together: decoding costs about 50 ms per megapixel here, and a
@@ -46,17 +44,10 @@ def is_image_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2
 
 
-def _true_or_false(value: object) -> object:
-    """A form field is text: only `true` and `false` mean a boolean (not 0, 1, yes or on)."""
-    if isinstance(value, str) and value.lower() not in ("true", "false"):
-        raise PydanticCustomError("bool_parsing", "Input should be true or false")
-    return value
-
-
 class UploadOptions(Strict):
     """The one option of an image upload that the .npy and JSON bodies do not have."""
 
-    invert: Annotated[bool, BeforeValidator(_true_or_false)] = Field(
+    invert: Flag = Field(
         False,
         description="Invert the grey levels (255 - v) after the resize: for dark ink on light "
         "paper, when the model learnt light strokes on black, as MNIST models did.",
@@ -224,6 +215,18 @@ def check_grid(n: int, shape: tuple[int, int], scale: int) -> None:
             f"{n} images at scale={scale} make a {width} x {height} PNG, over the "
             f"{MAX_SIDE} x {MAX_SIDE} limit; ask for fewer images or a smaller scale."
         )
+
+
+def pair_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The cell of side_by_side: two images of `shape` with a separator between."""
+    return shape[0], 2 * shape[1] + SEPARATOR
+
+
+def side_by_side(left: Pixels, right: Pixels) -> Pixels:
+    """(N, H, W) twice -> (N, H, 2W + SEPARATOR): each left image with its right one beside."""
+    n, h, _ = left.shape
+    gap = np.full((n, h, SEPARATOR), SEPARATOR_GREY, dtype=np.uint8)
+    return np.concatenate([left, gap, right], axis=2)
 
 
 def png_grid(cells: Pixels, scale: int = 1) -> bytes:

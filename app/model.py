@@ -24,10 +24,13 @@ import torch
 from app.calibration import Calibration
 from app.common import Array, Arrays
 from app.errors import ModelLoadError
+from app.scores import Density, complexity_bits, input_complexity
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMAT_VERSIONS = {1}
+# 1: KL, the reconstruction probability and the log-likelihood. 2 adds input complexity, DoSE,
+# the likelihood ratio (a background model in BACKGROUND) and the per-feature attribution.
+SUPPORTED_FORMAT_VERSIONS = {1, 2}
 REQUIRED_METHODS = (
     "encode",
     "decode",
@@ -35,6 +38,8 @@ REQUIRED_METHODS = (
     "reconstruction_log_prob",
     "log_likelihood",
 )
+ATTRIBUTION_METHOD = "feature_log_prob"  # format 2
+BACKGROUND = "background.pt"
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
 
 
@@ -70,6 +75,7 @@ class VAEService:
         sha256: str,
         device: torch.device,
         calibration: Calibration,
+        background: torch.jit.ScriptModule | None = None,
     ) -> None:
         self.module = module
         self.manifest = manifest
@@ -80,6 +86,20 @@ class VAEService:
         self.latent_dim: int = manifest["latent_dim"]
         self.likelihood: str = manifest["likelihood"]
         self.calibration = calibration
+        self.format_version: int = manifest["format_version"]
+        self.background = background
+        # Format 2: what its scores need, checked by load(); absent from format 1.
+        self.density = Density.from_manifest(manifest["dose"]) if "dose" in manifest else None
+        attribution = manifest.get("attribution")
+        self.attribution_stats: tuple[Array, Array] | None = None
+        if attribution is not None and hasattr(module, ATTRIBUTION_METHOD):
+            mean = np.asarray(attribution["mean"], dtype=np.float32)
+            # A floor on the spread: a pixel that is always 0 in normal data has none, and
+            # one stray value there must rank high, not infinitely high.
+            scale = np.maximum(np.asarray(attribution["scale"], dtype=np.float32), 0.05)
+            self.attribution_stats = (mean, scale)
+        # The score the artifact recommends deciding with; format 1 predates the choice.
+        self.decision_score: str = manifest.get("decision_score", "reconstruction_log_prob")
 
     @classmethod
     def load(
@@ -105,28 +125,24 @@ class VAEService:
                 f"{path}: its sha256 is {sha256}, but VAE_MODEL_SHA256 pins "
                 f"{expected_sha256.lower()}; refusing to serve it."
             )
-        extra = {"manifest.json": ""}
-        try:
-            with warnings.catch_warnings():
-                # torch 2.13 deprecates TorchScript; silence exactly that warning.
-                warnings.filterwarnings(
-                    "ignore",
-                    message=r"`torch\.jit\.load` is deprecated",
-                    category=DeprecationWarning,
-                )
-                # From the bytes already read: the sha256 reported is of exactly what runs.
-                module = torch.jit.load(io.BytesIO(data), map_location=dev, _extra_files=extra)
-        except Exception as e:  # torch raises RuntimeError or ValueError with C++ traces
-            raise ModelLoadError(
-                f"{path}: not a readable TorchScript artifact ({type(e).__name__})."
-            ) from e
+        extra: dict[str, Any] = {"manifest.json": "", BACKGROUND: ""}
+        # From the bytes already read: the sha256 reported is of exactly what runs.
+        module = _jit_load(path, data, dev, extra)
         manifest = _parse_manifest(path, extra["manifest.json"])
         calibration = Calibration.from_manifest(manifest, str(path))
         missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
         if missing:
             raise ModelLoadError(f"{path}: the artifact lacks the methods {', '.join(missing)}.")
         module.eval()
-        service = cls(module, manifest, sha256, dev, calibration)
+        background = None
+        if "likelihood_ratio" in calibration.scores:
+            if not extra[BACKGROUND]:
+                raise ModelLoadError(f"{path}: the likelihood ratio needs {BACKGROUND}, absent.")
+            background = _jit_load(path, extra[BACKGROUND], dev, {}).eval()
+        try:
+            service = cls(module, manifest, sha256, dev, calibration, background)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{path}: the manifest's scoring data is invalid ({e}).") from None
         log.info(
             "loaded %s: sha256 %s, input %s, latent %d, %s decoder, on %s",
             path, service.sha256, service.input_shape, service.latent_dim, service.likelihood, dev,
@@ -159,17 +175,49 @@ class VAEService:
 
     @torch.no_grad()
     def anomaly_scores(
-        self, x: Array, samples: int, seed: int | None = None, ll_samples: int = 0
+        self,
+        x: Array,
+        samples: int,
+        seed: int | None = None,
+        ll_samples: int = 0,
+        *,
+        ratio: bool = False,
+        attribution: bool = False,
     ) -> Arrays:
-        """KL, log reconstruction probability over L=`samples`, and with K=`ll_samples` > 0 the
-        importance-sampled log-likelihood; each (B,)."""
+        """Each (B,): KL and the log reconstruction probability over L=`samples`; where the
+        artifact has them, the input complexity and DoSE; with `ratio`, the likelihood ratio
+        against the background model; with K=`ll_samples` > 0, the importance-sampled
+        log-likelihood; with `attribution`, (B, D) standardised -log p(x_d|z) per feature.
+
+        The ratio and the attribution reuse the reconstruction's L samples, and the K samples
+        are drawn after them, so asking for more never changes a seeded answer's other scores."""
         xt = self._tensor(x)
         g = self._generator(seed)
         eps = self._eps((samples, x.shape[0], self.latent_dim), g)  # (L, B, Z)
+        recon = _numpy(self.module.reconstruction_log_prob(xt, eps))
         scores = {
             "kl_divergence": _numpy(self.module.kl_divergence(xt)),
-            "reconstruction_log_prob": _numpy(self.module.reconstruction_log_prob(xt, eps)),
+            "reconstruction_log_prob": recon,
         }
+        offered = self.calibration.scores
+        if "input_complexity" in offered or self.density is not None:
+            stats = (
+                scores | {"complexity_bits": complexity_bits(x, binary=True)}
+                if self.likelihood == "bernoulli"
+                else scores
+            )
+            if "input_complexity" in offered:
+                scores["input_complexity"] = input_complexity(recon, stats["complexity_bits"])
+            if self.density is not None:
+                scores["dose"] = self.density.score(stats)
+        if ratio and self.background is not None:
+            scores["likelihood_ratio"] = recon - _numpy(
+                self.background.reconstruction_log_prob(xt, eps)
+            )
+        if attribution and self.attribution_stats is not None:
+            mean, scale = self.attribution_stats
+            nll = -_numpy(getattr(self.module, ATTRIBUTION_METHOD)(xt, eps))
+            scores["attribution"] = (nll - mean) / scale
         if ll_samples:
             eps = self._eps((ll_samples, x.shape[0], self.latent_dim), g)  # (K, B, Z)
             scores["log_likelihood"] = _numpy(self.module.log_likelihood(xt, eps))
@@ -186,7 +234,7 @@ class VAEService:
             for _ in range(2):  # the profiling executor specialises on the second call
                 self.encode(x, samples=2, seed=0)
                 self.decode(np.zeros((size, self.latent_dim), dtype=np.float32))
-                self.anomaly_scores(x, samples=2, seed=0, ll_samples=2)
+                self.anomaly_scores(x, 2, 0, ll_samples=2, ratio=True, attribution=True)
         self.sample(2, seed=0)
 
     def public_manifest(self) -> dict[str, Any]:
@@ -198,6 +246,11 @@ class VAEService:
             cal = self.manifest["calibration"]
             m["calibration"] = {k: v for k, v in cal.items() if k not in ("levels", "scores")}
             m["calibration"]["scores"] = sorted(cal.get("scores", {}))
+        if "dose" in m:  # the reference points stay out; how the density was built stays in
+            m["dose"] = {k: v for k, v in m["dose"].items() if k not in ("reference",)}
+            m["dose"]["n"] = len(self.manifest["dose"]["reference"])
+        if "attribution" in m:
+            m["attribution"] = {"samples": m["attribution"].get("samples")}
         return m
 
     # -- helpers -------------------------------------------------------------------------------
@@ -216,6 +269,25 @@ class VAEService:
 
 def _numpy(t: torch.Tensor) -> Array:
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _jit_load(
+    path: Path, data: bytes, device: torch.device, extra: dict[str, Any]
+) -> torch.jit.ScriptModule:
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates TorchScript; silence exactly that warning.
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning
+            )
+            module: torch.jit.ScriptModule = torch.jit.load(
+                io.BytesIO(data), map_location=device, _extra_files=extra
+            )
+            return module
+    except Exception as e:  # torch raises RuntimeError or ValueError with C++ traces
+        raise ModelLoadError(
+            f"{path}: not a readable TorchScript artifact ({type(e).__name__})."
+        ) from e
 
 
 def _parse_manifest(path: Path, raw: str | bytes) -> dict[str, Any]:

@@ -93,6 +93,25 @@ IMAGE_OUT: Responses = {
     },
     **error_responses(ErrorResponse, {406: "image/png asked of a model without images."}),
 }
+# /anomaly-score: a record per instance as .npy, or each input beside its attribution heat map.
+HEAT_MAP_OUT: Responses = {
+    200: {
+        "content": {
+            NPY: {
+                "schema": _BINARY,
+                "description": "To a client that accepts .npy and not JSON: one record per "
+                "instance, each score, `<score>_percentile`, `is_anomaly` and, when asked for, "
+                "`attribution`.",
+            },
+            PNG: {
+                "schema": _BINARY,
+                "description": "Image models with attribution: each input beside its heat map "
+                "(white: the grid's most anomalous pixels), one cell per instance.",
+            },
+        }
+    },
+    **error_responses(ErrorResponse, {406: "image/png asked of a model without images."}),
+}
 SCALE_PARAM: dict[str, Any] = {
     "parameters": [
         {

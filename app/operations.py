@@ -31,6 +31,8 @@ class Scored:
     percentiles: Arrays  # per score name, (B,): the share of normal data less anomalous
     is_anomaly: np.ndarray  # (B,) bool
     plan: ScorePlan
+    attribution: Array | None  # (B, D) when asked for
+    inputs: Array  # (B, D), as scored
 
 
 async def encode(
@@ -85,13 +87,18 @@ async def score(
 ) -> Scored:
     x = instances_array(instances, vae, settings)
     plan = plan_scores(params, vae, settings, len(x))
-    key = None if params.seed is not None else (vae, "anomaly", plan.samples, plan.ll_samples)
-    scores = await batcher.submit(
-        key,
-        x,
-        lambda xb: vae.anomaly_scores(xb, plan.samples, params.seed, plan.ll_samples),
-        "anomaly",
-    )
+    options = (plan.samples, plan.ll_samples, plan.ratio, plan.attribution)
+    key = None if params.seed is not None else (vae, "anomaly", *options)
+
+    def run(xb: Array) -> Arrays:
+        return vae.anomaly_scores(
+            xb, plan.samples, params.seed, plan.ll_samples,
+            ratio=plan.ratio, attribution=plan.attribution,
+        )  # fmt: skip
+
+    scores = await batcher.submit(key, x, run, "anomaly")
+    attribution = scores.pop("attribution", None)
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
     metrics.observe_percentiles(percentiles)
-    return Scored(scores, percentiles, percentiles[plan.decision_score] > plan.threshold, plan)
+    decided = percentiles[plan.decision_score] > plan.threshold
+    return Scored(scores, percentiles, decided, plan, attribution, x)

@@ -89,9 +89,22 @@ async def read_json_request(request: Request, model: type[P]) -> P:
         raise RequestValidationError(e.errors()) from None
 
 
+def accepts_npy(request: Request) -> bool:
+    return NPY in request.headers.get("accept", "")
+
+
+def accepts_only_npy(request: Request) -> bool:
+    """The client takes .npy and no JSON. /anomaly-score answers .npy only then: its decision
+    settings (score, threshold, L, K) have no place in a .npy record, so a client that also
+    takes JSON, as vae-service-client does, keeps getting the whole answer."""
+    accepted = _accepted(request)
+    json_q = max(accepted.get(m, 0.0) for m in (JSON, "application/*", "*/*"))
+    return accepted.get(NPY, 0.0) > 0.0 and json_q <= 0.0
+
+
 def array_response(request: Request, payload: Mapping[str, Any]) -> Response:
     """JSON by default; .npy when the client accepts it (array outputs only)."""
-    if NPY in request.headers.get("accept", ""):
+    if accepts_npy(request):
         arrays = {k: v for k, v in payload.items() if isinstance(v, np.ndarray)}
         return Response(_npy_bytes(arrays), media_type=NPY)
     return json_response(payload)
@@ -271,7 +284,9 @@ async def read_instances_request(
     return params, images.to_instances(pixels, _value_range(vae))
 
 
-def png_scale(request: Request, vae: VAEService, n: int) -> int | None:
+def png_scale(
+    request: Request, vae: VAEService, n: int, cell: tuple[int, int] | None = None
+) -> int | None:
     """The scale of a PNG answer when the client asks for image/png, else None.
 
     Checked before the model runs: a vector model cannot draw (406, unless the client accepts
@@ -289,7 +304,7 @@ def png_scale(request: Request, vae: VAEService, n: int) -> int | None:
             f"This model's outputs are vectors of {vae.input_dim} values, not images; "
             f"accept {JSON} or {NPY}."
         )
-    images.check_grid(n, (vae.input_shape[0], vae.input_shape[1]), scale)
+    images.check_grid(n, cell or (vae.input_shape[0], vae.input_shape[1]), scale)
     return scale
 
 
@@ -297,6 +312,19 @@ async def png_response(outputs: np.ndarray, vae: VAEService, scale: int) -> Resp
     """One PNG grid of the outputs, (N, D), drawn in the model's shape."""
     pixels = images.to_pixels(outputs, (vae.input_shape[0], vae.input_shape[1]), _value_range(vae))
     body = await anyio.to_thread.run_sync(images.png_grid, pixels, scale, limiter=_PICTURE_WORK)
+    return Response(body, media_type=PNG)
+
+
+async def heat_map_response(
+    x: np.ndarray, attribution: np.ndarray, vae: VAEService, scale: int
+) -> Response:
+    """One PNG grid with a cell per instance: the input, and beside it its attribution as a heat
+    map (black: no more unlikely than in normal data; white: the grid's most anomalous)."""
+    shape = (vae.input_shape[0], vae.input_shape[1])
+    inputs = images.to_pixels(x, shape, _value_range(vae))
+    heat = images.to_pixels(np.maximum(attribution, 0.0), shape, (0.0, None))
+    cells = images.side_by_side(inputs, heat)
+    body = await anyio.to_thread.run_sync(images.png_grid, cells, scale, limiter=_PICTURE_WORK)
     return Response(body, media_type=PNG)
 
 

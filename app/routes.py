@@ -11,12 +11,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import operations
+from app import images, operations
+from app.common import SCORES
 from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep
 from app.errors import ErrorResponse, ModelLoadError, NotReadyError, ReloadRefusedError
 from app.lifecycle import Lifecycle, reload_model
 from app.openapi import (
     AUTH_RESPONSES,
+    HEAT_MAP_OUT,
     IMAGE_OUT,
     NPY_OUT,
     SCALE_PARAM,
@@ -28,7 +30,9 @@ from app.openapi import (
     upload_body,
 )
 from app.payloads import (
+    accepts_only_npy,
     array_response,
+    heat_map_response,
     json_response,
     png_response,
     png_scale,
@@ -125,11 +129,12 @@ async def sample_prior(
     "/anomaly-score",
     tags=["model"],
     response_model=AnomalyScoreResponse,
-    responses=UPLOAD_RESPONSES,
+    responses={**UPLOAD_RESPONSES, **HEAT_MAP_OUT},
     openapi_extra=upload_body(
         AnomalyScoreParams,
         array_body(AnomalyScoreRequest, "A .npy array of instances, as for /encode."),
-    ),
+    )
+    | SCALE_PARAM,
 )
 async def score_anomalies(
     request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep
@@ -139,10 +144,21 @@ async def score_anomalies(
         request, AnomalyScoreParams, AnomalyScoreRequest, vae, settings.max_instances
     )
     request.state.instances = len(instances)
+    shape = vae.input_shape[:2] if len(vae.input_shape) == 2 else (1, 1)
+    scale = png_scale(request, vae, len(instances), images.pair_shape((shape[0], shape[1])))
+    if scale is not None:  # a heat map is drawn from the attribution
+        params = params.model_copy(update={"attribution": True})
     scored = await operations.score(instances, params, vae, batcher, settings, metrics)
     plan = scored.plan
-    # Without K the log-likelihood is not computed, but its keys stay in the answer, as null.
-    absent = {} if plan.ll_samples else {"log_likelihood": None}
+    if scale is not None and scored.attribution is not None:
+        return await heat_map_response(scored.inputs, scored.attribution, vae, scale)
+    extra = {} if scored.attribution is None else {"attribution": scored.attribution}
+    if accepts_only_npy(request):  # one record per instance: scores, percentiles, decision
+        percentiles = {f"{name}_percentile": p for name, p in scored.percentiles.items()}
+        flat = {**scored.scores, **percentiles, "is_anomaly": scored.is_anomaly, **extra}
+        return array_response(request, flat)
+    # Scores not computed keep their keys in the answer, as null.
+    absent: dict[str, None] = {name: None for name in SCORES if name not in scored.scores}
     return json_response(
         {
             **scored.scores,
@@ -153,6 +169,7 @@ async def score_anomalies(
             "threshold_percentile": plan.threshold,
             "samples": plan.samples,
             "log_likelihood_samples": plan.ll_samples or None,
+            "attribution": scored.attribution,
         }
     )
 

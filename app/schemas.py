@@ -26,6 +26,25 @@ def _refuse_bool(value: object) -> object:
 
 # A count or seed: an integer as JSON Schema means it (2.0 is 2), but a JSON `true` is not 1.
 Int = Annotated[int, BeforeValidator(_refuse_bool)]
+
+
+def _true_or_false(value: object) -> object:
+    """JSON's true and false; in a query or a form field, which are text, only `true` and
+    `false` (not 0, 1, yes or on)."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return value
+    raise PydanticCustomError("bool_type", "Input should be true or false")
+
+
+Flag = Annotated[bool, BeforeValidator(_true_or_false)]
+
+
+def _split_commas(value: object) -> object:
+    # Query parameters and form fields carry a list as one string: "dose,likelihood_ratio".
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+ScoreNames = Annotated[list[ScoreName], BeforeValidator(_split_commas)]
 FlatInstance = list[Number]
 NestedInstance = list[list[Number]]
 Seed = Annotated[
@@ -149,7 +168,23 @@ class AnomalyScoreParams(Strict):
         examples=[0.99],
     )
     decision_score: ScoreName | None = Field(
-        None, description="The score that drives `is_anomaly` (default: VAE_ANOMALY_SCORE)."
+        None,
+        description="The score that drives `is_anomaly` (default: VAE_ANOMALY_SCORE, else the "
+        "one the artifact recommends).",
+    )
+    scores: ScoreNames | None = Field(
+        None,
+        description="Scores to compute besides the ones always given (KL, the reconstruction "
+        "probability and, in format-2 artifacts, input_complexity and dose): log_likelihood "
+        "(K importance samples) or likelihood_ratio (a background model's L passes). A score "
+        "the artifact lacks is a 422. In a query or form: comma-separated.",
+        examples=[["likelihood_ratio"]],
+    )
+    attribution: Flag = Field(
+        False,
+        description="Also return, per instance, each feature's share in its anomaly: "
+        "-log p(x_d|z) over the L samples, standardised against normal validation data "
+        "(format-2 artifacts).",
     )
     seed: Seed | None = None
 
@@ -168,6 +203,9 @@ class ScorePercentiles(BaseModel):
     kl_divergence: list[float]
     reconstruction_log_prob: list[float]
     log_likelihood: list[float] | None = None
+    input_complexity: list[float] | None = None
+    likelihood_ratio: list[float] | None = None
+    dose: list[float] | None = None
 
 
 class AnomalyScoreResponse(BaseModel):
@@ -204,6 +242,26 @@ class AnomalyScoreResponse(BaseModel):
         None,
         description="Importance-sampled log p(x) with K samples (Burda et al. 2015), in nats; "
         "lower is more anomalous. Present when asked for or when it drives the decision.",
+    )
+    input_complexity: list[float] | None = Field(
+        None,
+        description="-log2 p(x) - L(x) in bits, L(x) the zlib length of x in bytes of 8 bits "
+        "(Serrà et al. 2020); higher is more anomalous. Format-2 models of [0, 1] data.",
+    )
+    likelihood_ratio: list[float] | None = Field(
+        None,
+        description="The reconstruction log-probability minus a background model's (Ren et "
+        "al. 2019), in nats; lower is more anomalous. When asked for or deciding.",
+    )
+    dose: list[float] | None = Field(
+        None,
+        description="-log density of the instance's summary statistics among normal data's "
+        "(DoSE, Morningstar et al. 2021); higher is more anomalous. Format-2 artifacts.",
+    )
+    attribution: list[list[float]] | None = Field(
+        None,
+        description="When asked for: per instance, one value per feature, -log p(x_d|z) "
+        "standardised against normal data; the highest are the most anomalous features.",
     )
     percentiles: ScorePercentiles = Field(
         description="Per score, the share of normal validation data that is less anomalous "

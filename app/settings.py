@@ -68,9 +68,10 @@ class Settings(BaseSettings):
         0.99, gt=0.0, lt=1.0, description="Flag an instance as anomalous when its decision "
         "score is more anomalous than this share of normal validation data.",
     )  # fmt: skip
-    anomaly_score: ScoreName = Field(
-        "reconstruction_log_prob", description="The score that drives is_anomaly (the best "
-        "measured in the leave-one-digit-out benchmark, docs/anomaly.md).",
+    anomaly_score: ScoreName | None = Field(
+        None, description="The score that drives is_anomaly (default: the one the artifact "
+        "recommends, the best measured by its trainer: see docs/anomaly.md; "
+        "reconstruction_log_prob for format-1 artifacts).",
     )  # fmt: skip
     max_batch_size: int = Field(
         64, ge=1, le=65536, description="Most instances the batcher merges into one forward "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.common import Array
+from app.common import SCORES, Array
 from app.errors import InvalidInputError
 from app.model import VAEService
 from app.schemas import AnomalyScoreParams
@@ -106,26 +106,40 @@ class ScorePlan:
     ll_samples: int  # K, 0 when the log-likelihood is not computed
     decision_score: str
     threshold: float
+    ratio: bool = False  # compute the likelihood ratio
+    attribution: bool = False
 
 
 def plan_scores(
     body: AnomalyScoreParams, vae: VAEService, settings: Settings, instances: int
 ) -> ScorePlan:
-    """Resolve L, K, the decision score and threshold from the request, settings and artifact."""
+    """Resolve L, K, the scores, the decision score and threshold from the request, settings
+    and artifact."""
     cal = vae.calibration.scores
-    decision = body.decision_score or settings.anomaly_score
-    if decision not in cal:
-        raise InvalidInputError(f"This artifact has no calibration for {decision}.")
+    decision = body.decision_score or settings.anomaly_score or vae.decision_score
+    asked = {decision, *(body.scores or ())}
+    missing = [s for s in SCORES if s in asked and s not in cal]
+    if missing:
+        raise InvalidInputError(
+            f"This artifact (format_version {vae.format_version}) has no {missing[0]} score; "
+            f"it offers {', '.join(s for s in SCORES if s in cal)}."
+        )
+    if body.attribution and vae.attribution_stats is None:
+        raise InvalidInputError(
+            f"This artifact (format_version {vae.format_version}) has no per-feature "
+            "attribution; re-export it with the current trainer."
+        )
     samples = body.samples or settings.default_anomaly_samples
     samples = samples or cal["reconstruction_log_prob"].samples or 16
     check_samples("samples", samples, settings, instances)
     ll_samples = body.log_likelihood_samples or 0
-    if not ll_samples and decision == "log_likelihood":
+    if not ll_samples and "log_likelihood" in asked:
         ll_samples = settings.default_log_likelihood_samples or cal["log_likelihood"].samples or 100
     if ll_samples:
         check_samples("log_likelihood_samples", ll_samples, settings, instances)
     threshold = body.threshold_percentile or settings.anomaly_percentile
-    return ScorePlan(samples, ll_samples, decision, threshold)
+    ratio = "likelihood_ratio" in asked
+    return ScorePlan(samples, ll_samples, decision, threshold, ratio, body.attribution)
 
 
 def _check_count(name: str, n: int, limit: int) -> None:

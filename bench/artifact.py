@@ -19,9 +19,9 @@ import numpy.typing as npt
 import torch
 
 from training.config import ModelConfig, TrainConfig
-from training.evaluate import anomaly_scores, calibrate
 from training.export import build_manifest, export_artifact
 from training.model import VAE
+from training.pipeline import Splits, calibration
 
 Array = npt.NDArray[np.float32]
 
@@ -39,18 +39,10 @@ def build_artifact(path: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = ModelConfig(input_dim=784, hidden_dims=(512, 256), latent_dim=32)
     model = VAE(cfg).eval()
-    train = TrainConfig()
-    samples = {
-        "reconstruction_log_prob": train.calibration_samples,
-        "log_likelihood": train.calibration_ll_samples,
-    }
+    background = VAE(cfg).eval()
     x_val = torch.from_numpy(mnist_like(256, seed=seed))
-    scores = anomaly_scores(
-        model,
-        x_val,
-        samples=samples["reconstruction_log_prob"],
-        ll_samples=samples["log_likelihood"],
-    )
+    splits = Splits(x_val, x_val, x_val, binarize=False)
+    calibrated, scoring = calibration(model, splits, TrainConfig(), background)
     manifest = build_manifest(
         model,
         input_shape=(28, 28),
@@ -58,9 +50,10 @@ def build_artifact(path: Path, *, seed: int = 0) -> Path:
         train_config={"preset": "bench-untrained"},
         dataset={"name": "mnist-like random", "train_size": 0, "val_size": 256, "test_size": 0},
         metrics={},
-        calibration=calibrate(scores, samples),
+        calibration=calibrated,
+        scoring=scoring,
     )
-    export_artifact(model, manifest, path)
+    export_artifact(model, manifest, path, background)
     return path
 
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from bench.servers import Process, ServerError, free_port
-from training.config import ModelConfig
-from training.evaluate import anomaly_scores, calibrate
-from training.export import build_manifest, export_artifact
+from training import pipeline
+from training.config import ModelConfig, TrainConfig
+from training.export import FORMAT_VERSION, build_manifest, export_artifact
 from training.model import VAE
 
 REPO = Path(__file__).resolve().parents[1]
+V1_SCORES = ("kl_divergence", "reconstruction_log_prob", "log_likelihood")
 MNIST_DIR = REPO.parent / "shared" / "datasets" / "mnist"
 
 
@@ -42,8 +43,11 @@ def make_artifact(
     latent_dim: int = 2,
     likelihood: str = "bernoulli",
     seed: int = 0,
+    format_version: int = FORMAT_VERSION,
 ) -> Path:
-    """A small untrained VAE (4-8-2 by default) exported by the real exporter."""
+    """A small untrained VAE (4-8-2 by default) exported by the real exporter, with every score
+    of the current format (an untrained background model included), or as format 1 was: the
+    three likelihood scores and nothing else."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -55,8 +59,14 @@ def make_artifact(
     x_val = torch.rand(64, cfg.input_dim)
     if likelihood == "bernoulli":
         x_val = torch.bernoulli(x_val)
-    samples = {"reconstruction_log_prob": 4, "log_likelihood": 8}
-    calibration = calibrate(anomaly_scores(model, x_val, samples=4, ll_samples=8), samples)
+    background = VAE(cfg).eval() if format_version >= 2 else None
+    cal_cfg = TrainConfig(calibration_samples=4, calibration_ll_samples=8)
+    calibration, scoring = pipeline.calibration(
+        model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
+    )
+    if format_version == 1:
+        calibration["scores"] = {k: calibration["scores"][k] for k in V1_SCORES}
+        scoring = {}
     manifest = build_manifest(
         model,
         input_shape=input_shape,
@@ -65,8 +75,10 @@ def make_artifact(
         dataset={"name": "random", "train_size": 0, "val_size": 64, "test_size": 0},
         metrics={},
         calibration=calibration,
+        scoring=scoring,
     )
-    export_artifact(model, manifest, path)
+    manifest["format_version"] = format_version
+    export_artifact(model, manifest, path, background)
     return path
 
 

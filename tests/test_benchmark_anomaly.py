@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import MNIST_DIR
-from training.benchmark_anomaly import leave_out, main
+from training.benchmark_anomaly import PATCH, leave_out, main, paste_patches
 from training.data import load_data
+from training.evaluate import SCORE_DIRECTIONS
 
 
 def test_leave_out_drops_exactly_one_digit_from_training() -> None:
@@ -31,13 +32,35 @@ def test_benchmark_reports_auroc_per_score_and_digit(
             "--test-images", "1000", "--samples", "4", "--ll-samples", "8"]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
-    scores = {"kl_divergence", "reconstruction_log_prob", "log_likelihood"}
-    assert set(result["auroc"]["0"]) == scores
-    assert result["best_score"] in scores
-    # After one epoch zeros already look unlike the other nine digits to every score.
-    assert all(0.5 < v <= 1.0 for v in result["auroc"]["0"].values())
+    assert set(result["auroc"]["0"]) == set(SCORE_DIRECTIONS)  # every score, old and new
+    assert result["best_score"] in SCORE_DIRECTIONS
+    # After one epoch zeros already look unlike the other nine digits to the likelihood scores.
+    assert result["auroc"]["0"]["reconstruction_log_prob"] > 0.5
     assert result["mean_auroc"] == result["auroc"]["0"]
     table = capsys.readouterr().out
     assert "| 0 |" in table
     assert "**mean**" in table
     assert np.isfinite(list(result["mean_auroc"].values())).all()
+
+
+@pytest.mark.slow
+def test_sanity_sets_score_a_served_model(mnist_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sanity.json"
+    args = ["--data-dir", str(MNIST_DIR), "--out", str(out), "--digits", "--artifact",
+            str(mnist_artifact), "--test-images", "300", "--samples", "4", "--ll-samples", "8"]  # fmt: skip
+    assert main(args) == 0
+    sanity = json.loads(out.read_text())["sanity"]
+    kinds = {"uniform noise", "inverted", "blurred", "8x8 patch"}
+    assert set(sanity["auroc"]) == kinds
+    assert set(sanity["flagged"]) == kinds | {"normal test digits", "all black", "all white"}
+    assert sanity["auroc"]["uniform noise"][sanity["decision_score"]] > 0.9
+    assert 0.0 <= sanity["attribution_in_patch"] <= 1.0
+    assert set(sanity["microseconds_per_instance"]) >= {"default scores", "+ attribution"}
+
+
+def test_patches_are_white_squares_inside_the_image() -> None:
+    x = np.zeros((50, 784))
+    patched, mask = paste_patches(x, seed=0)
+    assert (mask.sum(1) == PATCH * PATCH).all()
+    assert (patched[mask] == 1.0).all()
+    assert (patched[~mask] == 0.0).all()

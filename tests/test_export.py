@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,16 @@ def test_export_leaves_no_temp_file_and_reports_sha256(tmp_path: Path) -> None:
     _, manifest = load_artifact(path)
     assert json.dumps(manifest)  # the manifest is plain JSON
     assert len(sha256_of(path)) == 64
+
+
+def test_export_writes_a_file_others_may_read(tmp_path: Path) -> None:
+    """Not mkstemp's private 0600: a container's non-root user must be able to read it."""
+    umask = os.umask(0o022)
+    try:
+        path = make_artifact(tmp_path / "vae.pt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_failed_export_keeps_the_previous_artifact(

@@ -48,3 +48,15 @@ def test_both_protocols_call_the_one_set_of_operations() -> None:
 @pytest.mark.parametrize("path", sorted(APP.rglob("*.py")), ids=lambda p: str(p.relative_to(APP)))
 def test_the_app_imports_neither_the_trainer_nor_the_client(path: Path) -> None:
     assert not [m for m in imported(path) if belongs(m, {"training", "vae_service_client"})]
+
+
+TRAINING = APP.parent / "training"
+
+
+@pytest.mark.parametrize("path", sorted(TRAINING.glob("*.py")), ids=lambda p: p.name)
+def test_the_trainer_uses_the_services_scores_and_nothing_of_its_http(path: Path) -> None:
+    """Training calibrates with app/scores.py, so quantiles and live scores cannot drift apart;
+    the benchmark scores through app/model.py as the service does. Nothing HTTP."""
+    app_modules = {m for m in imported(path) if belongs(m, {"app"})}
+    allowed = {"app.scores", "app.model"}
+    assert {m for m in app_modules if not any(belongs(m, {a}) for a in allowed)} == set()

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from app.model import VAEService
 from tests.conftest import MNIST_DIR
 from training.__main__ import TEST_BINARIZATION_SEED, main, model_config, parse_args, train_config
 from training.config import ModelConfig, TrainConfig
 from training.data import DataError, binarize_fixed, load_data
-from training.evaluate import auroc, mean_elbo
+from training.evaluate import SCORE_DIRECTIONS, auroc, mean_elbo
 from training.export import load_artifact
 from training.model import VAE
 from training.pipeline import validation_size
@@ -68,7 +69,7 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
     assert levels[0] == 0.0
     assert levels[-1] == 1.0
     np.testing.assert_allclose(np.diff(levels), 0.001, atol=1e-9)
-    assert set(cal["scores"]) == {"kl_divergence", "reconstruction_log_prob", "log_likelihood"}
+    assert set(cal["scores"]) == set(SCORE_DIRECTIONS)  # every score, the format-2 ones too
     for entry in cal["scores"].values():
         q = np.asarray(entry["quantiles"])
         assert q.shape == levels.shape
@@ -77,7 +78,24 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
         assert q[-1] > q[0]
     assert cal["scores"]["reconstruction_log_prob"]["samples"] == 16
     assert cal["scores"]["log_likelihood"]["samples"] == 100
+    for name in ("input_complexity", "likelihood_ratio", "dose"):
+        assert cal["scores"][name]["samples"] == 16
     assert 1 <= manifest["metrics"]["active_units"] <= manifest["latent_dim"]
+
+
+@pytest.mark.slow
+def test_manifest_carries_what_the_format_2_scores_need(mnist_artifact: Path) -> None:
+    _, manifest = load_artifact(mnist_artifact)
+    assert manifest["format_version"] == 2
+    assert manifest["decision_score"] == "dose"
+    dose = manifest["dose"]
+    assert dose["features"] == ["kl_divergence", "reconstruction_log_prob", "complexity_bits"]
+    assert np.asarray(dose["reference"]).shape == (2000, 3)
+    assert len(manifest["attribution"]["mean"]) == len(manifest["attribution"]["scale"]) == 784
+    assert manifest["background"] == {"noise": 0.2, "weight_decay": 1e-4, "epochs": 3}
+    vae = VAEService.load(mnist_artifact)  # the background model travels inside the artifact
+    assert vae.background is not None
+    assert set(vae.calibration.scores) == set(SCORE_DIRECTIONS)
 
 
 def test_dry_run_exports_a_loadable_artifact(vectors: Path, tmp_path: Path) -> None:

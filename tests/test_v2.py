@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from app import __version__
+from app.common import SCORES
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import Server
@@ -108,10 +109,8 @@ def test_tritonclient_reads_server_metadata(client: triton.InferenceServerClient
          [("mean", "FP32", [-1, 2]), ("std", "FP32", [-1, 2]), ("samples", "FP32", [-1, -1, 2])]),
         ("vae-decode", [("latents", "FP32", [-1, 2])], [("outputs", "FP32", [-1, 4])]),
         ("vae-anomaly", [("instances", "FP32", [-1, 4])],
-         [(n, "FP32", [-1]) for n in ("kl_divergence", "reconstruction_log_prob", "log_likelihood",
-                                      "kl_divergence_percentile", "reconstruction_log_prob_percentile",
-                                      "log_likelihood_percentile")]
-         + [("is_anomaly", "BOOL", [-1])]),
+         [(n, "FP32", [-1]) for n in (*SCORES, *(f"{s}_percentile" for s in SCORES))]
+         + [("is_anomaly", "BOOL", [-1]), ("attribution", "FP32", [-1, 4])]),
     ],
 )  # fmt: skip
 def test_tritonclient_reads_each_models_signature(
@@ -222,8 +221,8 @@ def test_tritonclient_anomaly_leaves_out_the_log_likelihood_it_did_not_compute(
 ) -> None:
     result = client.infer("vae-anomaly", [triton_input("instances", X)], parameters={"seed": 3})
     names = [o["name"] for o in result.get_response()["outputs"]]
-    assert names == ["kl_divergence", "reconstruction_log_prob", "kl_divergence_percentile",
-                     "reconstruction_log_prob_percentile", "is_anomaly"]  # fmt: skip
+    cheap = ["kl_divergence", "reconstruction_log_prob", "input_complexity", "dose"]
+    assert names == [*cheap, *(f"{n}_percentile" for n in cheap), "is_anomaly"]
 
 
 @pytest.mark.parametrize(("datatype", "dtype"), [("FP64", np.float64), ("UINT8", np.uint8)])
@@ -423,7 +422,8 @@ BAD_REQUESTS = [
     (bad({**GOOD_JSON, "parameters": {"binary_data_output": "yes"}}),
      "parameters.binary_data_output must be true or false."),
     (bad({**GOOD_JSON, "parameters": {"decision_score": "mse"}}, model="vae-anomaly"),
-     "parameters.decision_score: Input should be 'kl_divergence', 'reconstruction_log_prob' or 'log_likelihood'."),
+     "parameters.decision_score: Input should be 'kl_divergence', 'reconstruction_log_prob', "
+     "'log_likelihood', 'input_complexity', 'likelihood_ratio' or 'dose'."),
     (bad({**GOOD_JSON, "outputs": [{"name": "z"}]}),
      "Model 'vae' has no output 'z'; its outputs are mean, std and samples."),
     (bad({**GOOD_JSON, "outputs": [{"name": "mean"}, {"name": "mean"}]}), "Output 'mean' is requested twice."),

@@ -25,7 +25,15 @@ from training.config import (
 )
 from training.data import DataError, default_data_dir, download_mnist, load_data
 from training.export import build_manifest, export_artifact
-from training.pipeline import TEST_BINARIZATION_SEED, calibration, fit, split, test_metrics
+from training.model import VAE
+from training.pipeline import (
+    TEST_BINARIZATION_SEED,
+    calibration,
+    fit,
+    fit_background,
+    split,
+    test_metrics,
+)
 from training.train import TrainingError, rank_and_world
 
 log = logging.getLogger("training")
@@ -207,11 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     log.info("training %s on %s (%d train, %d val) on %s", model_cfg, data.name,
              len(splits.x_train), len(splits.x_val), device)  # fmt: skip
     log.info("evaluation afterwards: K=%d on %d test images", cfg.eval_k, len(splits.x_test))
+    background: VAE | None = None
     try:
         model, result = fit(
             splits, model_cfg, cfg, checkpoint_dir=ckpt_dir, resume=args.resume,
             progress=not args.no_progress,
         )  # fmt: skip
+        if not result.stopped_early:
+            background = fit_background(
+                splits, model_cfg, cfg, checkpoint_dir=ckpt_dir, resume=args.resume,
+                progress=not args.no_progress,
+            )  # fmt: skip
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -228,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "history": result.history,
     }
     log.info("test metrics: %s", {k: v for k, v in metrics.items() if k != "history"})
+    calibrated, scoring = calibration(model, splits, cfg, background)
     manifest = build_manifest(
         model,
         input_shape=data.input_shape,
@@ -237,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                  "val_size": len(splits.x_val), "test_size": len(data.x_test),
                  "binarized": splits.binarize},
         metrics=metrics,
-        calibration=calibration(model, splits, cfg),
+        calibration=calibrated,
+        scoring=scoring,
     )  # fmt: skip
-    sha = export_artifact(model, manifest, args.out)
+    sha = export_artifact(model, manifest, args.out, background)
     print(
         f"\nartifact     {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)\n"
         f"sha256       {sha}\n"

@@ -25,7 +25,7 @@ def option(default: T, help: str) -> T:
 @dataclass(frozen=True)
 class ModelConfig:
     input_dim: int = 784  # 28 x 28 MNIST, flattened; the CLI takes it from the data
-    # Encoder layers; the decoder mirrors them. Measured (README "Results"): 7 nats better than
+    # Encoder layers; the decoder mirrors them. Measured (docs/results.md): 7 nats better than
     # the IWAE paper's (200, 200) after 10 epochs. (1024, 512) was 3.5 nats better still, but
     # its ~3x cost per epoch and per IWAE sample does not fit the 20-minute budget.
     hidden_dims: tuple[int, ...] = option((512, 256), "encoder hidden sizes; the decoder mirrors")
@@ -42,13 +42,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # README "Results": 200 epochs gained 1.2 nats over 100 and fit 20 minutes on 2 cores.
+    # docs/results.md: 200 epochs gained 1.2 nats over 100 and fit 20 minutes on 2 cores.
     epochs: int = option(200, "training epochs")
     # The IWAE paper's 100-ish; 128 keeps 2 cores busy. Global: torchrun ranks share it.
     batch_size: int = option(128, "images per optimiser step, over all ranks")
     lr: float = option(1e-3, "Adam learning rate")  # Adam's default
     # Cosine decay to lr * this by the last epoch (Loshchilov & Hutter 2017); with the KL
-    # warm-up it gained 2.6 nats at 100 epochs over a constant lr (README "Results").
+    # warm-up it gained 2.6 nats at 100 epochs over a constant lr (docs/results.md).
     lr_min_factor: float = option(0.1, "cosine-decay the lr to lr * this; 1 keeps it constant")
     # The KL weight ramps 0 -> 1 over these epochs (Sonderby et al. 2016), so the decoder uses
     # more latent units before the prior pulls them shut.
@@ -65,6 +65,15 @@ class TrainConfig:
     # A fresh Bernoulli draw each time an image is shown (Burda et al. 2015); off, a Bernoulli
     # model trains on the [0, 1] intensities as they are.
     dynamic_binarization: bool = option(True, "binarise each image afresh every time it is shown")
+    # The likelihood ratio's background model (Ren et al. 2019): the same net, trained on inputs
+    # with this share of features replaced by uniform noise each time they are shown (they use
+    # 0.1 to 0.3), with L2 weight decay, so it learns the data's low-level statistics only.
+    background_noise: float = option(
+        0.2, "background model: share of features replaced by noise; 0 trains none"
+    )
+    background_weight_decay: float = option(1e-4, "background model: L2 weight decay")
+    # A quarter of the default's epochs bounds what the ratio adds to a run; not tuned further.
+    background_epochs: int = option(50, "background model: epochs, at most --epochs")
     # The full evaluation, as papers report it (Burda et al. 2015: K=5000, all test images).
     # Shorter runs get SHORT_RUN_EVALUATION instead unless these are set.
     eval_k: int = option(5000, "importance samples K for the test log-likelihood")
@@ -104,10 +113,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The defaults themselves: under 20 minutes on 2 cores, evaluation included (README
-    # "Results" has the path here, measured).
+    # The defaults themselves: under 20 minutes on 2 cores, evaluation included
+    # (docs/results.md has the path here, measured).
     "full": Preset(),
-    # Serves within ~3 minutes on a fresh 2-core machine (README's run command, the container);
-    # as a short run it gets SHORT_RUN_EVALUATION.
+    # A smoke run: about a minute on 2 cores; as a short run it gets SHORT_RUN_EVALUATION.
     "quick": Preset(train={"epochs": 15, "kl_warmup_epochs": 3}),
 }

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from app.scores import Density, complexity_bits, input_complexity
 from training.model import VAE
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,18 @@ SCORE_DIRECTIONS = {
     "kl_divergence": "higher",
     "reconstruction_log_prob": "lower",
     "log_likelihood": "lower",
+    "input_complexity": "higher",  # format 2, models of [0, 1] data
+    "likelihood_ratio": "lower",  # format 2, with a background model
+    "dose": "higher",  # format 2
 }
+
+# DoSE's summary statistics: the two cheap scores and, for inputs in [0, 1], the compressed
+# length, which separates the simple inputs (a 1, a blank) that likelihood ranks most normal.
+DOSE_FEATURES = ("kl_divergence", "reconstruction_log_prob")
+DOSE_FEATURES_BOUNDED = (*DOSE_FEATURES, "complexity_bits")
+
+# The score the service decides with unless told otherwise (docs/anomaly.md has the benchmark).
+DECISION_SCORE = "dose"
 
 
 @torch.no_grad()
@@ -94,20 +106,48 @@ def anomaly_scores(
     ll_samples: int = 0,
     batch_size: int = 250,
     seed: int = 0,
+    background: VAE | None = None,
+    density: Density | None = None,
 ) -> dict[str, np.ndarray]:
     """The service's scores, computed the same way: KL, log reconstruction probability with L =
-    `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`."""
+    `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`; for
+    data in [0, 1], the compressed length and the input complexity; with a `background` model,
+    the likelihood ratio (same eps for both); with a fitted `density`, DoSE."""
     g = torch.Generator().manual_seed(seed)
-    scores: dict[str, list[Tensor]] = {name: [] for name in SCORE_DIRECTIONS}
+    scores: dict[str, list[Tensor]] = {}
     z = model.latent_dim
     for xb in x.split(batch_size):
         eps = torch.randn(samples, xb.shape[0], z, generator=g).to(xb.device)
-        scores["kl_divergence"].append(model.kl_divergence(xb))
-        scores["reconstruction_log_prob"].append(model.reconstruction_log_prob(xb, eps))
+        recon = model.reconstruction_log_prob(xb, eps)
+        scores.setdefault("kl_divergence", []).append(model.kl_divergence(xb))
+        scores.setdefault("reconstruction_log_prob", []).append(recon)
+        if background is not None:
+            ratio = recon - background.reconstruction_log_prob(xb, eps)
+            scores.setdefault("likelihood_ratio", []).append(ratio)
         if ll_samples:
             eps = torch.randn(ll_samples, xb.shape[0], z, generator=g).to(xb.device)
-            scores["log_likelihood"].append(model.log_likelihood(xb, eps))
-    return {name: torch.cat(v).cpu().numpy() for name, v in scores.items() if v}
+            scores.setdefault("log_likelihood", []).append(model.log_likelihood(xb, eps))
+    out = {name: torch.cat(v).cpu().numpy() for name, v in scores.items()}
+    if model.bernoulli:  # inputs in [0, 1], which quantise to bytes (the service checks it)
+        out["complexity_bits"] = bits = complexity_bits(x.cpu().numpy(), binary=True)
+        out["input_complexity"] = input_complexity(out["reconstruction_log_prob"], bits)
+    if density is not None:
+        out["dose"] = density.score(out)
+    return out
+
+
+@torch.no_grad()
+def feature_stats(model: VAE, x: Tensor, *, samples: int, seed: int = 0) -> dict[str, Any]:
+    """Mean and spread of -log p(x_d|z) per feature on normal data, which standardise the
+    service's attribution so that a feature that is always hard to reconstruct (a digit's edge)
+    does not outrank one that is never wrong (a background pixel)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for xb in x.split(250):
+        eps = torch.randn(samples, xb.shape[0], model.latent_dim, generator=g).to(xb.device)
+        parts.append(-model.feature_log_prob(xb, eps))
+    nll = torch.cat(parts).double().cpu()
+    return {"samples": samples, "mean": nll.mean(0).tolist(), "scale": nll.std(0).tolist()}
 
 
 def calibrate(scores: dict[str, np.ndarray], samples: dict[str, int]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ This is the one module in `training/` that calls `torch.jit` (script, save and l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -20,8 +21,11 @@ import torch
 
 from training.model import VAE
 
-FORMAT_VERSION = 1
+# 2: the scores of app/scores.py (input complexity, DoSE, the likelihood ratio) and attribution;
+# the background model travels as a TorchScript archive of its own, in BACKGROUND.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+BACKGROUND = "background.pt"
 
 
 @contextmanager
@@ -44,7 +48,10 @@ def build_manifest(
     dataset: dict[str, Any],
     metrics: dict[str, Any],
     calibration: dict[str, Any],
+    scoring: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`scoring` adds what the format-2 scores need: the DoSE density, the attribution's
+    per-feature statistics, the background model's recipe and the recommended decision score."""
     bernoulli = model_config["likelihood"] == "bernoulli"
     return {
         "format_version": FORMAT_VERSION,
@@ -59,23 +66,36 @@ def build_manifest(
         "dataset": dataset,
         "metrics": metrics,
         "calibration": calibration,
+        **(scoring or {}),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
 
 
-def export_artifact(model: VAE, manifest: dict[str, Any], path: Path) -> str:
-    """Script `model`, save it with `manifest` to `path` atomically, and return its sha256."""
-    model = model.cpu().eval()
+def export_artifact(
+    model: VAE, manifest: dict[str, Any], path: Path, background: VAE | None = None
+) -> str:
+    """Script `model`, save it with `manifest` (and the scripted `background` model, for the
+    likelihood ratio) to `path` atomically, and return its sha256."""
+    extra: dict[str, Any] = {MANIFEST: json.dumps(manifest, indent=1)}  # str or bytes
     with _quiet_jit():
-        scripted = torch.jit.script(model)
+        scripted = torch.jit.script(model.cpu().eval())
+        if background is not None:
+            buffer = io.BytesIO()
+            torch.jit.save(torch.jit.script(background.cpu().eval()), buffer)
+            extra[BACKGROUND] = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     # A crash mid-save must never leave a half-written artifact where the service looks for one.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         with _quiet_jit():
-            torch.jit.save(scripted, tmp, _extra_files={MANIFEST: json.dumps(manifest, indent=1)})
+            torch.jit.save(scripted, tmp, _extra_files=extra)
+        # mkstemp makes the file private (0600); an artifact is meant to be read by others, such
+        # as a container's non-root user, so give it the mode a plain open() would (umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -65,15 +65,25 @@ class VAE(nn.Module):
 
     def log_px_given_z(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x|z) summed over features; x (B, D), z (L, B, Z) -> (L, B)."""
+        return self.log_px_given_z_per_feature(x, z).sum(-1)
+
+    def log_px_given_z_per_feature(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x_d|z) for each feature d; x (B, D), z (L, B, Z) -> (L, B, D)."""
         params = self.decoder_params(z)  # (L, B, D)
         if self.bernoulli:
             # log Bern(x; sigmoid(l)) = x * l - softplus(l): exact and stable for x in [0, 1],
             # and cheaper than binary_cross_entropy_with_logits on the IWAE hot path.
-            ll = x * params - nn.functional.softplus(params)
-        else:
-            logvar = self.dec_logvar.clamp(-10.0, 10.0) + 2.0 * torch.log(self.x_scale)
-            ll = -0.5 * (math.log(2.0 * math.pi) + logvar + (x - params) ** 2 * torch.exp(-logvar))
-        return ll.sum(-1)
+            return x * params - nn.functional.softplus(params)
+        logvar = self.dec_logvar.clamp(-10.0, 10.0) + 2.0 * torch.log(self.x_scale)
+        return -0.5 * (math.log(2.0 * math.pi) + logvar + (x - params) ** 2 * torch.exp(-logvar))
+
+    @torch.jit.export
+    def feature_log_prob(self, x: Tensor, eps: Tensor) -> Tensor:
+        """log p(x_d|z) per feature, averaged over L posterior samples: which features the
+        model finds unlikely (format 2); eps (L, B, Z) -> (B, D)."""
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        return self.log_px_given_z_per_feature(x, z).mean(0)
 
     @torch.jit.export
     def kl_divergence(self, x: Tensor) -> Tensor:

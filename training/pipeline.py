@@ -6,19 +6,25 @@ Shared by the CLI (`python -m training`) and the anomaly benchmark, so both trai
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from app.scores import Density
 from training.config import ModelConfig, TrainConfig
 from training.data import DataError, Dataset, binarize_fixed, train_val_split
 from training.evaluate import (
+    DECISION_SCORE,
+    DOSE_FEATURES,
+    DOSE_FEATURES_BOUNDED,
+    SCORE_DIRECTIONS,
     active_units,
     anomaly_scores,
     calibrate,
+    feature_stats,
     iwae_log_likelihood,
     mean_elbo,
 )
@@ -78,8 +84,11 @@ def fit(
     checkpoint_dir: Path,
     resume: bool = False,
     progress: bool = True,
+    noise: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> tuple[VAE, TrainResult]:
-    """Train a fresh VAE and return it holding its best validation state, in eval mode."""
+    """Train a fresh VAE and return it holding its best validation state, in eval mode; with
+    `noise`, a background model (see train.train)."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = VAE(model_cfg).to(splits.x_train.device)
     if model_cfg.likelihood == "gaussian":
@@ -89,6 +98,7 @@ def fit(
     result = train(
         model, splits.x_train, splits.x_val, cfg, binarize=splits.binarize,
         checkpoint_dir=checkpoint_dir, meta=meta, resume=resume, progress=progress,
+        noise=noise, weight_decay=weight_decay,
     )  # fmt: skip
     model.load_state_dict(result.best_state)
     return model.eval(), result
@@ -107,8 +117,55 @@ def test_metrics(model: VAE, splits: Splits, cfg: TrainConfig) -> dict[str, Any]
     }
 
 
-def calibration(model: VAE, splits: Splits, cfg: TrainConfig) -> dict[str, Any]:
-    """Quantiles of each anomaly score on the (normal) validation split."""
+def fit_background(
+    splits: Splits,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> VAE | None:
+    """The likelihood ratio's background model (Ren et al. 2019), or None when
+    cfg.background_noise is 0: the same net on noised inputs, for at most background_epochs."""
+    if cfg.background_noise <= 0.0:
+        return None
+    epochs = min(cfg.epochs, cfg.background_epochs)
+    bg_cfg = replace(
+        cfg, epochs=epochs, kl_warmup_epochs=min(cfg.kl_warmup_epochs, epochs / 2), stop_after=None
+    )
+    log.info("training the background model: %d epochs, noise %.2f", epochs, cfg.background_noise)
+    model, _ = fit(
+        splits, model_cfg, bg_cfg, checkpoint_dir=checkpoint_dir / "background", resume=resume,
+        progress=progress, noise=cfg.background_noise, weight_decay=cfg.background_weight_decay,
+    )  # fmt: skip
+    return model
+
+
+def calibration(
+    model: VAE, splits: Splits, cfg: TrainConfig, background: VAE | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quantiles of each anomaly score on the (normal) validation split, and what the format-2
+    scores need in the manifest: the DoSE density fitted there (its own points scored
+    leave-one-out), the attribution's per-feature statistics and the decision score."""
     n_l, n_k = cfg.calibration_samples, cfg.calibration_ll_samples
-    scores = anomaly_scores(model, splits.x_val, samples=n_l, ll_samples=n_k, seed=cfg.seed)
-    return calibrate(scores, {"reconstruction_log_prob": n_l, "log_likelihood": n_k})
+    x_val = splits.x_val
+    stats = anomaly_scores(
+        model, x_val, samples=n_l, ll_samples=n_k, seed=cfg.seed, background=background
+    )
+    density = Density.fit(stats, DOSE_FEATURES_BOUNDED if model.bernoulli else DOSE_FEATURES)
+    stats["dose"] = density.reference_scores()
+    scores = {name: v for name, v in stats.items() if name in SCORE_DIRECTIONS}
+    samples = {name: n_l for name in scores if name != "kl_divergence"} | {"log_likelihood": n_k}
+    scoring: dict[str, Any] = {
+        "decision_score": DECISION_SCORE if DECISION_SCORE in scores else "reconstruction_log_prob",
+        "dose": density.to_manifest(),
+        "attribution": feature_stats(model, x_val, samples=n_l, seed=cfg.seed),
+    }
+    if background is not None:
+        scoring["background"] = {
+            "noise": cfg.background_noise,
+            "weight_decay": cfg.background_weight_decay,
+            "epochs": min(cfg.epochs, cfg.background_epochs),
+        }
+    return calibrate(scores, samples), scoring

@@ -20,10 +20,10 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from app.model import VAEService
 from training.__main__ import TEST_BINARIZATION_SEED
 from training.data import DataError, binarize_fixed, default_data_dir, load_data
 from training.evaluate import auroc
-from training.export import load_artifact
 
 Array = npt.NDArray[np.float64]
 Roc = tuple[Array, Array, float]  # false positive rates, true positive rates, AUROC
@@ -77,22 +77,18 @@ def sample_counts(calibration: dict[str, Any], override: int | None) -> dict[str
     return counts
 
 
-@torch.no_grad()
-def score_all(
-    module: torch.jit.ScriptModule, x: Array, samples: dict[str, int], latent_dim: int, seed: int
-) -> dict[str, Array]:
-    """Each scripted score of every row of x, with eps of samples[name] draws where it takes one."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, list[Array]] = {name: [] for name in samples}
-    for xb in torch.from_numpy(x).float().split(BATCH):
-        for name, n in samples.items():
-            method = getattr(module, name)
-            if n == 0:
-                s = method(xb)
-            else:
-                s = method(xb, torch.randn(n, xb.shape[0], latent_dim, generator=g))
-            out[name].append(s.double().numpy())
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+def score_all(vae: VAEService, x: Array, samples: dict[str, int], seed: int) -> dict[str, Array]:
+    """Every calibrated score of every row of x, computed by the service's own code, with the
+    L of the reconstruction probability (which the format-2 scores share) and the K of the
+    log-likelihood from `samples`."""
+    n_l = samples.get("reconstruction_log_prob", 16)
+    n_k = samples.get("log_likelihood", 0)
+    ratio = "likelihood_ratio" in samples
+    parts = [
+        vae.anomaly_scores(x[i : i + BATCH].astype(np.float32), n_l, seed, n_k, ratio=ratio)
+        for i in range(0, len(x), BATCH)
+    ]
+    return {name: np.concatenate([p[name] for p in parts]).astype(np.float64) for name in samples}
 
 
 @torch.no_grad()
@@ -195,14 +191,23 @@ def plot_latents(means: Array, labels: npt.NDArray[np.int64] | None) -> Figure:
     return fig
 
 
+def panels(n: int, size: tuple[float, float], per_row: int = 3) -> tuple[Figure, list[Any]]:
+    """A figure of n panels, at most `per_row` a row; unused ones hidden."""
+    rows, cols = -(-n // per_row), min(n, per_row)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def plot_scores(
     scores: dict[str, dict[str, Array]],
     thresholds: dict[str, float],
     directions: dict[str, str],
     p: float,
 ) -> Figure:
-    fig = Figure(figsize=(5.5 * len(scores), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(scores), squeeze=False)[0]
+    fig, axes = panels(len(scores), (5.5, 4.2))
     for ax, (name, by_kind) in zip(axes, scores.items(), strict=True):
         bins = np.histogram_bin_edges(np.concatenate(list(by_kind.values())), bins=60)
         for kind, values in by_kind.items():
@@ -216,8 +221,7 @@ def plot_scores(
 
 
 def plot_roc(rocs: dict[str, dict[str, Roc]]) -> Figure:
-    fig = Figure(figsize=(4.6 * len(rocs), 4.4), layout="constrained")
-    axes = fig.subplots(1, len(rocs), squeeze=False)[0]
+    fig, axes = panels(len(rocs), (4.6, 4.4))
     for ax, (name, by_kind) in zip(axes, rocs.items(), strict=True):
         for kind, (fpr, tpr, area) in by_kind.items():
             ax.plot(fpr, tpr, label=f"{ANOMALIES[kind]} (AUROC {area:.3f})")
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.artifact.is_file():
         print(f"error: {args.artifact}: no such artifact; train one first.", file=sys.stderr)
         return 2
-    module, manifest = load_artifact(args.artifact)
+    vae = VAEService.load(args.artifact, device="cpu")
+    module, manifest = vae.module, vae.manifest
     if data.x_test.shape[1] != manifest["input_dim"]:
         print(
             f"error: {args.data_dir}: rows of {data.x_test.shape[1]} values do not match the "
@@ -280,10 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     directions = {name: calibration["scores"][name]["anomalous_when"] for name in names}
     inputs = {"normal": x, **make_anomalies(x, manifest["input_range"], args.seed)}
     samples = sample_counts(calibration, args.samples)
-    by_input = {
-        kind: score_all(module, xs, samples, manifest["latent_dim"], args.seed)
-        for kind, xs in inputs.items()
-    }
+    by_input = {kind: score_all(vae, xs, samples, args.seed) for kind, xs in inputs.items()}
     scores = {name: {kind: by_input[kind][name] for kind in inputs} for name in names}
     thresholds = {
         name: threshold_of(calibration["scores"][name], calibration["levels"], args.threshold)

@@ -61,6 +61,8 @@ def train(
     meta: dict[str, Any],
     resume: bool = False,
     progress: bool = True,
+    noise: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> TrainResult:
     """Maximise the ELBO on `x_train` (N, D); keep the state with the best validation ELBO.
 
@@ -68,13 +70,18 @@ def train(
     After every epoch `last.pt` holds everything needed to resume, so an interrupted run loses
     at most one epoch; `best.pt` holds the best model so far. Both carry `meta` (the configs),
     and a resume refuses a checkpoint whose model config differs.
+
+    `noise` > 0 trains a background model (Ren et al. 2019): in every batch that share of each
+    image's features is replaced by uniform noise over the data's range, with L2 weight decay
+    `weight_decay`, so the model learns the data's low-level statistics but not its semantics.
     """
     rank, world = rank_and_world()
     device = x_train.device
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+    lo, hi = x_train.min(), x_train.max()
     # The global batch stays cfg.batch_size whatever the number of ranks, so results compare.
     local_batch = max(1, cfg.batch_size // world)
     usable = x_train.shape[0] - x_train.shape[0] % world  # equal shards: no rank waits alone
@@ -123,6 +130,9 @@ def train(
         total, seen = 0.0, 0
         for i, idx in enumerate(bar):
             xb = x_train[idx]
+            if noise > 0.0:
+                hit = torch.rand(xb.shape, device=device) < noise
+                xb = torch.where(hit, lo + (hi - lo) * torch.rand(xb.shape, device=device), xb)
             if binarize:
                 # Dynamic binarisation: a fresh draw every time an image is shown (Burda et al.).
                 xb = torch.bernoulli(xb)

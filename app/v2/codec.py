@@ -222,6 +222,8 @@ async def anomaly(scored: operations.Scored) -> tuple[Arrays, dict[str, Any]]:
     arrays: Arrays = dict(scored.scores)
     arrays |= {f"{name}_percentile": p for name, p in scored.percentiles.items()}
     arrays["is_anomaly"] = scored.is_anomaly
+    if scored.attribution is not None:
+        arrays["attribution"] = scored.attribution
     extra: dict[str, Any] = {
         "decision_score": plan.decision_score,
         "threshold_percentile": plan.threshold,

@@ -63,9 +63,13 @@ class V2Model:
                     "samples": ("FP32", [-1, -1, z])}  # fmt: skip
         if self.operation == "decode":
             return {"outputs": ("FP32", [-1, d])}
-        outs: dict[str, tuple[str, list[int]]] = {name: ("FP32", [-1]) for name in SCORES}
-        outs |= {f"{name}_percentile": ("FP32", [-1]) for name in SCORES}
-        return outs | {"is_anomaly": ("BOOL", [-1])}
+        offered = [name for name in SCORES if name in vae.calibration.scores]
+        outs: dict[str, tuple[str, list[int]]] = {name: ("FP32", [-1]) for name in offered}
+        outs |= {f"{name}_percentile": ("FP32", [-1]) for name in offered}
+        outs["is_anomaly"] = ("BOOL", [-1])
+        if vae.attribution_stats is not None:
+            outs["attribution"] = ("FP32", [-1, d])
+        return outs
 
 
 MODELS = {
@@ -86,6 +90,10 @@ NEEDS = {
     "log_likelihood": "parameters.log_likelihood_samples, or decision_score log_likelihood",
     "log_likelihood_percentile": "parameters.log_likelihood_samples, or decision_score "
     "log_likelihood",
+    "likelihood_ratio": "parameters.scores likelihood_ratio, or decision_score likelihood_ratio",
+    "likelihood_ratio_percentile": "parameters.scores likelihood_ratio, or decision_score "
+    "likelihood_ratio",
+    "attribution": "parameters.attribution true",
 }
 
 
@@ -158,7 +166,8 @@ class V2InferenceRequest(Strict):
         None,
         description="The operation's options, as in the REST API: vae takes samples and seed; "
         "vae-decode output; vae-anomaly samples, log_likelihood_samples, "
-        "threshold_percentile, decision_score and seed. All take binary_data_output.",
+        "threshold_percentile, decision_score, scores (comma-separated), attribution and seed. "
+        "All take binary_data_output.",
     )
     inputs: list[V2RequestInput] = Field(min_length=1)
     outputs: list[V2RequestOutput] | None = Field(

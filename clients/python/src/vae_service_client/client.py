@@ -36,7 +36,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -71,11 +71,20 @@ JSON = "application/json"
 NPY = "application/x-npy"
 # .npy preferred for array answers; errors (and /anomaly-score) come back as JSON regardless.
 ACCEPT_NPY = f"{NPY}, {JSON};q=0.5"
+# Format-2 scores: None from servers or artifacts without them.
+NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose")
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
 Output = Literal["mean", "mode"]
-ScoreName = Literal["kl_divergence", "reconstruction_log_prob", "log_likelihood"]
+ScoreName = Literal[
+    "kl_divergence",
+    "reconstruction_log_prob",
+    "log_likelihood",
+    "input_complexity",
+    "likelihood_ratio",
+    "dose",
+]
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -222,11 +231,15 @@ class ScorePercentiles:
     kl_divergence: Array
     reconstruction_log_prob: Array
     log_likelihood: Array | None
+    input_complexity: Array | None = None
+    likelihood_ratio: Array | None = None
+    dose: Array | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class AnomalyScores:
-    """/anomaly-score's answer: each score (B,), their percentiles, and the decision."""
+    """/anomaly-score's answer: each score (B,), their percentiles, and the decision; scores
+    the server did not compute (or an older server does not know) are None."""
 
     kl_divergence: Array
     reconstruction_log_prob: Array
@@ -237,6 +250,10 @@ class AnomalyScores:
     threshold_percentile: float
     samples: int
     log_likelihood_samples: int | None
+    input_complexity: Array | None = None
+    likelihood_ratio: Array | None = None
+    dose: Array | None = None
+    attribution: Array | None = None  # (B, D) when asked for
 
 
 @dataclass(frozen=True)
@@ -361,7 +378,9 @@ def _read_scores(response: httpx.Response) -> AnomalyScores:
             kl_divergence=_float32(pct["kl_divergence"]),
             reconstruction_log_prob=_float32(pct["reconstruction_log_prob"]),
             log_likelihood=_optional_f32(pct.get("log_likelihood")),
+            **{name: _optional_f32(pct.get(name)) for name in NEW_SCORES},
         ),
+        **{name: _optional_f32(body.get(name)) for name in (*NEW_SCORES, "attribution")},
         is_anomaly=np.asarray(body["is_anomaly"], dtype=bool),
         decision_score=body["decision_score"],
         threshold_percentile=float(body["threshold_percentile"]),
@@ -513,6 +532,8 @@ def _anomaly_options(
     threshold_percentile: float | None,
     decision_score: ScoreName | None,
     seed: int | None,
+    scores: Sequence[ScoreName] | None = None,
+    attribution: bool = False,
 ) -> dict[str, object]:
     return _options(
         samples=samples,
@@ -520,6 +541,9 @@ def _anomaly_options(
         threshold_percentile=threshold_percentile,
         decision_score=decision_score,
         seed=seed,
+        # A comma-separated string travels in a query (.npy bodies) as in JSON.
+        scores=",".join(scores) if scores else None,
+        attribution=True if attribution else None,
     )
 
 
@@ -571,11 +595,16 @@ class VAEClient(_ClientBase):
         threshold_percentile: float | None = None,
         decision_score: ScoreName | None = None,
         seed: int | None = None,
+        scores: Sequence[ScoreName] | None = None,
+        attribution: bool = False,
     ) -> AnomalyScores:
-        """Anomaly scores, their calibrated percentiles and the decision, per instance."""
+        """Anomaly scores, their calibrated percentiles and the decision, per instance;
+        `scores` adds costly ones (log_likelihood, likelihood_ratio), `attribution` the
+        per-feature attribution (B, D)."""
         options = _anomaly_options(
-            samples, log_likelihood_samples, threshold_percentile, decision_score, seed
-        )
+            samples, log_likelihood_samples, threshold_percentile, decision_score, seed,
+            scores, attribution,
+        )  # fmt: skip
         return self._run(self._anomaly_score(instances, options))
 
     def health(self) -> bool:
@@ -657,11 +686,16 @@ class AsyncVAEClient(_ClientBase):
         threshold_percentile: float | None = None,
         decision_score: ScoreName | None = None,
         seed: int | None = None,
+        scores: Sequence[ScoreName] | None = None,
+        attribution: bool = False,
     ) -> AnomalyScores:
-        """Anomaly scores, their calibrated percentiles and the decision, per instance."""
+        """Anomaly scores, their calibrated percentiles and the decision, per instance;
+        `scores` adds costly ones (log_likelihood, likelihood_ratio), `attribution` the
+        per-feature attribution (B, D)."""
         options = _anomaly_options(
-            samples, log_likelihood_samples, threshold_percentile, decision_score, seed
-        )
+            samples, log_likelihood_samples, threshold_percentile, decision_score, seed,
+            scores, attribution,
+        )  # fmt: skip
         return await self._run(self._anomaly_score(instances, options))
 
     async def health(self) -> bool:

@@ -1,0 +1,159 @@
+"""The format-2 scores and the attribution through the HTTP API, JSON, .npy, PNG and V2, and a
+format-1 artifact that keeps serving its own three scores."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.common import SCORES
+from app.images import SEPARATOR
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import make_artifact
+
+X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
+NEW = ("input_complexity", "likelihood_ratio", "dose")
+
+
+@pytest.fixture(scope="module")
+def v2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("v2") / "vae.pt", input_shape=(4, 4))
+
+
+@pytest.fixture(scope="module")
+def v1_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("v1") / "vae.pt"
+    return make_artifact(path, input_shape=(4, 4), format_version=1)
+
+
+def client_for(path: Path, **settings: Any) -> TestClient:
+    return TestClient(create_app(Settings(model_path=path, **settings)))
+
+
+@pytest.fixture
+def client(v2_artifact: Path) -> Iterator[TestClient]:
+    with client_for(v2_artifact) as c:
+        yield c
+
+
+def score(client: TestClient, **body: Any) -> Any:
+    r = client.post("/anomaly-score", json={"instances": X, "seed": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_format_2_answers_every_cheap_score_and_the_ratio_when_asked(client: TestClient) -> None:
+    out = score(client)
+    for name in ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose"):
+        assert len(out[name]) == 3
+        assert len(out["percentiles"][name]) == 3
+    assert out["likelihood_ratio"] is None
+    assert out["log_likelihood"] is None
+    out = score(client, scores=["likelihood_ratio", "log_likelihood"])
+    assert len(out["likelihood_ratio"]) == 3
+    assert len(out["percentiles"]["likelihood_ratio"]) == 3
+    assert out["log_likelihood_samples"] == 8  # the calibrated K
+
+
+def test_the_artifact_recommends_the_decision_score(client: TestClient) -> None:
+    assert score(client)["decision_score"] == "dose"
+
+
+@pytest.mark.parametrize("name", SCORES)
+def test_every_score_can_decide(client: TestClient, name: str) -> None:
+    out = score(client, decision_score=name, threshold_percentile=0.5)
+    assert out["decision_score"] == name
+    assert out[name] is not None
+    assert out["is_anomaly"] == [p > 0.5 for p in out["percentiles"][name]]
+
+
+def test_the_setting_overrides_the_artifacts_choice(v2_artifact: Path) -> None:
+    with client_for(v2_artifact, anomaly_score="input_complexity") as c:
+        assert score(c)["decision_score"] == "input_complexity"
+
+
+def test_asking_for_more_never_changes_a_seeded_answers_other_scores(client: TestClient) -> None:
+    plain = score(client)
+    more = score(client, scores=["likelihood_ratio", "log_likelihood"], attribution=True)
+    for name in ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose"):
+        assert more[name] == plain[name]
+    assert score(client) == plain  # and seeded answers repeat byte for byte
+
+
+def test_attribution_is_one_value_per_feature_in_json_and_npy(client: TestClient) -> None:
+    out = score(client, attribution=True)
+    assert np.asarray(out["attribution"]).shape == (3, 16)
+    r = client.post(
+        "/anomaly-score",
+        json={"instances": X, "seed": 0, "attribution": True},
+        headers={"accept": "application/x-npy"},
+    )
+    assert r.status_code == 200
+    record = np.load(io.BytesIO(r.content))
+    np.testing.assert_array_equal(record["attribution"], np.asarray(out["attribution"], np.float32))
+    np.testing.assert_array_equal(record["dose"], np.asarray(out["dose"], np.float32))
+    assert record["is_anomaly"].tolist() == out["is_anomaly"]
+    assert "dose_percentile" in record.dtype.names
+
+
+def test_png_answer_is_each_input_beside_its_heat_map(client: TestClient) -> None:
+    r = client.post(
+        "/anomaly-score?scale=2",
+        json={"instances": X, "seed": 0},
+        headers={"accept": "image/png"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as img:
+        # 3 cells in a 2 x 2 grid, each 4 x (4 + gap + 4) pixels scaled 2x, a gap apart.
+        cell_w, cell_h = 2 * (8 + SEPARATOR), 2 * 4
+        assert img.size == (2 * cell_w + SEPARATOR, 2 * cell_h + SEPARATOR)
+
+
+def test_v2_offers_the_new_scores_and_the_attribution(client: TestClient) -> None:
+    body = {
+        "inputs": [{"name": "instances", "shape": [3, 16], "datatype": "FP32",
+                    "data": np.ravel(X).tolist()}],
+        "parameters": {"seed": 0, "scores": "likelihood_ratio", "attribution": True},
+    }  # fmt: skip
+    r = client.post("/v2/models/vae-anomaly/infer", json=body)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    rest = score(client, scores=["likelihood_ratio"], attribution=True)
+    for name in NEW:
+        np.testing.assert_array_equal(np.float32(outputs[name]["data"]), np.float32(rest[name]))
+    assert outputs["attribution"]["shape"] == [3, 16]
+    meta = client.get("/v2/models/vae-anomaly").json()
+    assert {"dose", "input_complexity", "likelihood_ratio", "attribution"} <= {
+        o["name"] for o in meta["outputs"]
+    }
+
+
+def test_format_1_serves_its_own_scores_and_names_what_it_lacks(v1_artifact: Path) -> None:
+    with client_for(v1_artifact) as c:
+        out = score(c)
+        assert out["decision_score"] == "reconstruction_log_prob"
+        assert all(out[name] is None for name in NEW)
+        r = c.post("/anomaly-score", json={"instances": X, "decision_score": "dose"})
+        assert r.status_code == 422
+        assert r.json()["detail"] == (
+            "This artifact (format_version 1) has no dose score; it offers kl_divergence, "
+            "reconstruction_log_prob, log_likelihood."
+        )
+        r = c.post("/anomaly-score", json={"instances": X, "attribution": True})
+        assert r.status_code == 422
+        assert "format_version 1" in r.json()["detail"]
+
+
+def test_attribution_is_true_or_false_not_a_number(client: TestClient) -> None:
+    r = client.post("/anomaly-score", json={"instances": X, "attribution": 1})
+    assert r.status_code == 422
+    assert r.json()["detail"] == "attribution: Input should be true or false."

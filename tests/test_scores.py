@@ -1,0 +1,100 @@
+"""app/scores.py: the input complexity and DoSE's density, against direct computations."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from app.scores import Density, complexity_bits, input_complexity
+
+
+def test_complexity_is_the_zlib_length_of_the_8_bit_input_in_bits() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (3, 784)).astype(np.float32)
+    want = [8 * len(zlib.compress(bytes(np.round(row * 255).astype(np.uint8)), 9)) for row in x]
+    assert complexity_bits(x).tolist() == want
+
+
+def test_a_blank_input_is_simpler_than_a_noisy_one() -> None:
+    blank, noise = np.zeros((1, 784), np.float32), np.random.default_rng(0).uniform(size=(1, 784))
+    assert complexity_bits(blank)[0] < 200 < 6000 < complexity_bits(noise.astype(np.float32))[0]
+
+
+def test_input_complexity_is_minus_log2_likelihood_minus_the_bits() -> None:
+    log_px, bits = np.array([-69.3, -10.0], np.float32), np.array([800.0, 100.0], np.float32)
+    want = [69.3 / math.log(2) - 800, 10.0 / math.log(2) - 100]
+    np.testing.assert_allclose(input_complexity(log_px, bits), want, rtol=1e-5)
+
+
+def gaussian_kde_nll(ref: np.ndarray, point: np.ndarray, h: float) -> float:
+    """-log of (1/N) sum_i N(point; ref_i, h^2 I), written out."""
+    d = ref.shape[1]
+    dens = np.mean(np.exp(-0.5 * ((point - ref) ** 2).sum(1) / h**2)) / (2 * np.pi * h**2) ** (
+        d / 2
+    )
+    return float(-np.log(dens))
+
+
+def test_density_score_is_the_kde_of_the_standardised_statistics() -> None:
+    rng = np.random.default_rng(1)
+    stats = {"a": rng.normal(5, 2, 300), "b": rng.normal(-1, 0.5, 300)}
+    density = Density.fit(stats, ("a", "b"))
+    assert density.bandwidth == pytest.approx(300 ** (-1 / 6))
+    query = {"a": np.array([5.0, 15.0]), "b": np.array([-1.0, -1.0])}
+    got = density.score(query)
+    ref = density.reference
+    for i in range(2):
+        point = (np.array([query["a"][i], query["b"][i]]) - density.mean) / density.scale
+        assert got[i] == pytest.approx(gaussian_kde_nll(ref, point, density.bandwidth), rel=1e-4)
+    assert got[1] > got[0]  # far from the normal data is more anomalous
+
+
+def test_too_typical_is_suspect_too() -> None:
+    """A ring of normal statistics: its empty centre, the 'most typical' mean, scores high."""
+    t = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    density = Density.fit({"a": np.cos(t), "b": np.sin(t)}, ("a", "b"))
+    centre, on_ring = density.score({"a": np.array([0.0, 1.0]), "b": np.array([0.0, 0.0])})
+    assert centre > on_ring
+
+
+def test_reference_scores_leave_each_point_out_of_its_own_density() -> None:
+    stats = {"a": np.random.default_rng(2).normal(size=50)}
+    density = Density.fit(stats, ("a",))
+    loo = density.reference_scores()
+    ref, h = density.reference, density.bandwidth
+    for i in (0, 17):
+        want = gaussian_kde_nll(np.delete(ref, i, axis=0), ref[i], h)
+        assert loo[i] == pytest.approx(want, rel=1e-4)
+    assert (loo > density.score(stats)).all()  # without its own kernel, each looks rarer
+
+
+def test_density_round_trips_through_the_manifest() -> None:
+    stats = {"a": np.arange(10.0), "b": np.arange(10.0) ** 2}
+    density = Density.fit(stats, ("a", "b"))
+    again = Density.from_manifest(density.to_manifest())
+    np.testing.assert_allclose(again.score(stats), density.score(stats), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"reference": [[0.0, 1.0]]}, "N x 2"),
+        ({"scale": [1.0, 0.0]}, "positive scales"),
+        ({"bandwidth": 0.0}, "bandwidth"),
+    ],
+)
+def test_a_broken_density_is_refused(change: dict[str, object], message: str) -> None:
+    entry = Density.fit({"a": np.arange(5.0), "b": np.arange(5.0)}, ("a", "b")).to_manifest()
+    with pytest.raises(ValueError, match=message):
+        Density.from_manifest(entry | change)
+
+
+def test_a_bernoulli_models_view_thresholds_grey_levels_first() -> None:
+    """Calibrated on binarised digits, the grey levels of the same digit must not cost more."""
+    grey = np.random.default_rng(3).uniform(0, 1, (4, 784)).astype(np.float32)
+    binary = (grey >= 0.5).astype(np.float32)
+    np.testing.assert_array_equal(complexity_bits(grey, binary=True), complexity_bits(binary))
+    assert (complexity_bits(grey) > complexity_bits(grey, binary=True)).all()
