@@ -37,6 +37,7 @@ from vae_service_client import (
 )
 from vae_service_client.client import error_from_response, parse_retry_after
 
+from app.common import SCORES
 from app.settings import Settings
 from bench.servers import free_port
 from tests.conftest import REPO, Server
@@ -46,6 +47,7 @@ StartServer = Callable[[dict[str, str]], Server]
 X = [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.5, 0.25]]
 LATENTS = [[0.3, -1.2], [2.0, 0.5], [0.0, 0.0]]
 # Every /anomaly-score option, the threshold low enough that some instance is flagged.
+MORE_OPTIONS: dict[str, Any] = {"seed": 1, "scores": ["likelihood_ratio"], "attribution": True}
 SCORE_OPTIONS: dict[str, Any] = {
     "samples": 2,
     "log_likelihood_samples": 8,
@@ -151,6 +153,7 @@ def raw_answers(url: str) -> dict[str, Any]:
             "sample_mode": post("/sample", {"n": 2, "seed": 9, "output": "mode"}),
             "scores": post("/anomaly-score", {"instances": X, "samples": 4, "seed": 1}),
             "scores_ll": post("/anomaly-score", {"instances": X, **SCORE_OPTIONS}),
+            "scores_more": post("/anomaly-score", {"instances": X, **MORE_OPTIONS}),
             "model": http.get("/model").json(),
         }
 
@@ -165,6 +168,7 @@ def call_every_method(client: VAEClient) -> dict[str, Any]:
         "sample_mode": client.sample(2, seed=9, output="mode"),
         "scores": client.anomaly_score(X, samples=4, seed=1),
         "scores_ll": client.anomaly_score(X, **SCORE_OPTIONS),
+        "scores_more": client.anomaly_score(X, **MORE_OPTIONS),
         "model": client.model_info(),
         "health": client.health(),
         "ready": client.ready(),
@@ -181,6 +185,7 @@ async def acall_every_method(client: AsyncVAEClient) -> dict[str, Any]:
         "sample_mode": await client.sample(2, seed=9, output="mode"),
         "scores": await client.anomaly_score(X, samples=4, seed=1),
         "scores_ll": await client.anomaly_score(X, **SCORE_OPTIONS),
+        "scores_more": await client.anomaly_score(X, **MORE_OPTIONS),
         "model": await client.model_info(),
         "health": await client.health(),
         "ready": await client.ready(),
@@ -211,10 +216,10 @@ def assert_matches_raw(got: dict[str, Any], raw: dict[str, Any]) -> None:
         assert isinstance(got[name], Samples)
         same(got[name].latents, raw[name]["latents"])
         same(got[name].outputs, raw[name]["outputs"])
-    for name in ("scores", "scores_ll"):
+    for name in ("scores", "scores_ll", "scores_more"):
         scores, expected = got[name], raw[name]
         assert isinstance(scores, AnomalyScores)
-        for field in ("kl_divergence", "reconstruction_log_prob", "log_likelihood", "is_anomaly"):
+        for field in (*SCORES, "is_anomaly", "attribution"):
             same(getattr(scores, field), expected[field])
         for field, values in expected["percentiles"].items():
             same(getattr(scores.percentiles, field), values)
@@ -222,6 +227,8 @@ def assert_matches_raw(got: dict[str, Any], raw: dict[str, Any]) -> None:
             assert getattr(scores, field) == expected[field]
         assert scores.log_likelihood_samples == expected["log_likelihood_samples"]
     assert got["scores_ll"].is_anomaly.any()  # the 0.2 threshold really reached the server
+    assert got["scores_more"].likelihood_ratio is not None  # asked for by name
+    assert got["scores_more"].attribution.shape == (2, 4)
     assert got["model"] == ModelInfo(**raw["model"])
     assert got["health"] is True
     assert got["ready"] is True
