@@ -11,18 +11,19 @@ DATA := $(or $(VAE_DATA_DIR),data/mnist)
 
 .PHONY: run train test lint
 
-define install
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 $(1)
-	touch $@
-endef
-
+# Each stamp: make the venv if needed, install, and record it.
 $(SERVE): pyproject.toml
-	$(call install,-e .)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 -e .
+	touch $@
 $(TRAIN): pyproject.toml
-	$(call install,-e '.[train]')
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 -e '.[train]'
+	touch $@
 $(ALL): pyproject.toml clients/python/pyproject.toml
-	$(call install,-e '.[train,dev]' -e clients/python)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 -e '.[train,dev]' -e clients/python
+	touch $@
 
 ## run: serve models/default/vae.pt (shipped; or $VAE_MODEL_PATH) on port 8000, offline
 run: $(SERVE)
