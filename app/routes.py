@@ -139,13 +139,15 @@ async def sample_prior(
 async def score_anomalies(
     request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Response:
-    """Score inputs (KL, reconstruction probability, optionally log-likelihood) and decide."""
+    """Score inputs (every score the artifact offers; the costly ones when asked) and decide;
+    with `attribution`, which features made each one anomalous, as numbers or a heat map."""
     params, instances = await read_instances_request(
         request, AnomalyScoreParams, AnomalyScoreRequest, vae, settings.max_instances
     )
     request.state.instances = len(instances)
-    shape = vae.input_shape[:2] if len(vae.input_shape) == 2 else (1, 1)
-    scale = png_scale(request, vae, len(instances), images.pair_shape((shape[0], shape[1])))
+    # A PNG answer (image models only) draws each input beside its heat map.
+    cell = images.pair_shape((vae.input_shape[0], vae.input_shape[-1]))
+    scale = png_scale(request, vae, len(instances), cell)
     if scale is not None:  # a heat map is drawn from the attribution
         params = params.model_copy(update={"attribution": True})
     scored = await operations.score(instances, params, vae, batcher, settings, metrics)
