@@ -105,8 +105,8 @@ HEAT_MAP_OUT: Responses = {
             },
             PNG: {
                 "schema": _BINARY,
-                "description": "Image models with attribution: each input beside its heat map "
-                "(white: the grid's most anomalous pixels), one cell per instance.",
+                "description": "Image models: each input beside its attribution heat map "
+                "(log scale; white: the grid's most anomalous pixel), one cell per instance.",
             },
         }
     },
