@@ -213,19 +213,26 @@ class AnomalyScoreResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "kl_divergence": [20.7],
-                    "reconstruction_log_prob": [-45.0],
+                    "kl_divergence": [20.9],
+                    "reconstruction_log_prob": [-43.3],
                     "log_likelihood": None,
+                    "input_complexity": [-393.5],
+                    "likelihood_ratio": None,
+                    "dose": [3.02],
                     "percentiles": {
-                        "kl_divergence": [0.13],
-                        "reconstruction_log_prob": [0.16],
+                        "kl_divergence": [0.14],
+                        "reconstruction_log_prob": [0.14],
                         "log_likelihood": None,
+                        "input_complexity": [0.81],
+                        "likelihood_ratio": None,
+                        "dose": [0.58],
                     },
                     "is_anomaly": [False],
-                    "decision_score": "reconstruction_log_prob",
+                    "decision_score": "dose",
                     "threshold_percentile": 0.99,
                     "samples": 16,
                     "log_likelihood_samples": None,
+                    "attribution": None,
                 }
             ]
         }
