@@ -252,8 +252,8 @@ class AnomalyScoreResponse(BaseModel):
     )
     input_complexity: list[float] | None = Field(
         None,
-        description="-log2 p(x) - L(x) in bits, L(x) the zlib length of x in bytes of 8 bits "
-        "(Serrà et al. 2020); higher is more anomalous. Format-2 models of [0, 1] data.",
+        description="-log2 p(x) - L(x) in bits, L(x) the zlib length of x thresholded at 0.5 "
+        "(Serrà et al. 2020); higher is more anomalous. Format-2 Bernoulli models.",
     )
     likelihood_ratio: list[float] | None = Field(
         None,
