@@ -21,8 +21,6 @@ ScoreName = Literal[
     "dose",
 ]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)
-# Computed only when asked for, or when deciding: each costs more decoder passes.
-COSTLY_SCORES: tuple[ScoreName, ...] = ("log_likelihood", "likelihood_ratio")
 
 JSON = "application/json"
 NPY = "application/x-npy"

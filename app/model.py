@@ -247,7 +247,7 @@ class VAEService:
             m["calibration"] = {k: v for k, v in cal.items() if k not in ("levels", "scores")}
             m["calibration"]["scores"] = sorted(cal.get("scores", {}))
         if "dose" in m:  # the reference points stay out; how the density was built stays in
-            m["dose"] = {k: v for k, v in m["dose"].items() if k not in ("reference",)}
+            m["dose"] = {k: v for k, v in m["dose"].items() if k != "reference"}
             m["dose"]["n"] = len(self.manifest["dose"]["reference"])
         if "attribution" in m:
             m["attribution"] = {"samples": m["attribution"].get("samples")}

@@ -5,8 +5,9 @@ Likelihood ranks simple inputs (an all-black image, a thin 1) as the most normal
 corrections are built here:
 
 - **input complexity** (Serrà et al., ICLR 2020): S(x) = -log2 p(x) - L(x), where L(x) is the
-  length in bits of a lossless compression of x, zlib of x quantised to 8 bits. A simple input
-  is cheap to compress, so it loses the bonus its high likelihood gave it;
+  length in bits of a lossless compression of x: zlib of x in bytes (thresholded at 0.5 first
+  for a Bernoulli model). A simple input is cheap to compress, so it loses the bonus its high
+  likelihood gave it;
 - **DoSE** (Morningstar et al., AISTATS 2021): a kernel density over the validation set's vectors
   of summary statistics (the scores, the compressed length, the posterior's size); the score is
   -log density, so an input that is too typical is as suspect as one too unlikely.

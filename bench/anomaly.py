@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.run import machine_info
 from bench.servers import Server, Stack, free_port
 from bench.wrk import ensure_wrk, run_wrk, write_script
 
@@ -43,16 +42,6 @@ def rows(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any]]]:
         ("format 2, + likelihood_ratio", args.artifact, {"scores": ["likelihood_ratio"]}),
         ("format 2, + attribution", args.artifact, {"attribution": True}),
     ]
-
-
-def cpu_name() -> str:
-    """The CPU model and core count, so the table names the hardware it ran on."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{label}: {result.error_text()}")
             results.append({"row": label, **result.to_dict()})
     base = results[0]["rps"]
-    print(f"/anomaly-score, 1 JSON instance, {CONNECTIONS} connections, on {cpu_name()}")
+    machine = machine_info(wrk)
+    print(f"/anomaly-score, 1 JSON instance, {CONNECTIONS} connections, on "
+          f"{machine['cpu_model']} ({machine['nproc']} cores)")  # fmt: skip
     print("| scoring | req/s | ratio to the old default | p50 ms | p99 ms |")
     print("| --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['row']} | {r['rps']:.0f} | {r['rps'] / base:.2f} | "
               f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    args.out.write_text(json.dumps({"machine": machine, "rows": results}, indent=1))
     return 0
 
 
