@@ -78,7 +78,25 @@ def raw_post(port: int, head: bytes, chunks: Iterator[bytes]) -> bytes:
                 s.sendall(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        return s.recv(4096)
+        return read_answer(s)
+
+
+def read_answer(s: socket.socket) -> bytes:
+    """The whole answer: the head, then as many body bytes as its Content-Length says. One
+    recv() may hold the head alone when the server writes head and body apart."""
+    answer = b""
+    while True:
+        try:
+            part = s.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            return answer
+        if not part:
+            return answer
+        answer += part
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        declared = re.search(rb"(?im)^content-length: *(\d+)", head)
+        if sep and declared and len(body) >= int(declared.group(1)):
+            return answer
 
 
 # -- body size ---------------------------------------------------------------------------------
