@@ -98,6 +98,18 @@ class VAEService:
             # one stray value there must rank high, not infinitely high.
             scale = np.maximum(np.asarray(attribution["scale"], dtype=np.float32), 0.05)
             self.attribution_stats = (mean, scale)
+        # A table's column names, in input order: the keys of /encode's and /anomaly-score's
+        # records, and the names the attribution is reported by.
+        features = manifest.get("features")
+        self.feature_names: tuple[str, ...] | None = None
+        self.feature_index: dict[str, int] = {}
+        if features is not None:
+            self.feature_names = tuple(str(n) for n in features["names"])
+            if len(self.feature_names) != self.input_dim:
+                raise ValueError(
+                    f"{len(self.feature_names)} feature names for {self.input_dim} inputs"
+                )
+            self.feature_index = {name: i for i, name in enumerate(self.feature_names)}
         # The score the artifact recommends deciding with; format 1 predates the choice.
         self.decision_score: str = manifest.get("decision_score", "reconstruction_log_prob")
 

@@ -206,11 +206,8 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
     vae: VAEService | None = app.state.vae
     if vae is None:  # before the model loads: keep the static examples, don't cache
         return schema
-    instance = [0.0] * vae.input_dim
     for name in ("EncodeRequest", "AnomalyScoreRequest"):
-        field = comps[name]["properties"]["instances"]
-        field["examples"] = [[instance]]
-        field.update(_instances_schema(vae, settings.max_instances))
+        _inputs_schema(comps[name], vae, settings.max_instances)
     latents = comps["DecodeRequest"]["properties"]["latents"]
     latents["examples"] = [[[0.0] * vae.latent_dim]]
     latents.update(_rows_schema(vae.latent_dim, {"type": "number"}, settings.max_instances))
@@ -263,6 +260,38 @@ def _instances_schema(vae: VAEService, max_rows: int) -> dict[str, Any]:
     image = _rows_schema(width, number, height)
     image = {"type": "array", "items": image["items"], "minItems": height, "maxItems": height}
     return {"items": {"anyOf": [flat["items"], image]}, "minItems": 1, "maxItems": max_rows}
+
+
+def _inputs_schema(request: dict[str, Any], vae: VAEService, max_rows: int) -> None:
+    """`instances` sized to the model; `records` keyed by its feature names, where it has
+    them, and gone where it has none; one of the two required."""
+    fields = request["properties"]
+    fields["instances"] = {
+        **{k: v for k, v in fields["instances"].items() if k not in ("anyOf", "default")},
+        **_instances_schema(vae, max_rows),
+        "examples": [[[0.0] * vae.input_dim]],
+    }
+    names = vae.feature_names
+    if names is None:
+        del fields["records"]
+        request["required"] = ["instances"]
+        return
+    means = vae.manifest["features"]["mean"]
+    record = {
+        "type": "object",
+        "properties": {n: {"type": "number"} for n in names},
+        "required": list(names),
+        "additionalProperties": False,
+    }
+    fields["records"] = {
+        **{k: v for k, v in fields["records"].items() if k not in ("anyOf", "default")},
+        "type": "array",
+        "items": record,
+        "minItems": 1,
+        "maxItems": max_rows,
+        "examples": [[{n: round(float(m), 4) for n, m in zip(names, means, strict=True)}]],
+    }
+    request["oneOf"] = [{"required": ["instances"]}, {"required": ["records"]}]
 
 
 def _set_maximum(field: dict[str, Any], limit: int) -> None:

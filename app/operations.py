@@ -102,3 +102,23 @@ async def score(
     metrics.observe_percentiles(percentiles)
     decided = percentiles[plan.decision_score] > plan.threshold
     return Scored(scores, percentiles, decided, plan, attribution, x)
+
+
+def top_features(
+    attribution: Array, k: int, names: Sequence[str] | None
+) -> list[list[dict[str, object]]]:
+    """Per instance, its k features of highest attribution, highest first: index, name (None
+    for a model without names) and value."""
+    k = min(k, attribution.shape[1])
+    top = np.argsort(-attribution, axis=1, kind="stable")[:, :k]
+    return [
+        [
+            {
+                "index": int(j),
+                "feature": None if names is None else names[j],
+                "attribution": float(row[j]),
+            }
+            for j in order
+        ]
+        for row, order in zip(attribution, top, strict=True)
+    ]

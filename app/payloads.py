@@ -63,6 +63,8 @@ async def read_array_request(
         query = {k: v for k, v in request.query_params.items() if k not in own_query}
         params = _validate(params_model, query)
         return params, _load_npy(raw)
+    if b'"records"' in raw:
+        _refuse_duplicate_features(raw)
     _refuse_duplicate_keys(raw, full_model)
     fast = _fast_json(raw, params_model, field)
     if fast is not None:
@@ -73,7 +75,8 @@ async def read_array_request(
         raise RequestValidationError(e.errors()) from None
     values = full.model_dump()
     array = values.pop(field)
-    return params_model.model_validate(values), array
+    records = values.pop("records", None)  # the table models' other form: validation.py
+    return params_model.model_validate(values), records if array is None else array
 
 
 async def read_json_request(request: Request, model: type[P]) -> P:
@@ -153,6 +156,34 @@ class _DuplicateKeyError(ValueError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as parsed, keys in order and repeats kept."""
+
+
+def _refuse_duplicate_features(raw: bytes) -> None:
+    """422 naming the record that gives a feature twice: JSON parsers keep the last value
+    silently, and a record must say each feature's value once."""
+    try:
+        body = json.loads(raw, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        return  # the parsers that follow say what is wrong
+    if not isinstance(body, _Pairs):
+        return
+    for key, records in body:
+        if key != "records" or not isinstance(records, list):
+            continue
+        for i, record in enumerate(records):
+            if not isinstance(record, _Pairs):
+                continue
+            seen: set[str] = set()
+            for name, _ in record:
+                if name in seen:
+                    raise InvalidInputError(
+                        f"records[{i}] gives the feature '{name}' more than once."
+                    )
+                seen.add(name)
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

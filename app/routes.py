@@ -50,6 +50,7 @@ from app.schemas import (
     EncodeParams,
     EncodeRequest,
     EncodeResponse,
+    FeatureInfo,
     HealthResponse,
     ModelResponse,
     ReloadResponse,
@@ -154,7 +155,12 @@ async def score_anomalies(
     plan = scored.plan
     if scale is not None and scored.attribution is not None:
         return await heat_map_response(scored.inputs, scored.attribution, vae, scale)
-    extra = {} if scored.attribution is None else {"attribution": scored.attribution}
+    # top_features alone computes the attribution but returns only its top k.
+    full = scored.attribution if params.attribution else None
+    extra = {} if full is None else {"attribution": full}
+    top = None
+    if params.top_features is not None and scored.attribution is not None:
+        top = operations.top_features(scored.attribution, params.top_features, vae.feature_names)
     if accepts_only_npy(request):  # one record per instance: scores, percentiles, decision
         percentiles = {f"{name}_percentile": p for name, p in scored.percentiles.items()}
         flat = {**scored.scores, **percentiles, "is_anomaly": scored.is_anomaly, **extra}
@@ -171,7 +177,8 @@ async def score_anomalies(
             "threshold_percentile": plan.threshold,
             "samples": plan.samples,
             "log_likelihood_samples": plan.ll_samples or None,
-            "attribution": scored.attribution,
+            "attribution": full,
+            "top_features": top,
         }
     )
 
@@ -206,7 +213,14 @@ async def get_metrics(metrics: MetricsDep) -> Response:
 @router.get("/model", tags=["ops"], responses={**AUTH_RESPONSES, 503: {"model": ErrorResponse}})
 def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
     """The artifact being served: its sha256 and the public part of its manifest."""
+    features = vae.manifest.get("features")
     return ModelResponse(
+        features=None
+        if features is None
+        else [
+            FeatureInfo(name=n, mean=m, std=sd)
+            for n, m, sd in zip(features["names"], features["mean"], features["std"], strict=True)
+        ],
         sha256=vae.sha256,
         path=str(settings.model_path),
         device=str(vae.device),

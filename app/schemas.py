@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from app.common import ScoreName
@@ -47,6 +47,44 @@ def _split_commas(value: object) -> object:
 ScoreNames = Annotated[list[ScoreName], BeforeValidator(_split_commas)]
 FlatInstance = list[Number]
 NestedInstance = list[list[Number]]
+EXAMPLE_INPUT_DIM = 784
+EXAMPLE_LATENT_DIM = 32
+# One row of a table model, keyed by its feature names (GET /model lists them).
+Record = dict[str, Number]
+Instances = Annotated[
+    list[FlatInstance | NestedInstance] | None,
+    Field(
+        min_length=1,
+        description="Inputs, each flat (length D) or nested to the model's input shape (e.g. "
+        "28x28). Values must be finite, and in [0, 1] for a Bernoulli model. Give instances "
+        "or records.",
+        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
+    ),
+]
+Records = Annotated[
+    list[Record] | None,
+    Field(
+        min_length=1,
+        description="Inputs as records, for a model trained on a table: each maps every feature "
+        "name (GET /model lists them) to its value. Give instances or records.",
+        examples=[[{"mean radius": 12.1, "mean texture": 17.9}]],
+    ),
+]
+
+
+class _InstancesOrRecords(BaseModel):
+    instances: Instances = None
+    records: Records = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> _InstancesOrRecords:
+        if (self.instances is None) == (self.records is None):
+            raise PydanticCustomError(
+                "instances_or_records", "Give instances or records: exactly one of the two."
+            )
+        return self
+
+
 Seed = Annotated[
     Int,
     Field(
@@ -64,9 +102,6 @@ Output = Annotated[
     ),
 ]
 
-EXAMPLE_INPUT_DIM = 784
-EXAMPLE_LATENT_DIM = 32
-
 
 class Strict(BaseModel):
     """Refuses unknown fields: a typo in an option is an error, not a silent default."""
@@ -83,13 +118,8 @@ class EncodeParams(Strict):
     seed: Seed | None = None
 
 
-class EncodeRequest(EncodeParams):
-    instances: list[FlatInstance | NestedInstance] = Field(
-        min_length=1,
-        description="Inputs, each flat (length D) or nested to the model's input shape (e.g. "
-        "28x28). Values must be finite, and in [0, 1] for a Bernoulli model.",
-        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
-    )
+class EncodeRequest(_InstancesOrRecords, EncodeParams):
+    pass
 
 
 class EncodeResponse(BaseModel):
@@ -186,15 +216,18 @@ class AnomalyScoreParams(Strict):
         "-log p(x_d|z) over the L samples, standardised against normal validation data "
         "(format-2 artifacts).",
     )
+    top_features: Int | None = Field(
+        None,
+        ge=1,
+        description="Also return, per instance, the k features with the highest attribution, "
+        "by name for a model trained on a table, most anomalous first.",
+        examples=[3],
+    )
     seed: Seed | None = None
 
 
-class AnomalyScoreRequest(AnomalyScoreParams):
-    instances: list[FlatInstance | NestedInstance] = Field(
-        min_length=1,
-        description="Inputs, as for /encode.",
-        examples=[[[0.0] * EXAMPLE_INPUT_DIM]],
-    )
+class AnomalyScoreRequest(_InstancesOrRecords, AnomalyScoreParams):
+    pass
 
 
 class ScorePercentiles(BaseModel):
@@ -206,6 +239,12 @@ class ScorePercentiles(BaseModel):
     input_complexity: list[float] | None = None
     likelihood_ratio: list[float] | None = None
     dose: list[float] | None = None
+
+
+class FeatureShare(BaseModel):
+    index: int = Field(description="The feature's position in the input, from 0.")
+    feature: str | None = Field(description="Its name, for a model trained on a table.")
+    attribution: float = Field(description="Its standardised -log p(x_d|z).")
 
 
 class AnomalyScoreResponse(BaseModel):
@@ -270,6 +309,11 @@ class AnomalyScoreResponse(BaseModel):
         description="When asked for: per instance, one value per feature, -log p(x_d|z) "
         "standardised against normal data; the highest are the most anomalous features.",
     )
+    top_features: list[list[FeatureShare]] | None = Field(
+        None,
+        description="When `top_features` is k: per instance, the k most anomalous features, "
+        "highest attribution first.",
+    )
     percentiles: ScorePercentiles = Field(
         description="Per score, the share of normal validation data that is less anomalous "
         "than each instance, from the artifact's calibration quantiles (0.1% resolution)."
@@ -289,7 +333,17 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = Field("ok", description="Always `ok` when answered with 200.")
 
 
+class FeatureInfo(BaseModel):
+    name: str
+    mean: float = Field(description="Its mean over the training rows.")
+    std: float = Field(description="Its standard deviation over the training rows.")
+
+
 class ModelResponse(BaseModel):
+    features: list[FeatureInfo] | None = Field(
+        None,
+        description="A table model's features, in input order: the keys of `records`.",
+    )
     sha256: str = Field(description="SHA-256 of the artifact file being served.")
     path: str = Field(description="Where the artifact was read from.")
     device: str = Field(description="The torch device the model runs on.")

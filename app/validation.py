@@ -29,7 +29,10 @@ def float32(values: object) -> Array:
 def instances_array(
     instances: Sequence[object] | np.ndarray, vae: VAEService, settings: Settings
 ) -> Array:
-    """(B, D) float32 from flat or nested instances; checks count, shape and range."""
+    """(B, D) float32 from flat or nested instances, or from records keyed by feature name;
+    checks count, shape and range."""
+    if not isinstance(instances, np.ndarray) and len(instances) and isinstance(instances[0], dict):
+        return _records_array(instances, vae, settings)
     _check_count("instances", len(instances), settings.max_instances)
     shape, dim = vae.input_shape, vae.input_dim
     try:
@@ -60,11 +63,47 @@ def instances_array(
         raise InvalidInputError(
             f"instances[{int(np.argmin(finite))}] has values too large for float32."
         )
+    return _check_range(arr, vae, "instances")
+
+
+def _records_array(records: Sequence[object], vae: VAEService, settings: Settings) -> Array:
+    """(B, D) from records, each naming every feature once (payloads.py refuses a feature
+    given twice), in the model's input order."""
+    _check_count("records", len(records), settings.max_instances)
+    names, index = vae.feature_names, vae.feature_index
+    if names is None:
+        raise InvalidInputError(
+            "This model has no feature names (it was not trained on a table); send instances."
+        )
+    rows = np.empty((len(records), len(names)), dtype=np.float64)
+    for i, record in enumerate(records):
+        assert isinstance(record, dict)  # the schema's Record
+        for name, value in record.items():
+            j = index.get(name)
+            if j is None:
+                raise InvalidInputError(
+                    f"records[{i}] has the unknown feature '{name}'; GET /model lists this "
+                    f"model's {len(names)} features."
+                )
+            rows[i, j] = value
+        if len(record) < len(names):
+            missing = next(n for n in names if n not in record)
+            raise InvalidInputError(f"records[{i}] lacks the feature '{missing}'.")
+    arr = float32(rows)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        raise InvalidInputError(
+            f"records[{int(np.argmin(finite))}] has values too large for float32."
+        )
+    return _check_range(arr, vae, "records")
+
+
+def _check_range(arr: Array, vae: VAEService, field: str) -> Array:
     if vae.likelihood == "bernoulli":
         bad = np.flatnonzero(((arr < 0.0) | (arr > 1.0)).any(axis=1))
         if bad.size:
             raise InvalidInputError(
-                f"instances[{bad[0]}] has values outside [0, 1], which this Bernoulli model needs."
+                f"{field}[{bad[0]}] has values outside [0, 1], which this Bernoulli model needs."
             )
     return arr
 
@@ -124,7 +163,8 @@ def plan_scores(
             f"This artifact (format_version {vae.format_version}) has no {missing[0]} score; "
             f"it offers {', '.join(s for s in SCORES if s in cal)}."
         )
-    if body.attribution and vae.attribution_stats is None:
+    attribution = body.attribution or body.top_features is not None
+    if attribution and vae.attribution_stats is None:
         raise InvalidInputError(
             f"This artifact (format_version {vae.format_version}) has no per-feature "
             "attribution; re-export it with the current trainer."
@@ -139,7 +179,7 @@ def plan_scores(
         check_samples("log_likelihood_samples", ll_samples, settings, instances)
     threshold = body.threshold_percentile or settings.anomaly_percentile
     ratio = "likelihood_ratio" in asked
-    return ScorePlan(samples, ll_samples, decision, threshold, ratio, body.attribution)
+    return ScorePlan(samples, ll_samples, decision, threshold, ratio, attribution)
 
 
 def _check_count(name: str, n: int, limit: int) -> None:

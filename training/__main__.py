@@ -23,7 +23,7 @@ from training.config import (
     TrainConfig,
     is_full_run,
 )
-from training.data import DataError, default_data_dir, download_mnist, load_data
+from training.data import DataError, Dataset, default_data_dir, download_mnist, load_data
 from training.export import build_manifest, export_artifact
 from training.model import VAE
 from training.pipeline import (
@@ -32,8 +32,10 @@ from training.pipeline import (
     fit,
     fit_background,
     split,
+    test_auroc,
     test_metrics,
 )
+from training.tables import TableOptions, find_table, load_table
 from training.train import TrainingError, rank_and_world
 
 log = logging.getLogger("training")
@@ -46,15 +48,30 @@ Config = ModelConfig | TrainConfig
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train a VAE on MNIST (IDX) or vector (.npy) data and export the artifact.",
+        description="Train a VAE on MNIST (IDX), vectors (.npy) or a table (CSV, Parquet) and "
+        "export the artifact.",
     )
     p.add_argument(
         "--data-dir",
         type=Path,
         default=default_data_dir(),
-        help="MNIST IDX files, or train.npy + test.npy; $VAE_DATA_DIR sets the default "
-        "(default: %(default)s)",
+        help="MNIST IDX files, train.npy + test.npy, or train.csv|.parquet with an optional "
+        "test.csv|.parquet; $VAE_DATA_DIR sets the default (default: %(default)s)",
     )
+    p.add_argument("--data", type=Path,
+                   help="one CSV or Parquet file instead of --data-dir; the test rows are a "
+                   "seeded --test-fraction of it")  # fmt: skip
+    tables = p.add_argument_group("tables (CSV, Parquet; the header names the features)")
+    tables.add_argument("--label-column", help="a column kept out of the features")
+    tables.add_argument("--normal-value",
+                        help="train on the rows whose label is this only; the others are "
+                        "held out as anomalies for evaluation")  # fmt: skip
+    tables.add_argument("--impute", choices=["median"],
+                        help="fill missing values with the training rows' median "
+                        "(default: refuse them)")  # fmt: skip
+    tables.add_argument("--test-fraction", type=float, default=TableOptions.test_fraction,
+                        help="share of the (normal) rows held out for testing when there is no "
+                        "test file (default: %(default)s)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("models/vae.pt"),
                    help="artifact path (default: %(default)s)")  # fmt: skip
     p.add_argument(
@@ -170,6 +187,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def read_data(args: argparse.Namespace) -> Dataset:
+    """A table (--data, or train.csv|.parquet in --data-dir), else IDX or .npy files."""
+    opts = TableOptions(
+        label_column=args.label_column, normal_value=args.normal_value, impute=args.impute,
+        test_fraction=args.test_fraction, seed=given(args, TrainConfig).get("seed", 0),
+    )  # fmt: skip
+    if args.data is not None:
+        return load_table(args.data, None, opts)
+    train = find_table(args.data_dir, "train")
+    if train is not None:
+        return load_table(train, find_table(args.data_dir, "test"), opts)
+    if opts != TableOptions(test_fraction=opts.test_fraction, seed=opts.seed):
+        raise DataError(
+            f"{args.data_dir}: --label-column, --normal-value and --impute apply to tables "
+            "(train.csv or train.parquet), and it holds none."
+        )
+    return load_data(args.data_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -193,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             download_mnist(args.data_dir)
         if dist.is_initialized():
             dist.barrier()  # the other ranks read what rank 0 downloaded
-        data = load_data(args.data_dir)
+        data = read_data(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -202,14 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         in_unit = data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
         likelihood = "bernoulli" if in_unit else "gaussian"
     if likelihood == "bernoulli" and (data.x_train.min() < 0.0 or data.x_train.max() > 1.0):
-        print(f"error: {args.data_dir}: a Bernoulli model needs data in [0, 1].", file=sys.stderr)
+        where = args.data or args.data_dir
+        print(f"error: {where}: a Bernoulli model needs data in [0, 1].", file=sys.stderr)
         return 2
     model_cfg = model_config(args, data.x_train.shape[1], likelihood)
     cfg = train_config(args, data.name, str(device))
     try:
         splits = split(data, cfg, likelihood, device)
     except DataError as e:
-        print(f"error: {args.data_dir}: {e}", file=sys.stderr)
+        print(f"error: {args.data or args.data_dir}: {e}", file=sys.stderr)
         return 2
     ckpt_dir = args.checkpoint_dir or args.out.parent / "checkpoints"
     log.info("training %s on %s (%d train, %d val) on %s", model_cfg, data.name,
@@ -241,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
     }
-    log.info("test metrics: %s", {k: v for k, v in metrics.items() if k != "history"})
     calibrated, scoring = calibration(model, splits, cfg, background)
+    if data.test_is_anomaly is not None:
+        metrics["test_auroc"] = test_auroc(
+            model, splits, cfg, background, scoring, data.test_is_anomaly[: len(splits.x_test)]
+        )
+    log.info("test metrics: %s", {k: v for k, v in metrics.items() if k != "history"})
     manifest = build_manifest(
         model,
         input_shape=data.input_shape,
@@ -250,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         train_config=cfg.to_dict(),
         dataset={"name": data.name, "train_size": len(splits.x_train),
                  "val_size": len(splits.x_val), "test_size": len(data.x_test),
-                 "binarized": splits.binarize},
+                 "binarized": splits.binarize, **(data.preprocessing or {})},
         metrics=metrics,
         calibration=calibrated,
         scoring=scoring,
+        features=data.features,
     )  # fmt: skip
     sha = export_artifact(model, manifest, args.out, background)
     print(
@@ -265,9 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         f"test log p(x) {metrics['test_log_likelihood']:.2f} nats/image "
         f"(IWAE bound, K={metrics['log_likelihood_k']}, {metrics['test_images']} test images)\n"
         f"best epoch   {result.best_epoch}/{cfg.epochs} (val ELBO {result.best_val_elbo:.2f})\n"
-        f"train time   {result.seconds:.0f}s; wall time {time.perf_counter() - t_start:.0f}s"
+        + _auroc_line(metrics.get("test_auroc"))
+        + f"train time   {result.seconds:.0f}s; wall time {time.perf_counter() - t_start:.0f}s"
     )
     return 0
+
+
+def _auroc_line(aurocs: dict[str, float] | None) -> str:
+    if not aurocs:
+        return ""
+    best = max(aurocs, key=aurocs.__getitem__)
+    return f"test AUROC   {aurocs[best]:.3f} by {best} (every score: metrics.test_auroc)\n"
 
 
 if __name__ == "__main__":

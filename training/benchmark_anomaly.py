@@ -31,11 +31,17 @@ import numpy as np
 import torch
 
 from app.model import VAEService
-from app.scores import Density
 from training.config import ModelConfig, TrainConfig
 from training.data import Dataset, binarize_fixed, default_data_dir, load_data
-from training.evaluate import SCORE_DIRECTIONS, anomaly_scores, auroc
-from training.pipeline import TEST_BINARIZATION_SEED, calibration, fit, fit_background, split
+from training.evaluate import SCORE_DIRECTIONS, auroc
+from training.pipeline import (
+    TEST_BINARIZATION_SEED,
+    calibration,
+    fit,
+    fit_background,
+    split,
+    test_auroc,
+)
 
 log = logging.getLogger("training")
 
@@ -99,17 +105,9 @@ def run_digit(data: Dataset, digit: int, args: argparse.Namespace) -> dict[str, 
             splits, model_cfg, cfg, checkpoint_dir=Path(ckpt), progress=False
         )
     _, scoring = calibration(model, splits, cfg, background)
-    scores = anomaly_scores(
-        model, splits.x_test, samples=args.samples, ll_samples=args.ll_samples, seed=args.seed,
-        background=background, density=Density.from_manifest(scoring["dose"]),
-    )  # fmt: skip
     assert data.y_test is not None
     is_anomaly = data.y_test[: len(splits.x_test)] == digit
-    return {
-        name: auroc(signed(name, v)[~is_anomaly], signed(name, v)[is_anomaly])
-        for name, v in scores.items()
-        if name in SCORE_DIRECTIONS
-    }
+    return test_auroc(model, splits, cfg, background, scoring, is_anomaly)
 
 
 def sanity_sets(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:

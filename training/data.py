@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -57,7 +58,10 @@ class DataError(ValueError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
 class Dataset:
-    """Train and test rows as float32 (N, D), images scaled to [0, 1]; labels as int64 or None."""
+    """Train and test rows as float32 (N, D), images scaled to [0, 1]; labels as int64 or None.
+
+    Tables (training/tables.py) also give their features' names and statistics, how they were
+    read, and which test rows are anomalies (those whose label is not the normal value)."""
 
     name: str
     x_train: npt.NDArray[np.float32]
@@ -65,6 +69,9 @@ class Dataset:
     x_test: npt.NDArray[np.float32]
     y_test: npt.NDArray[np.int64] | None
     input_shape: tuple[int, ...]
+    features: dict[str, Any] | None = None  # names, and the training rows' mean and std
+    preprocessing: dict[str, Any] | None = None  # the label column, normal value, imputation
+    test_is_anomaly: npt.NDArray[np.bool_] | None = None
 
 
 def read_idx(path: Path) -> npt.NDArray[np.uint8]:

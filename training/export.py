@@ -49,9 +49,12 @@ def build_manifest(
     metrics: dict[str, Any],
     calibration: dict[str, Any],
     scoring: dict[str, Any] | None = None,
+    features: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`scoring` adds what the format-2 scores need: the DoSE density, the attribution's
-    per-feature statistics, the background model's recipe and the recommended decision score."""
+    per-feature statistics, the background model's recipe and the recommended decision score.
+    `features` (tables): the column names in input order, with the training rows' mean and
+    standard deviation, so that the service takes records keyed by name."""
     bernoulli = model_config["likelihood"] == "bernoulli"
     return {
         "format_version": FORMAT_VERSION,
@@ -67,6 +70,7 @@ def build_manifest(
         "metrics": metrics,
         "calibration": calibration,
         **(scoring or {}),
+        **({"features": features} if features is not None else {}),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }

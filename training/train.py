@@ -81,7 +81,13 @@ def train(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
-    lo, hi = x_train.min(), x_train.max()
+    # The background model's noise spans the data's range: [0, 1] for a Bernoulli model; each
+    # feature's own range for a Gaussian one, whose features may differ in scale by 10^4 (a
+    # table's areas and ratios), where one shared range drowns the small ones and overflows.
+    if model.bernoulli:
+        lo, hi = x_train.min(), x_train.max()
+    else:
+        lo, hi = x_train.min(0).values, x_train.max(0).values
     # The global batch stays cfg.batch_size whatever the number of ranks, so results compare.
     local_batch = max(1, cfg.batch_size // world)
     usable = x_train.shape[0] - x_train.shape[0] % world  # equal shards: no rank waits alone

@@ -92,10 +92,18 @@ def parameters(req: V2InferenceRequest, model: V2Model) -> tuple[Any, bool]:
 
 
 def input_tensor(
-    req: V2InferenceRequest, model: V2Model, binary: memoryview | None, *, has_bools: bool
+    req: V2InferenceRequest,
+    model: V2Model,
+    binary: memoryview | None,
+    *,
+    has_bools: bool,
+    features: tuple[str, ...] | None = None,
 ) -> np.ndarray:
-    """The one input as float32, shaped as sent and checked for size, rank and finiteness."""
+    """The one input as float32, shaped as sent and checked for size, rank and finiteness;
+    or, for a model trained on a table, one input per feature, named by it (`features`)."""
     names = [inp.name for inp in req.inputs]
+    if features and model.operation != "decode" and names and model.input not in names:
+        return _feature_inputs(req, model, features, binary, has_bools=has_bools)
     unknown = [n for n in names if n != model.input]
     if unknown:
         raise ProtocolError(
@@ -156,6 +164,52 @@ def input_tensor(
     # FP64 values beyond float32 become inf, which validation.py reports by index.
     with np.errstate(over="ignore", invalid="ignore"):
         return arr.astype(np.float32)
+
+
+def _feature_inputs(
+    req: V2InferenceRequest,
+    model: V2Model,
+    features: tuple[str, ...],
+    binary: memoryview | None,
+    *,
+    has_bools: bool,
+) -> np.ndarray:
+    """(N, D) from one JSON input of shape [N] (or [N, 1]) per feature, every feature once, the
+    V2 form of REST's records. Binary inputs are not taken here: the one-tensor form has them."""
+    if binary:
+        raise ProtocolError("Inputs named by feature take JSON data only; send one binary input.")
+    wanted = set(features)
+    columns: dict[str, np.ndarray] = {}
+    for inp in req.inputs:
+        if inp.name not in wanted:
+            raise ProtocolError(
+                f"Model '{model.name}' has no input '{inp.name}'; its inputs are "
+                f"'{model.input}' or one per feature (GET /model lists them)."
+            )
+        if inp.name in columns:
+            raise ProtocolError(f"Input '{inp.name}' is given more than once.")
+        dtype = DATATYPES.get(inp.datatype)
+        if dtype is None:
+            raise ProtocolError(
+                f"Input '{inp.name}' has datatype '{inp.datatype}'; this server takes "
+                f"{listing(list(DATATYPES), 'or')}."
+            )
+        if len(inp.shape) not in (1, 2) or inp.shape[1:] not in ([], [1]) or not inp.shape[0]:
+            raise ProtocolError(f"Input '{inp.name}' must have shape [N] or [N, 1], N >= 1.")
+        if inp.data is None:
+            raise ProtocolError(f"Input '{inp.name}' has no data.")
+        arr = _json_tensor(
+            inp.name, inp.datatype, dtype, inp.shape, inp.data, has_bools=has_bools
+        ).reshape(-1)
+        first = next(iter(columns.values()), arr)
+        if len(arr) != len(first):
+            raise ProtocolError(f"Input '{inp.name}' has {len(arr)} rows, the others {len(first)}.")
+        columns[inp.name] = arr
+    missing = next((f for f in features if f not in columns), None)
+    if missing is not None:
+        raise ProtocolError(f"The request lacks the input for the feature '{missing}'.")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: reported by index, later
+        return np.stack([columns[f] for f in features], axis=1).astype(np.float32)
 
 
 def _json_tensor(

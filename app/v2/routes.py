@@ -221,7 +221,10 @@ async def infer_v2(
     head, tail = split_body(raw, header_length)
     req = parse_request(head, header_length is not None)
     params, binary_output = parameters(req, model)
-    arr = input_tensor(req, model, tail, has_bools=data_has_bools(raw, len(head), req))
+    arr = input_tensor(
+        req, model, tail, has_bools=data_has_bools(raw, len(head), req),
+        features=vae.feature_names,
+    )  # fmt: skip
     check_output_names(req, model, vae)  # before the model runs, not after
     request.state.instances = len(arr)
     # The same operations as REST, so V2 and REST requests batch together.

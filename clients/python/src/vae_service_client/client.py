@@ -77,6 +77,8 @@ NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose")
 T = TypeVar("T")
 Array = npt.NDArray[Any]
 Output = Literal["mean", "mode"]
+# Rows of a model trained on a table, keyed by feature name.
+Records = Sequence[Mapping[str, float]] | None
 ScoreName = Literal[
     "kl_divergence",
     "reconstruction_log_prob",
@@ -254,6 +256,17 @@ class AnomalyScores:
     likelihood_ratio: Array | None = None
     dose: Array | None = None
     attribution: Array | None = None  # (B, D) when asked for
+    top_features: list[list[FeatureShare]] | None = None  # per instance, when asked for
+
+
+@dataclass(frozen=True)
+class FeatureShare:
+    """One of an instance's most anomalous features: its position, its name (models trained on
+    a table) and its attribution."""
+
+    index: int
+    feature: str | None
+    attribution: float
 
 
 @dataclass(frozen=True)
@@ -381,6 +394,9 @@ def _read_scores(response: httpx.Response) -> AnomalyScores:
             **{name: _optional_f32(pct.get(name)) for name in NEW_SCORES},
         ),
         **{name: _optional_f32(body.get(name)) for name in (*NEW_SCORES, "attribution")},
+        top_features=None
+        if body.get("top_features") is None
+        else [[FeatureShare(**share) for share in row] for row in body["top_features"]],
         is_anomaly=np.asarray(body["is_anomaly"], dtype=bool),
         decision_score=body["decision_score"],
         threshold_percentile=float(body["threshold_percentile"]),
@@ -396,6 +412,15 @@ def _read_model(response: httpx.Response) -> ModelInfo:
 
 def _read_ok(response: httpx.Response) -> bool:
     return response.status_code == 200
+
+
+def _inputs(instances: npt.ArrayLike | None, records: Records) -> tuple[str, Any]:
+    """The request's input field: instances (arrays) or records (dicts keyed by feature)."""
+    if (instances is None) == (records is None):
+        raise TypeError("Give instances or records: exactly one of the two.")
+    if records is not None:
+        return "records", [dict(r) for r in records]
+    return "instances", instances
 
 
 def _options(**values: object) -> dict[str, object]:
@@ -423,9 +448,12 @@ class _ClientBase:
 
     # -- the calls ---------------------------------------------------------------------------
 
-    def _encode(self, instances: npt.ArrayLike, samples: int, seed: int | None) -> _Call[Encoded]:
+    def _encode(
+        self, instances: npt.ArrayLike | None, records: Records, samples: int, seed: int | None
+    ) -> _Call[Encoded]:
         options = _options(samples=samples, seed=seed)
-        return self._array_call("/encode", "instances", instances, options, _read_encoded)
+        name, values = _inputs(instances, records)
+        return self._array_call("/encode", name, values, options, _read_encoded)
 
     def _decode(self, latents: npt.ArrayLike, output: Output) -> _Call[Array]:
         return self._array_call("/decode", "latents", latents, {"output": output}, _read_outputs)
@@ -435,9 +463,10 @@ class _ClientBase:
         return _Call("POST", "/sample", _read_samples, content=body, headers=self._json_headers())
 
     def _anomaly_score(
-        self, instances: npt.ArrayLike, options: Mapping[str, object]
+        self, instances: npt.ArrayLike | None, records: Records, options: Mapping[str, object]
     ) -> _Call[AnomalyScores]:
-        return self._array_call("/anomaly-score", "instances", instances, options, _read_scores)
+        name, values = _inputs(instances, records)
+        return self._array_call("/anomaly-score", name, values, options, _read_scores)
 
     def _probe(self, path: str) -> _Call[bool]:
         # A probe reports the present: no retries, and "no answer" is an answer (False).
@@ -456,7 +485,8 @@ class _ClientBase:
         options: Mapping[str, object],
         parse: Callable[[httpx.Response], T],
     ) -> _Call[T]:
-        array = _regular(values) if self.binary else None
+        # Records travel as JSON: .npy has no place for their names.
+        array = _regular(values) if self.binary and name != "records" else None
         if array is not None:
             params = {k: str(v) for k, v in options.items()}
             headers = {"content-type": NPY, "accept": ACCEPT_NPY}
@@ -534,6 +564,7 @@ def _anomaly_options(
     seed: int | None,
     scores: Sequence[ScoreName] | None = None,
     attribution: bool = False,
+    top_features: int | None = None,
 ) -> dict[str, object]:
     return _options(
         samples=samples,
@@ -544,6 +575,7 @@ def _anomaly_options(
         # A comma-separated string travels in a query (.npy bodies) as in JSON.
         scores=",".join(scores) if scores else None,
         attribution=True if attribution else None,
+        top_features=top_features,
     )
 
 
@@ -573,10 +605,16 @@ class VAEClient(_ClientBase):
         self._http = httpx.Client(base_url=base_url, headers=self._headers, timeout=timeout)
 
     def encode(
-        self, instances: npt.ArrayLike, *, samples: int = 0, seed: int | None = None
+        self,
+        instances: npt.ArrayLike | None = None,
+        *,
+        records: Records = None,
+        samples: int = 0,
+        seed: int | None = None,
     ) -> Encoded:
-        """The posterior q(z|x) of each instance (flat, N x D, or shaped, N x H x W)."""
-        return self._run(self._encode(instances, samples, seed))
+        """The posterior q(z|x) of each instance (flat, N x D, or shaped, N x H x W), or of
+        each record (a dict keyed by feature name, for a model trained on a table)."""
+        return self._run(self._encode(instances, records, samples, seed))
 
     def decode(self, latents: npt.ArrayLike, *, output: Output = "mean") -> Array:
         """Decoded outputs (B, D) of latents (B, Z): the decoder's mean, or its mode."""
@@ -588,8 +626,9 @@ class VAEClient(_ClientBase):
 
     def anomaly_score(
         self,
-        instances: npt.ArrayLike,
+        instances: npt.ArrayLike | None = None,
         *,
+        records: Records = None,
         samples: int | None = None,
         log_likelihood_samples: int | None = None,
         threshold_percentile: float | None = None,
@@ -597,15 +636,17 @@ class VAEClient(_ClientBase):
         seed: int | None = None,
         scores: Sequence[ScoreName] | None = None,
         attribution: bool = False,
+        top_features: int | None = None,
     ) -> AnomalyScores:
-        """Anomaly scores, their calibrated percentiles and the decision, per instance;
-        `scores` adds costly ones (log_likelihood, likelihood_ratio), `attribution` the
-        per-feature attribution (B, D)."""
+        """Anomaly scores, their calibrated percentiles and the decision, per instance (or
+        record); `scores` adds costly ones (log_likelihood, likelihood_ratio), `attribution`
+        the per-feature attribution (B, D), `top_features` each one's k most anomalous
+        features, by name for a table model."""
         options = _anomaly_options(
             samples, log_likelihood_samples, threshold_percentile, decision_score, seed,
-            scores, attribution,
+            scores, attribution, top_features,
         )  # fmt: skip
-        return self._run(self._anomaly_score(instances, options))
+        return self._run(self._anomaly_score(instances, records, options))
 
     def health(self) -> bool:
         """Whether the server process answers (no retries)."""
@@ -662,10 +703,16 @@ class AsyncVAEClient(_ClientBase):
         self._http = httpx.AsyncClient(base_url=base_url, headers=self._headers, timeout=timeout)
 
     async def encode(
-        self, instances: npt.ArrayLike, *, samples: int = 0, seed: int | None = None
+        self,
+        instances: npt.ArrayLike | None = None,
+        *,
+        records: Records = None,
+        samples: int = 0,
+        seed: int | None = None,
     ) -> Encoded:
-        """The posterior q(z|x) of each instance (flat, N x D, or shaped, N x H x W)."""
-        return await self._run(self._encode(instances, samples, seed))
+        """The posterior q(z|x) of each instance (flat, N x D, or shaped, N x H x W), or of
+        each record (a dict keyed by feature name, for a model trained on a table)."""
+        return await self._run(self._encode(instances, records, samples, seed))
 
     async def decode(self, latents: npt.ArrayLike, *, output: Output = "mean") -> Array:
         """Decoded outputs (B, D) of latents (B, Z): the decoder's mean, or its mode."""
@@ -679,8 +726,9 @@ class AsyncVAEClient(_ClientBase):
 
     async def anomaly_score(
         self,
-        instances: npt.ArrayLike,
+        instances: npt.ArrayLike | None = None,
         *,
+        records: Records = None,
         samples: int | None = None,
         log_likelihood_samples: int | None = None,
         threshold_percentile: float | None = None,
@@ -688,15 +736,17 @@ class AsyncVAEClient(_ClientBase):
         seed: int | None = None,
         scores: Sequence[ScoreName] | None = None,
         attribution: bool = False,
+        top_features: int | None = None,
     ) -> AnomalyScores:
-        """Anomaly scores, their calibrated percentiles and the decision, per instance;
-        `scores` adds costly ones (log_likelihood, likelihood_ratio), `attribution` the
-        per-feature attribution (B, D)."""
+        """Anomaly scores, their calibrated percentiles and the decision, per instance (or
+        record); `scores` adds costly ones (log_likelihood, likelihood_ratio), `attribution`
+        the per-feature attribution (B, D), `top_features` each one's k most anomalous
+        features, by name for a table model."""
         options = _anomaly_options(
             samples, log_likelihood_samples, threshold_percentile, decision_score, seed,
-            scores, attribution,
+            scores, attribution, top_features,
         )  # fmt: skip
-        return await self._run(self._anomaly_score(instances, options))
+        return await self._run(self._anomaly_score(instances, records, options))
 
     async def health(self) -> bool:
         """Whether the server process answers (no retries)."""
