@@ -145,7 +145,7 @@ def _read(path: Path, opts: TableOptions) -> _Table:
             f"{path}: the first row ({', '.join(names[:3])}, ...) looks like data, not a header; "
             "the first row must name the columns."
         )
-    labels = None
+    labels: list[str | None] | None = None
     if opts.label_column is not None:
         if opts.label_column not in names:
             raise DataError(
@@ -153,12 +153,12 @@ def _read(path: Path, opts: TableOptions) -> _Table:
                 f"its columns are {', '.join(names)}."
             )
         column = table.column(opts.label_column)
-        if column.null_count:
-            row = _first(column.is_null()) + 1
+        labels = [None if v is None else _label_text(v) for v in column.to_pylist()]
+        empty = next((i for i, v in enumerate(labels) if v in (None, "")), None)
+        if empty is not None:  # a CSV's empty string is a string, not a null
             raise DataError(
-                f"{path}: column '{opts.label_column}', row {row}: the label is missing."
+                f"{path}: column '{opts.label_column}', row {empty + 1}: the label is missing."
             )
-        labels = [_label_text(v) for v in column.to_pylist()]
         names.remove(opts.label_column)
         table = table.drop_columns([opts.label_column])
     if not names:
@@ -189,7 +189,8 @@ def _read(path: Path, opts: TableOptions) -> _Table:
             row = int(np.argmax(infinite)) + 1
             raise DataError(f"{path}: column '{name}', row {row}: the value is infinite.")
         columns.append(values)
-    return _Table(path, names, np.stack(columns, axis=1), labels)
+    text = None if labels is None else [str(v) for v in labels]
+    return _Table(path, names, np.stack(columns, axis=1), text)
 
 
 def _read_arrow(path: Path) -> Any:
@@ -265,10 +266,6 @@ def _check_constant(t: _Table, x: npt.NDArray[np.float64], rows: npt.NDArray[np.
 def _labels(t: _Table) -> list[str]:
     assert t.labels is not None  # read with the same label column as the training file
     return t.labels
-
-
-def _first(mask: Any) -> int:
-    return int(np.argmax(mask.to_numpy(zero_copy_only=False)))
 
 
 def _first_non_number(values: list[Any]) -> tuple[int, Any]:

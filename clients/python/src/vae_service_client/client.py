@@ -271,12 +271,14 @@ class FeatureShare:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The artifact being served: its sha256, where it was read, the device, the manifest."""
+    """The artifact being served: its sha256, where it was read, the device, the manifest, and
+    for a model trained on a table its features (name, training mean and std), in input order."""
 
     sha256: str
     path: str
     device: str
     manifest: Mapping[str, Any]
+    features: list[Mapping[str, Any]] | None = None
 
 
 # -- requests and answers, shared by both clients -----------------------------------------------
@@ -407,7 +409,10 @@ def _read_scores(response: httpx.Response) -> AnomalyScores:
 
 def _read_model(response: httpx.Response) -> ModelInfo:
     body = response.json()
-    return ModelInfo(str(body["sha256"]), str(body["path"]), str(body["device"]), body["manifest"])
+    return ModelInfo(
+        str(body["sha256"]), str(body["path"]), str(body["device"]), body["manifest"],
+        body.get("features"),
+    )  # fmt: skip
 
 
 def _read_ok(response: httpx.Response) -> bool:
