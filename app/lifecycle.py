@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import ModelLoadError
 from app.model import VAEService
 from app.settings import Settings
+from app.workers import Siblings
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +59,27 @@ def uvicorn_grace_s(settings: Settings) -> int:
     return max(1, min(2, round(settings.shutdown_timeout_s / 10)))
 
 
-def load_model(settings: Settings) -> VAEService:
-    """Load, check the pin, and warm up every batch size, before anyone is served by it."""
-    vae = VAEService.load(settings.model_path, settings.device, settings.model_sha256)
+def load_model(settings: Settings, expected_sha256: str | None = None) -> VAEService:
+    """Load, check the pin (or the sha256 a sibling worker loaded), and warm up every batch
+    size, before anyone is served by it."""
+    pin = expected_sha256 or settings.model_sha256
+    vae = VAEService.load(settings.model_path, settings.device, pin)
     vae.warm_up(settings.max_batch_size)
     return vae
 
 
-async def reload_model(app: FastAPI) -> Reloaded:
+async def reload_model(app: FastAPI, expected_sha256: str | None = None) -> Reloaded:
     """Load VAE_MODEL_PATH again and swap it in; a ModelLoadError leaves the old one serving."""
     lifecycle: Lifecycle = app.state.lifecycle
     async with lifecycle.reload_lock:  # one reload at a time; a second waits and reloads again
-        new = await run_in_threadpool(load_model, app.state.settings)
+        new = await run_in_threadpool(load_model, app.state.settings, expected_sha256)
         old: VAEService = app.state.vae
         previous = old.sha256
         app.state.vae = new
         app.state.metrics.set_model(new)
         app.openapi_schema = None  # its examples are sized to the model
+        if app.state.siblings is not None:
+            app.state.siblings.record(new.sha256)
     del old  # requests still in flight hold their own reference
     # Loading and warming up ran on a pool thread, whose malloc arena keeps what torch freed
     # there; hand it back to the OS, or each reload would leave RSS a step higher.
@@ -83,6 +88,23 @@ async def reload_model(app: FastAPI) -> Reloaded:
     log.info("reloaded %s: sha256 %s (was %s)", app.state.settings.model_path, new.sha256,
              previous)  # fmt: skip
     return Reloaded(new.sha256, previous)
+
+
+async def reload_siblings(app: FastAPI, sha256: str, wait_s: float = 60.0) -> tuple[int, int]:
+    """After this worker reloaded: the other workers' turn (app/workers.py). Waits until all
+    serve `sha256`, or `wait_s`; returns (workers serving it, workers)."""
+    siblings: Siblings | None = app.state.siblings
+    if siblings is None:
+        return 1, 1
+    siblings.ask_others_to_reload(sha256)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        serving = siblings.serving()
+        done = sum(sha == sha256 for sha in serving.values())
+        if done == len(serving) or loop.time() > deadline:
+            return done, len(serving)
+        await asyncio.sleep(0.05)
 
 
 def _trim_heap() -> None:
@@ -134,7 +156,9 @@ async def _drain(app: FastAPI, then: Handler, sig: int) -> None:
 
 
 async def _reload_on_signal(app: FastAPI) -> None:
+    siblings: Siblings | None = app.state.siblings
+    expected = siblings.expected_sha256() if siblings is not None else None
     try:
-        await reload_model(app)
+        await reload_model(app, expected)
     except ModelLoadError as e:
         log.error("SIGHUP reload refused, the old model keeps serving: %s", e)

@@ -23,6 +23,7 @@ from app.openapi import DESCRIPTION, install_openapi
 from app.routes import admin_router, model_router, router
 from app.settings import Settings
 from app.v2 import router as v2_router
+from app.workers import Siblings
 
 log = logging.getLogger("app")
 
@@ -48,10 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", e)
             raise
         metrics.set_model(vae)
+        siblings = app.state.siblings
+        if siblings is not None:
+            siblings.record(vae.sha256)
         batcher = Batcher(
             settings.max_batch_size,
             settings.max_batch_delay_ms / 1000,
             on_batch=metrics.observe_batch,
+            inline_max_s=settings.inline_max_ms / 1000,
         )
         batcher.start()
         app.state.vae, app.state.batcher = vae, batcher
@@ -65,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.ready = False
         batcher.stop()
+        if siblings is not None:
+            siblings.leave()
 
     app = FastAPI(
         title="vae-service",
@@ -78,9 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_enabled = bool(keys)
     app.state.vae = app.state.batcher = None
     app.state.ready = False
-    app.state.lifecycle = lifecycle = Lifecycle()
+    app.state.lifecycle = Lifecycle()
+    # Several workers of `python -m app` (app/workers.py): the others, for reloads.
+    app.state.siblings = Siblings.from_environ()
     app.state.metrics = metrics = Metrics(settings.max_batch_size)
-    metrics.in_flight.set_function(lambda: lifecycle.in_flight)
     install_error_handlers(app)
     app.include_router(model_router)
     app.include_router(router)

@@ -82,11 +82,15 @@ class Guard:
             )
             await _refuse(send, path, 503, detail, [_retry_after()])
             return
+        # The gauge beside the count: with several workers it is summed across them.
+        in_flight = scope["app"].state.metrics.in_flight
         lifecycle.in_flight += 1
+        in_flight.inc()
         try:
             await self._call(scope, receive, send, limit, self.settings.request_timeout_s)
         finally:
             lifecycle.in_flight -= 1
+            in_flight.dec()
 
     def _check_key(
         self, path: str, method: str, headers: dict[bytes, bytes]

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import secrets
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,8 @@ class VAEService:
                     f"{len(self.feature_names)} feature names for {self.input_dim} inputs"
                 )
             self.feature_index = {name: i for i, name in enumerate(self.feature_names)}
+        # Measured by warm_up; until then every job's cost is infinite: none runs inline.
+        self.encode_row_s = self.score_fixed_s = self.score_sample_s = math.inf
         # The score the artifact recommends deciding with; format 1 predates the choice.
         self.decision_score: str = manifest.get("decision_score", "reconstruction_log_prob")
 
@@ -248,6 +252,40 @@ class VAEService:
                 self.decode(np.zeros((size, self.latent_dim), dtype=np.float32))
                 self.anomaly_scores(x, 2, 0, ll_samples=2, ratio=True, attribution=True)
         self.sample(2, seed=0)
+        self._measure_costs()
+
+    def _measure_costs(self, repeats: int = 21) -> None:
+        """The per-row costs that `cost_s` scales, timed on one row (median of `repeats`):
+        an encode, and the scores' fixed part (the encoder, the compressed length, DoSE's
+        density) and cost per posterior sample, from their times with 1 and 9 samples."""
+        x = np.full((1, self.input_dim), 0.5, dtype=np.float32)
+
+        def median(call: Callable[[], object]) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            return float(np.median(times))
+
+        self.encode_row_s = median(lambda: self.encode(x))
+        one = median(lambda: self.anomaly_scores(x, 1, 0))
+        nine = median(lambda: self.anomaly_scores(x, 9, 0))
+        self.score_sample_s = max((nine - one) / 8, 0.0)
+        self.score_fixed_s = max(one - self.score_sample_s, 0.0)
+
+    def cost_s(
+        self, op: str, rows: int, samples: int = 1, ll_samples: int = 0, passes: int = 1
+    ) -> float:
+        """Estimated model time of a job, from the per-row costs measured at warm-up: rows x
+        an encode for encode, decode and sample (a decoder is about as costly); for the
+        scores, rows x (their fixed part + the cost per sample x (samples x `passes` (the
+        background model, the attribution) + K)). Before warm-up, infinite: nothing runs
+        inline."""
+        if op != "anomaly":
+            return rows * self.encode_row_s
+        per_sample = self.score_sample_s * (samples * passes + ll_samples)
+        return rows * (self.score_fixed_s + per_sample)
 
     def public_manifest(self) -> dict[str, Any]:
         """The manifest without the bulky calibration quantiles and training history."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -21,15 +22,19 @@ from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.common import Array
 from app.model import VAEService
+from app.workers import PROMETHEUS_ENV
 
 log = logging.getLogger("app.access")
 
@@ -41,9 +46,16 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Metrics:
+    """The service's metrics. With several workers (app/workers.py sets
+    PROMETHEUS_MULTIPROC_DIR for them), prometheus-client's multiprocess mode: each worker writes
+    its values to the shared folder and `exposition` adds every worker's up, whichever worker is
+    scraped. The process_* figures are then left out: they describe one process only."""
+
     def __init__(self, max_batch_size: int) -> None:
+        self.multiprocess = bool(os.environ.get(PROMETHEUS_ENV))
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        if not self.multiprocess:
+            ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         r = self.registry
         self.request_duration = Histogram(
@@ -63,9 +75,14 @@ class Metrics:
             "vae_queue_duration_seconds", "Time a request waited for the inference thread.",
             ["op"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.inline_jobs = Counter(
+            "vae_inline_jobs_total", "Jobs cheap enough to run on the event loop, skipping the "
+            "inference thread (VAE_INLINE_MAX_MS).", ["op"], registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge(
-            "vae_requests_in_flight", "Model requests accepted and not yet answered.", registry=r
-        )
+            "vae_requests_in_flight", "Model requests accepted and not yet answered.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         # The score as its calibrated percentile: the same buckets for every score and model,
         # and uniform on data like the validation split, so drift shows as a shape change.
         self.anomaly_score = Histogram(
@@ -76,21 +93,40 @@ class Metrics:
         self.model_info = Gauge(
             "vae_model_info", "The artifact being served (value 1).",
             ["sha256", "format_version", "likelihood", "input_shape", "latent_dim", "device"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self._model_labels: dict[str, str] | None = None
 
     def set_model(self, vae: VAEService) -> None:
-        self.model_info.clear()  # one artifact at a time, also after a reload
-        self.model_info.labels(
-            sha256=vae.sha256,
-            format_version=str(vae.manifest["format_version"]),
-            likelihood=vae.likelihood,
-            input_shape="x".join(map(str, vae.input_shape)),
-            latent_dim=str(vae.latent_dim),
-            device=str(vae.device),
-        ).set(1)
+        # One artifact at a time, also after a reload. Workers' values live in files that
+        # clear() cannot reach: there the old series drops to 0 instead.
+        if self.multiprocess and self._model_labels is not None:
+            self.model_info.labels(**self._model_labels).set(0)
+        self.model_info.clear()
+        self._model_labels = {
+            "sha256": vae.sha256,
+            "format_version": str(vae.manifest["format_version"]),
+            "likelihood": vae.likelihood,
+            "input_shape": "x".join(map(str, vae.input_shape)),
+            "latent_dim": str(vae.latent_dim),
+            "device": str(vae.device),
+        }
+        self.model_info.labels(**self._model_labels).set(1)
 
-    def observe_batch(self, op: str, rows: int, seconds: float, waits: list[float]) -> None:
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's metrics, or every worker's added up."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        PlatformCollector(registry=registry)
+        return generate_latest(registry)
+
+    def observe_batch(
+        self, op: str, rows: int, seconds: float, waits: list[float], inline: bool = False
+    ) -> None:
+        if inline:
+            self.inline_jobs.labels(op).inc()
         self.inference_duration.labels(op).observe(seconds)
         self.batch_size.labels(op).observe(rows)
         queue = self.queue_duration.labels(op)

@@ -47,7 +47,7 @@ async def encode(
         out = {"mean": enc.mean, "std": enc.std}
         return out if enc.samples is None else out | {"samples": enc.samples}
 
-    return await batcher.submit(key, x, run, "encode")
+    return await batcher.submit(key, x, run, "encode", vae.cost_s("encode", len(x)))
 
 
 async def decode(
@@ -60,8 +60,9 @@ async def decode(
     z = latents_array(latents, vae, settings)
     mode = params.output == "mode"
     return await batcher.submit(
-        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}, "decode"
-    )
+        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}, "decode",
+        vae.cost_s("decode", len(z)),
+    )  # fmt: skip
 
 
 async def sample(
@@ -74,7 +75,8 @@ async def sample(
         return {"latents": z, "outputs": x}
 
     # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
-    return await batcher.submit(None, np.empty((params.n, 0), dtype=np.float32), run, "sample")
+    empty = np.empty((params.n, 0), dtype=np.float32)
+    return await batcher.submit(None, empty, run, "sample", vae.cost_s("sample", params.n))
 
 
 async def score(
@@ -96,7 +98,9 @@ async def score(
             ratio=plan.ratio, attribution=plan.attribution,
         )  # fmt: skip
 
-    scores = await batcher.submit(key, x, run, "anomaly")
+    passes = 1 + plan.ratio + plan.attribution  # the background model, the attribution
+    cost = vae.cost_s("anomaly", len(x), plan.samples, plan.ll_samples, passes)
+    scores = await batcher.submit(key, x, run, "anomaly", cost)
     attribution = scores.pop("attribution", None)
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
     metrics.observe_percentiles(percentiles)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import images, operations
 from app.common import SCORES
 from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep
 from app.errors import ErrorResponse, ModelLoadError, NotReadyError, ReloadRefusedError
-from app.lifecycle import Lifecycle, reload_model
+from app.lifecycle import Lifecycle, reload_model, reload_siblings
 from app.openapi import (
     AUTH_RESPONSES,
     HEAT_MAP_OUT,
@@ -207,7 +207,7 @@ async def get_ready(request: Request, vae: VaeDep) -> HealthResponse:
 async def get_metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics: request, inference, queue and batch histograms, anomaly-score
     percentiles, the model's identity, and the process's own figures."""
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/model", tags=["ops"], responses={**AUTH_RESPONSES, 503: {"model": ErrorResponse}})
@@ -248,8 +248,11 @@ async def reload(request: Request, vae: VaeDep) -> ReloadResponse:
         done = await reload_model(request.app)
     except ModelLoadError as e:
         raise ReloadRefusedError(f"Reload refused, the old model keeps serving: {e}") from None
+    serving, total = await reload_siblings(request.app, done.sha256)
     return ReloadResponse(
         sha256=done.sha256,
         previous_sha256=done.previous_sha256,
         changed=done.sha256 != done.previous_sha256,
+        workers=total,
+        workers_serving=serving,
     )

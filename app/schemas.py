@@ -357,3 +357,9 @@ class ReloadResponse(BaseModel):
     sha256: str = Field(description="SHA-256 of the artifact now serving.")
     previous_sha256: str = Field(description="SHA-256 of the artifact it replaced.")
     changed: bool = Field(description="Whether the file's contents differ from before.")
+    workers: int = Field(1, description="The server's worker processes (VAE_WORKERS).")
+    workers_serving: int = Field(
+        1,
+        description="How many of them serve `sha256` now; fewer than `workers` when one refused "
+        "the file (its log says why) or did not finish in time.",
+    )

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="uvicorn worker processes for `python -m app`; each loads "
         "the model and runs its own batcher (docs/performance.md has the measurement).",
     )  # fmt: skip
+    run_dir: Path | None = Field(
+        None, description="With several workers: the folder they share for their metrics and "
+        "reloads (emptied at start). Unset: a fresh temporary folder.",
+    )  # fmt: skip
     loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="uvicorn event loop for `python -m app` (auto = uvloop if installed)."
     )
@@ -80,6 +84,13 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         0.0, ge=0.0, le=1000.0, description="How long the batcher waits for more requests "
         "before a forward pass; 0 merges only what is already queued.",
+    )  # fmt: skip
+    inline_max_ms: float = Field(
+        0.5, ge=0.0, le=100.0, description="Run a job on the event loop, skipping the hand-off "
+        "to the inference thread, when its estimated model time (instances x samples x the "
+        "per-row cost measured at warm-up) is at most this and nothing is queued; 0 turns it "
+        "off, and so does a VAE_MAX_BATCH_DELAY_MS above 0 (jobs then wait for company). The "
+        "loop is held that long at most, so keep it small.",
     )  # fmt: skip
     max_body_bytes: int = Field(
         32 * 2**20, ge=1024, description="Largest request body; a bigger one gets 413 before it "

@@ -103,6 +103,13 @@ def ratios(
         "service_encode_c16_over_naive_c16_rps": _ratio(
             rps("service.encode.x1@16"), rps("naive.encode.x1@16")
         ),
+        "service_encode_c16_over_litserve_best_c16_rps": _ratio(
+            rps("service.encode.x1@16"),
+            _best(rps("litserve.encode.x1@16"), rps("litserve-batch.encode.x1@16")),
+        ),
+        "service_2w_over_1w_encode_c16_rps": _ratio(
+            rps("service-2w.encode.x1@16"), rps("service.encode.x1@16")
+        ),
         "service_encode_c64_p99_over_p50": tail("service.encode.x1@64"),
         "ceiling_c64_p99_over_p50": tail("ceiling.sink@64"),
         "naive_c64_p99_over_p50": tail("naive.encode.x1@64"),
@@ -119,6 +126,9 @@ def ratios(
 _RATIO_LABELS = {
     "service_encode_c16_over_ceiling_c16_rps": "service /encode x1 @16 vs ceiling @16 (req/s)",
     "service_encode_c16_over_naive_c16_rps": "service /encode x1 @16 vs naive @16 (req/s)",
+    "service_encode_c16_over_litserve_best_c16_rps": "service /encode x1 @16 vs LitServe's "
+    "best @16 (req/s)",
+    "service_2w_over_1w_encode_c16_rps": "service /encode x1 @16: 2 workers vs 1 (req/s)",
     "service_encode_c64_p99_over_p50": "service /encode x1 @64: p99 / p50",
     "ceiling_c64_p99_over_p50": "ceiling @64: p99 / p50",
     "naive_c64_p99_over_p50": "naive @64: p99 / p50",
@@ -128,6 +138,11 @@ _RATIO_LABELS = {
     "batch 256 (images/s)",
     "rss_after_over_before": "service RSS after / before the memory run",
 }
+
+
+def _best(*values: float | None) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 def ratio_lines(values: dict[str, float | None]) -> str:

@@ -48,9 +48,13 @@ ANOMALY_SAMPLES = 16
 WRK_THREADS = 1
 # Other processes' CPU (in cores) during a measurement above which the report warns.
 OTHER_CORES_WARN = 0.25
+# One at a time, in this order.
+SERVERS = ("ceiling", "naive", "litserve", "litserve-batch", "service", "service-2w")
 # The service answers these when it cannot take a body format: report "unsupported".
 UNSUPPORTED = (415, 422)
 NPY = "application/x-npy"
+# LitServe's dynamic batching as its docs set it up: a batch of up to 16, waiting at most 1 ms.
+LITSERVE_BATCHING = ["--max-batch-size", "16", "--batch-timeout", "0.001"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,16 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         )
         for c in SINGLE_LEVELS
     ]
+    # Peers and scale-out at the headline level: LitServe without and with its batching, and
+    # the service with two workers.
+    out += [
+        Scenario("litserve.encode.x1@16", "LitServe /predict x1 json, batching off", "litserve",
+                 "/predict", "single", 1, HEADLINE_LEVEL),
+        Scenario("litserve-batch.encode.x1@16", "LitServe /predict x1 json, batching on",
+                 "litserve-batch", "/predict", "single", 1, HEADLINE_LEVEL),
+        Scenario("service-2w.encode.x1@16", "service /encode x1 json, 2 workers", "service-2w",
+                 "/encode", "single", 1, HEADLINE_LEVEL),
+    ]  # fmt: skip
     bc = args.batch_concurrency
     out += [
         Scenario(
@@ -220,12 +234,26 @@ class Bench:
             self.body_files[name] = path
 
     def server(self, name: str, artifact: Path) -> Server:
+        port = free_port()
+        if name.startswith("litserve"):
+            batching = LITSERVE_BATCHING if name == "litserve-batch" else []
+            cmd = [sys.executable, "-m", "bench.litserve_peer", "--artifact", str(artifact),
+                   "--port", str(port), *batching]  # fmt: skip
+            return Server(name, "", self.stack, port=port, ready_path="/health", env={},
+                          log_dir=self.log_dir, cmd=cmd, whole_session=True)  # fmt: skip
+        if name == "service-2w":
+            # Two workers the way operators run them: `python -m app` (app/workers.py).
+            env = {"VAE_MODEL_PATH": str(artifact), "VAE_LOG_LEVEL": "warning",
+                   "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port), "VAE_WORKERS": "2",
+                   **dict(item.split("=", 1) for item in self.args.service_env)}  # fmt: skip
+            stack = Stack(self.stack.loop, self.stack.http, 2)
+            return Server(name, "", stack, port=port, ready_path="/ready", env=env,
+                          log_dir=self.log_dir, cmd=[sys.executable, "-m", "app"])  # fmt: skip
         factory = {
             "ceiling": "bench.ceiling:create_app",
             "naive": "bench.naive:create_app",
             "service": "app.main:create_app",
         }[name]
-        port = free_port()
         env = {"BENCH_MODEL_PATH": str(artifact)} if name == "naive" else {}
         if name == "service":
             # What the service reads (app/settings.py). HOST and PORT only for completeness:
@@ -539,16 +567,17 @@ def main(argv: list[str] | None = None) -> int:
         plan = scenarios(args)
         checks: dict[str, Any] = {}
         server_info: dict[str, Any] = {}
-        for name in ("ceiling", "naive", "service"):
+        for name in SERVERS:
             print(f"{name}:", flush=True)
             with bench.server(name, artifact) as server:
                 info: dict[str, Any] = {
                     "startup_s": server.startup_s,
                     "rss_ready_bytes": server.rss_bytes(),
                 }
-                if name in ("naive", "service"):
+                if name != "ceiling":
+                    path = "/predict" if name.startswith("litserve") else "/encode"
                     checks[f"{name}_encode_vs_inprocess"] = check_encode(
-                        server.url + "/encode", bench.bodies, module
+                        server.url + path, bench.bodies, module
                     )
                 if name == "service":
                     checks["service_npy"] = check_npy(server.url + "/encode", bench.bodies)

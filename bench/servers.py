@@ -133,8 +133,15 @@ class Server(Process):
         ready_path: str,
         env: dict[str, str],
         log_dir: Path,
+        cmd: list[str] | None = None,
+        whole_session: bool = False,
     ) -> None:
-        cmd = [
+        """`factory` runs under the uvicorn CLI with `stack`; or `cmd` runs as it is (a server
+        that starts its own processes: LitServe, `python -m app` with workers), with `stack`
+        saying how many serving processes it spawns. `whole_session`: every process the
+        server starts serves (LitServe's API and inference processes), so memory and CPU are
+        summed over all of them."""
+        cmd = cmd or [
             sys.executable,
             "-m",
             "uvicorn",
@@ -158,6 +165,7 @@ class Server(Process):
         self.stack = stack
         self.ready_path = ready_path
         self.startup_s = 0.0
+        self.whole_session = whole_session
 
     def __enter__(self) -> Server:
         self.start()
@@ -192,7 +200,10 @@ class Server(Process):
         self.startup_s = time.monotonic() - t0
 
     def worker_pids(self) -> list[int]:
-        """The processes that serve: the server itself, or uvicorn's spawned workers."""
+        """The processes that serve: the server itself, or uvicorn's spawned workers, or all
+        in its session."""
+        if self.whole_session:
+            return self._session()
         if self.stack.workers == 1:
             return [self.pid]
         return [
@@ -203,7 +214,12 @@ class Server(Process):
         ]
 
     def all_pids(self) -> list[int]:
+        if self.whole_session:
+            return self._session()
         return [self.pid, *_children(self.pid)] if self.stack.workers > 1 else [self.pid]
+
+    def _session(self) -> list[int]:
+        return sorted(pid for pid, proc in proc_table().items() if proc.sid == self.pid)
 
     def rss_bytes(self) -> int:
         """VmRSS of the serving processes (summed over workers), from /proc."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +17,7 @@ from fastapi.testclient import TestClient
 from app.batching import Batcher, Outputs
 from app.main import create_app
 from app.settings import Settings
+from tests.conftest import Server
 
 
 def double(x: np.ndarray) -> Outputs:
@@ -137,3 +141,95 @@ def test_concurrent_seeded_requests_equal_their_solo_answers_exactly(client: Tes
     ]
     solo = [client.post("/anomaly-score", json=b).content for b in bodies]
     assert concurrently(client, bodies) == solo
+
+
+# --- cheap work runs where it arrives ---------------------------------------------------------
+
+
+def where(x: np.ndarray) -> Outputs:
+    """Which thread ran the job: the event loop's (inline) or the inference thread."""
+    return {"inline": np.full(len(x), threading.current_thread() is threading.main_thread())}
+
+
+def test_a_cheap_job_runs_inline_and_a_costly_one_on_the_inference_thread() -> None:
+    seen: list[tuple[object, ...]] = []
+    batcher = Batcher(16, 0.0, on_batch=lambda *a: seen.append(a), inline_max_s=0.001)
+    batcher.start()
+
+    async def main() -> tuple[Outputs, Outputs]:
+        cheap = await batcher.submit("k", rows(1), where, "where", cost_s=0.0005)
+        costly = await batcher.submit("k", rows(1), where, "where", cost_s=0.002)
+        return cheap, costly
+
+    try:
+        cheap, costly = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert cheap["inline"].all()
+    assert not costly["inline"].any()
+    assert [call[-1] for call in seen] == [True, False]  # the metrics tell the two apart
+
+
+def test_a_cheap_job_waits_its_turn_while_the_thread_has_work() -> None:
+    batcher = Batcher(16, 0.0, inline_max_s=1.0)
+    started = threading.Event()
+
+    def slow(x: np.ndarray) -> Outputs:
+        started.set()
+        time.sleep(0.2)
+        return where(x)
+
+    async def main() -> tuple[Outputs, Outputs]:
+        first = asyncio.create_task(batcher.submit(None, rows(1), slow, "slow"))
+        await asyncio.to_thread(started.wait, 5)
+        second = await batcher.submit(None, rows(1), where, "where", cost_s=0.0)
+        return await first, second
+
+    batcher.start()
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert not first["inline"].any()
+    assert not second["inline"].any()  # queued behind the slow job, not run beside it
+
+
+@pytest.mark.parametrize(("inline_max_s", "delay_s"), [(0.0, 0.0), (1.0, 0.005)])
+def test_nothing_runs_inline_when_off_or_when_batches_wait_for_company(
+    inline_max_s: float, delay_s: float
+) -> None:
+    # A batching window asks requests to wait for others to merge with: inline would not.
+    batcher = Batcher(16, delay_s, inline_max_s=inline_max_s)
+    batcher.start()
+    try:
+        out = asyncio.run(batcher.submit("k", rows(1), where, "where", cost_s=1e-6))
+    finally:
+        batcher.stop()
+    assert not out["inline"].any()
+
+
+def inline_jobs(server_url: str) -> dict[str, float]:
+    text = httpx.get(f"{server_url}/metrics").text
+    found = re.findall(r'^vae_inline_jobs_total\{op="(\w+)"\} (\S+)$', text, re.M)
+    return {op: float(v) for op, v in found}
+
+
+def test_a_real_server_runs_small_requests_inline_and_large_ones_batched(
+    tiny_artifact: Path, start_server: Callable[[dict[str, str]], Server]
+) -> None:
+    # A threshold well above the tiny model's per-row cost, whatever the machine's load.
+    server = start_server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_INLINE_MAX_MS": "20"})
+    server.wait_ready()
+    x = [[1.0, 0.0, 0.0, 1.0]]
+    a = httpx.post(f"{server.url}/anomaly-score", json={"instances": x, "seed": 3}).content
+    assert httpx.post(f"{server.url}/encode", json={"instances": x}).status_code == 200
+    assert inline_jobs(server.url) == {"anomaly": 1.0, "encode": 1.0}
+    # 100 instances x L=512: far above the threshold, so it goes to the batcher.
+    big = {"instances": x * 100, "samples": 512}
+    assert httpx.post(f"{server.url}/anomaly-score", json=big, timeout=60).status_code == 200
+    assert inline_jobs(server.url)["anomaly"] == 1.0
+    off = start_server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_INLINE_MAX_MS": "0"})
+    off.wait_ready()
+    b = httpx.post(f"{off.url}/anomaly-score", json={"instances": x, "seed": 3}).content
+    assert inline_jobs(off.url) == {}
+    assert a == b  # a seeded answer is the same wherever it ran

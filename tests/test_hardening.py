@@ -304,7 +304,8 @@ def test_reload_swaps_the_model_and_refuses_a_bad_one(
         assert r.status_code == 200, r.text
         assert in_flight.result().json() == expected.json()
     new_sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert r.json() == {"sha256": new_sha, "previous_sha256": old_sha, "changed": True}
+    assert r.json() == {"sha256": new_sha, "previous_sha256": old_sha, "changed": True,
+                        "workers": 1, "workers_serving": 1}  # fmt: skip
     assert httpx.get(f"{server.url}/model", headers=AUTH).json()["sha256"] == new_sha
     latent = httpx.post(f"{server.url}/encode", json={"instances": [[0.0] * 784]}, headers=AUTH)
     assert len(latent.json()["mean"][0]) == 8  # the new model answers
