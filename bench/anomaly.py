@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench.run import machine_info
-from bench.servers import Server, Stack, free_port
+from bench.servers import SERVICE_STACK, Server, free_port
 from bench.wrk import ensure_wrk, run_wrk, write_script
 
 CONNECTIONS = 16
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             script = write_script(work / f"s{i}.lua", body, {"Content-Type": "application/json"})
             env = {"VAE_MODEL_PATH": str(artifact.resolve()), "VAE_LOG_LEVEL": "warning"}
             server = Server(
-                f"anomaly{i}", "app.main:create_app", Stack("auto", "auto", 1),
+                f"anomaly{i}", "app.main:create_app", SERVICE_STACK,
                 port=free_port(), ready_path="/ready", env=env, log_dir=work,
             )  # fmt: skip
             with server:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.artifact import build_artifact
-from bench.servers import Server, Stack, free_port
+from bench.servers import SERVICE_STACK, Server, free_port
 
 KEY = "fuzz-key"
 SKIPPED_CHECKS = "positive_data_acceptance"
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {"VAE_MODEL_PATH": str(build_artifact(work / "vae.pt")), "VAE_API_KEYS": KEY,
                "VAE_LOG_LEVEL": "warning"}  # fmt: skip
         with Server(
-            "service", "app.main:create_app", Stack("auto", "auto", 1), port=free_port(),
+            "service", "app.main:create_app", SERVICE_STACK, port=free_port(),
             ready_path="/ready", env=env, log_dir=work,
         ) as server:  # fmt: skip
             result = fuzz(server.url, args.max_examples, seed=args.seed)

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench.artifact import build_artifact, make_bodies
-from bench.servers import Server, Stack, free_port
+from bench.servers import SERVICE_STACK, Server, free_port
 from bench.wrk import ensure_wrk, run_wrk, write_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         script = write_script(work / "encode.lua", body, {"Content-Type": "application/json"})
         port = free_port()
         env = {"VAE_MODEL_PATH": str(artifact), "VAE_LOG_LEVEL": "warning"}
-        stack = Stack("auto", "auto", 1)
+        stack = SERVICE_STACK
         with Server(
             "service", "app.main:create_app", stack, port=port, ready_path="/ready", env=env,
             log_dir=work,

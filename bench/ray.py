@@ -38,7 +38,7 @@ import httpx
 import yaml  # type: ignore[import-untyped]  # PyYAML, which Ray requires, ships no types
 
 from bench.artifact import build_artifact, make_bodies
-from bench.servers import REPO, Server, Stack, free_port, machine_busy_seconds, proc_table
+from bench.servers import REPO, SERVICE_STACK, Server, free_port, machine_busy_seconds, proc_table
 from bench.wrk import WrkResult, ensure_wrk, run_wrk, write_script, wrk_version
 
 CONFIG = REPO / "deploy" / "ray" / "serve.yaml"
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"uvicorn (python -m app's stack, 1 worker), {nproc} cores:", flush=True)
         env = {"VAE_MODEL_PATH": str(artifact), "VAE_LOG_LEVEL": "warning", "VAE_DEVICE": "cpu"}
-        with Server("uvicorn", "app.main:create_app", Stack("auto", "auto", 1),
+        with Server("uvicorn", "app.main:create_app", SERVICE_STACK,
                     port=free_port(), ready_path="/ready", env=env,
                     log_dir=log_dir) as server:  # fmt: skip
             run.measure("uvicorn", server.url, server.cpu_seconds)

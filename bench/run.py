@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="seconds of discarded load before each scenario (default 2)",
     )
-    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    # The service's default loop (VAE_LOOP), for every server: the same stack throughout.
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="asyncio")
     p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     p.add_argument(
@@ -112,6 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="VAE_NAME=VALUE",
         help="a service setting to measure with (repeatable), e.g. VAE_MAX_BATCH_SIZE=32",
+    )
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        choices=SERVERS,
+        default=list(SERVERS),
+        help="measure only these servers (the ratios that need the others print n/a)",
     )
     p.add_argument(
         "--quick",
@@ -567,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = scenarios(args)
         checks: dict[str, Any] = {}
         server_info: dict[str, Any] = {}
-        for name in SERVERS:
+        for name in args.servers:
             print(f"{name}:", flush=True)
             with bench.server(name, artifact) as server:
                 info: dict[str, Any] = {

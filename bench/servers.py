@@ -35,6 +35,10 @@ class Stack:
         return ["--loop", self.loop, "--http", self.http, "--workers", str(self.workers)]
 
 
+# What `python -m app` runs with its defaults (VAE_LOOP=asyncio, VAE_HTTP=auto, one worker).
+SERVICE_STACK = Stack("asyncio", "auto", 1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

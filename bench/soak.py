@@ -43,7 +43,7 @@ import numpy as np
 import orjson
 
 from bench.artifact import build_artifact, mnist_like
-from bench.servers import REPO, Server, ServerError, Stack, free_port
+from bench.servers import REPO, SERVICE_STACK, Server, ServerError, free_port
 
 API_KEY = "soak-key"  # the server gets it via VAE_API_KEYS; it never leaves this machine
 NPY = "application/x-npy"
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(
             "soak-server",
             "app.main:create_app",
-            Stack("auto", "auto", 1),
+            SERVICE_STACK,
             port=port,
             ready_path="/ready",
             env=env,
