@@ -25,7 +25,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        loop=settings.loop,
+        loop=settings.event_loop,
         http=settings.http,
         log_level=settings.log_level,
         log_config=None,  # keep configure_logging's handlers: one format for every line

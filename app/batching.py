@@ -12,12 +12,13 @@ A job whose request has gone (timed out, or the client hung up) before its turn 
 unrun, so a backlog of abandoned work cannot keep the thread busy.
 
 Cheap work runs where it arrives. A job whose estimated cost is at most `inline_max_s`, when
-the inference thread is idle and nothing is queued, runs at once on the event loop: for a
+it is the server's only request and the inference thread is idle, runs at once on the event
+loop: for a
 one-instance `encode` (tens of microseconds of model time) the hand-off to the thread and back
 costs more than the work, and the two threads' turns on the GIL kept a process near 1.3
 cores. It runs alone, as a seeded job does, so seeded answers stay byte-identical; and it is
 short by construction, so the loop is held no longer than the threshold. Anything costlier, or
-anything arriving while the thread has work, goes to the thread as before.
+arriving beside other requests, goes to the thread as before, where concurrent jobs merge.
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ class Batcher:
         name: str = "inference",
         on_batch: Callable[[str, int, float, list[float], bool], None] | None = None,
         inline_max_s: float = 0.0,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         # A batching window (max_delay_s > 0) asks jobs to wait for company: none runs inline.
         self.inline_max_s = inline_max_s if max_delay_s == 0 else -1.0
+        # Requests the server holds (the Guard counts them): inline only for the only one.
+        self.in_flight = in_flight or (lambda: 1)
         # (operation, rows, seconds, each job's wait, ran inline): the metrics
         self.on_batch = on_batch
         self._busy = False  # the inference thread is running a batch
@@ -87,17 +91,24 @@ class Batcher:
         """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None;
         inline, alone, when its estimated `cost_s` is within `inline_max_s` and the thread is
         idle. `name` labels the job's metrics (the operation: encode, decode, ...)."""
-        if cost_s <= self.inline_max_s and self.idle():
-            return self._inline(x, op, name)
+        if cost_s <= self.inline_max_s:
+            # One turn of the loop first: requests already read get to the Guard and count as
+            # in flight, so a lone request runs inline and a crowd goes to the thread to merge.
+            await asyncio.sleep(0)
+            if self.idle():
+                return self._inline(x, op, name)
         loop = asyncio.get_running_loop()
         job = _Job(key, name, x, op, loop.create_future(), loop)
         self._queue.put(job)
         return await job.future
 
     def idle(self) -> bool:
-        """Nothing queued, held or running (read across threads: a job that slips in between
-        runs beside an inline one, which is safe, merely not merged)."""
-        return not self._busy and not self._held and self._queue.empty()
+        """No other request in flight, and nothing queued, held or running (read across
+        threads: a job that slips in between runs beside an inline one, which is safe, merely
+        not merged). With company, jobs go to the thread, where they merge: run one by one
+        inline, sixteen concurrent one-instance requests lost a fifth of their throughput
+        (docs/performance.md)."""
+        return self.in_flight() <= 1 and not self._busy and not self._held and self._queue.empty()
 
     def _inline(self, x: Array, op: Op, name: str) -> Outputs:
         start = time.perf_counter()

@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_batch_delay_ms / 1000,
             on_batch=metrics.observe_batch,
             inline_max_s=settings.inline_max_ms / 1000,
+            in_flight=lambda: app.state.lifecycle.in_flight,
         )
         batcher.start()
         app.state.vae, app.state.batcher = vae, batcher

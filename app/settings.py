@@ -43,12 +43,18 @@ class Settings(BaseSettings):
         None, description="With several workers: the folder they share for their metrics and "
         "reloads (emptied at start). Unset: a fresh temporary folder.",
     )  # fmt: skip
-    loop: Literal["auto", "asyncio", "uvloop"] = Field(
-        "asyncio", description="uvicorn event loop for `python -m app` (auto = uvloop if "
-        "installed). asyncio by measurement: with the loop saturated at 64 connections, uvloop "
-        "left some requests waiting over a second (p99 18x p50), asyncio's stayed within 2x "
-        "for 15% less throughput (docs/performance.md).",
+    loop: Literal["auto", "asyncio", "uvloop"] | None = Field(
+        None, description="uvicorn event loop for `python -m app` (auto = uvloop if installed). "
+        "Unset, by measurement (docs/performance.md): asyncio for one worker, where uvloop left "
+        "some requests waiting over a second at 64 connections (p99 18x p50, asyncio's 1.3x); "
+        "uvloop for several, where asyncio's accept took a whole burst of connections into one "
+        "worker and left the others idle.",
     )  # fmt: skip
+
+    @property
+    def event_loop(self) -> str:
+        return self.loop or ("asyncio" if self.workers == 1 else "uvloop")
+
     http: Literal["auto", "h11", "httptools"] = Field(
         "auto", description="uvicorn HTTP parser for `python -m app` (auto = httptools)."
     )
@@ -91,7 +97,8 @@ class Settings(BaseSettings):
     inline_max_ms: float = Field(
         0.5, ge=0.0, le=100.0, description="Run a job on the event loop, skipping the hand-off "
         "to the inference thread, when its estimated model time (instances x samples x the "
-        "per-row cost measured at warm-up) is at most this and nothing is queued; 0 turns it "
+        "per-row cost measured at warm-up) is at most this and it is the only request in "
+        "flight; 0 turns it "
         "off, and so does a VAE_MAX_BATCH_DELAY_MS above 0 (jobs then wait for company). The "
         "loop is held that long at most, so keep it small.",
     )  # fmt: skip
