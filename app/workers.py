@@ -75,8 +75,12 @@ class Siblings:
 
     @classmethod
     def from_environ(cls) -> Siblings | None:
+        """This worker's siblings when `python -m app` prepared a run folder for several; None
+        for a single process (VAE_RUN_DIR may be set there too, and is then unused)."""
         root = os.environ.get(RUN_DIR_ENV)
-        return cls(Path(root)) if root else None
+        if not root or not os.environ.get(PROMETHEUS_ENV) or not (Path(root) / "workers").is_dir():
+            return None
+        return cls(Path(root))
 
     def record(self, sha256: str) -> None:
         """Say which artifact this worker serves (atomically: readers never see half)."""

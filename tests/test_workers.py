@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -106,3 +106,15 @@ def test_a_reload_reaches_every_worker(
     assert set(serving(run_dir)) == pids  # reloaded in place, not replaced
     info = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert f'sha256="{newest}"' in info
+
+
+def test_one_worker_ignores_a_run_dir(
+    tiny_artifact: Path, tmp_path: Path, start_server: Callable[[dict[str, str]], Server]
+) -> None:
+    # VAE_RUN_DIR matters only with several workers; set for one, nothing changes.
+    server = start_server({"VAE_MODEL_PATH": str(tiny_artifact),
+                           "VAE_RUN_DIR": str(tmp_path / "unused")})  # fmt: skip
+    server.wait_ready()
+    assert httpx.post(f"{server.url}/encode", json={"instances": [[1, 0, 0, 1]]}).status_code == 200
+    assert "process_resident_memory_bytes" in httpx.get(f"{server.url}/metrics").text
+    assert not (tmp_path / "unused").exists()
