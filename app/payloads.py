@@ -66,8 +66,6 @@ async def read_array_request(
     fast = _fast_json(raw, params_model, field)
     if fast is not None:
         return fast
-    if b'"records"' in raw:
-        _refuse_duplicate_features(raw)
     _refuse_duplicate_keys(raw, full_model)
     try:
         full = full_model.model_validate_json(raw)
@@ -137,62 +135,49 @@ def _content_type(request: Request) -> str:
 
 
 def _refuse_duplicate_keys(raw: bytes, model: type[BaseModel]) -> None:
-    """422 for a body that gives one field twice, which JSON parsers (orjson, pydantic) settle
-    silently by keeping the last. Counting the field names costs a few microseconds; only a
-    body where one appears twice, or with escapes that could spell one, is parsed again."""
-    if b"\\u" not in raw and all(raw.count(b'"%s"' % f.encode()) < 2 for f in model.model_fields):
+    """422 for a body that gives one key twice, which JSON parsers (orjson, pydantic) settle
+    silently by keeping the last; a record (table models) that gives a feature twice is named
+    by its index. Counting the field names costs a few microseconds; only a body where one
+    appears twice, with escapes that could spell one, or with records is parsed again."""
+    fields = model.model_fields
+    if (
+        b"\\u" not in raw
+        and b'"records"' not in raw
+        and all(raw.count(b'"%s"' % f.encode()) < 2 for f in fields)
+    ):
         return
     try:
-        json.loads(raw, object_pairs_hook=_unique_pairs)
-    except _DuplicateKeyError as e:
-        raise InvalidInputError(
-            f"The request body gives the key '{e.key}' more than once."
-        ) from None
+        body = json.loads(raw, object_pairs_hook=_Pairs)
     except (ValueError, RecursionError):  # not JSON, or too deep: the parsers that follow
         return  # say so precisely
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
+    records = dict(body).get("records") if isinstance(body, _Pairs) else None
+    for i, record in enumerate(records if isinstance(records, list) else []):
+        name = _repeated_key(record) if isinstance(record, _Pairs) else None
+        if name is not None:
+            raise InvalidInputError(f"records[{i}] gives the feature '{name}' more than once.")
+    key = _repeated_key(body)
+    if key is not None:
+        raise InvalidInputError(f"The request body gives the key '{key}' more than once.")
 
 
 class _Pairs(list[tuple[str, Any]]):
     """A JSON object as parsed, keys in order and repeats kept."""
 
 
-def _refuse_duplicate_features(raw: bytes) -> None:
-    """422 naming the record that gives a feature twice: JSON parsers keep the last value
-    silently, and a record must say each feature's value once."""
-    try:
-        body = json.loads(raw, object_pairs_hook=_Pairs)
-    except (ValueError, RecursionError):
-        return  # the parsers that follow say what is wrong
-    if not isinstance(body, _Pairs):
-        return
-    for key, records in body:
-        if key != "records" or not isinstance(records, list):
-            continue
-        for i, record in enumerate(records):
-            if not isinstance(record, _Pairs):
-                continue
-            seen: set[str] = set()
-            for name, _ in record:
-                if name in seen:
-                    raise InvalidInputError(
-                        f"records[{i}] gives the feature '{name}' more than once."
-                    )
-                seen.add(name)
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKeyError(key)
-        seen[key] = value
-    return seen
+def _repeated_key(value: Any) -> str | None:
+    """The first key given twice in one object, innermost objects first, anywhere in value."""
+    children = [v for _, v in value] if isinstance(value, _Pairs) else value
+    if isinstance(children, list):
+        for child in children:
+            if (key := _repeated_key(child)) is not None:
+                return key
+    if isinstance(value, _Pairs):
+        seen: set[str] = set()
+        for key, _ in value:
+            if key in seen:
+                return key
+            seen.add(key)
+    return None
 
 
 def _fast_json(raw: bytes, params_model: type[P], field: str) -> tuple[P, np.ndarray] | None:

@@ -57,13 +57,7 @@ def instances_array(
                 )
             rows.append(one.reshape(dim))
         arr = np.stack(rows)
-    arr = arr.reshape(len(instances), dim)
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():  # finite as JSON, but beyond float32 (e.g. 1e39)
-        raise InvalidInputError(
-            f"instances[{int(np.argmin(finite))}] has values too large for float32."
-        )
-    return _check_range(arr, vae, "instances")
+    return _check_values(arr.reshape(len(instances), dim), vae, "instances")
 
 
 def _records_array(records: Sequence[object], vae: VAEService, settings: Settings) -> Array:
@@ -89,16 +83,17 @@ def _records_array(records: Sequence[object], vae: VAEService, settings: Setting
         if len(record) < len(names):
             missing = next(n for n in names if n not in record)
             raise InvalidInputError(f"records[{i}] lacks the feature '{missing}'.")
-    arr = float32(rows)
+    return _check_values(float32(rows), vae, "records")
+
+
+def _check_values(arr: Array, vae: VAEService, field: str) -> Array:
+    """Rows (B, D) within float32 (finite as JSON, but e.g. 1e39 is not) and, for a Bernoulli
+    model, within [0, 1]; each failure names `field[i]`."""
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         raise InvalidInputError(
-            f"records[{int(np.argmin(finite))}] has values too large for float32."
+            f"{field}[{int(np.argmin(finite))}] has values too large for float32."
         )
-    return _check_range(arr, vae, "records")
-
-
-def _check_range(arr: Array, vae: VAEService, field: str) -> Array:
     if vae.likelihood == "bernoulli":
         bad = np.flatnonzero(((arr < 0.0) | (arr > 1.0)).any(axis=1))
         if bad.size:

@@ -24,6 +24,7 @@ from app.v2.protocol import (
     ProtocolError,
     V2InferenceRequest,
     V2Model,
+    V2RequestInput,
     listing,
 )
 
@@ -115,12 +116,7 @@ def input_tensor(
         )
     inp = req.inputs[0]
     name, shape = inp.name, inp.shape
-    dtype = DATATYPES.get(inp.datatype)
-    if dtype is None:
-        raise ProtocolError(
-            f"Input '{name}' has datatype '{inp.datatype}'; this server takes "
-            f"{listing(list(DATATYPES), 'or')}."
-        )
+    dtype = _dtype(inp)
     count = math.prod(shape)
     size = inp.parameters.binary_data_size if inp.parameters else None
     if size is not None and inp.data is not None:
@@ -166,6 +162,16 @@ def input_tensor(
         return arr.astype(np.float32)
 
 
+def _dtype(inp: V2RequestInput) -> np.dtype[Any]:
+    dtype = DATATYPES.get(inp.datatype)
+    if dtype is None:
+        raise ProtocolError(
+            f"Input '{inp.name}' has datatype '{inp.datatype}'; this server takes "
+            f"{listing(list(DATATYPES), 'or')}."
+        )
+    return dtype
+
+
 def _feature_inputs(
     req: V2InferenceRequest,
     model: V2Model,
@@ -188,12 +194,7 @@ def _feature_inputs(
             )
         if inp.name in columns:
             raise ProtocolError(f"Input '{inp.name}' is given more than once.")
-        dtype = DATATYPES.get(inp.datatype)
-        if dtype is None:
-            raise ProtocolError(
-                f"Input '{inp.name}' has datatype '{inp.datatype}'; this server takes "
-                f"{listing(list(DATATYPES), 'or')}."
-            )
+        dtype = _dtype(inp)
         if len(inp.shape) not in (1, 2) or inp.shape[1:] not in ([], [1]) or not inp.shape[0]:
             raise ProtocolError(f"Input '{inp.name}' must have shape [N] or [N, 1], N >= 1.")
         if inp.data is None:
