@@ -189,16 +189,17 @@ def resolve_device(name: str) -> torch.device:
 
 def read_data(args: argparse.Namespace) -> Dataset:
     """A table (--data, or train.csv|.parquet in --data-dir), else IDX or .npy files."""
+    seed = given(args, TrainConfig).get("seed", TrainConfig.seed)  # the split's, too
     opts = TableOptions(
         label_column=args.label_column, normal_value=args.normal_value, impute=args.impute,
-        test_fraction=args.test_fraction, seed=given(args, TrainConfig).get("seed", 0),
+        test_fraction=args.test_fraction, seed=seed,
     )  # fmt: skip
     if args.data is not None:
         return load_table(args.data, None, opts)
     train = find_table(args.data_dir, "train")
     if train is not None:
         return load_table(train, find_table(args.data_dir, "test"), opts)
-    if opts != TableOptions(test_fraction=opts.test_fraction, seed=opts.seed):
+    if args.label_column or args.normal_value or args.impute:
         raise DataError(
             f"{args.data_dir}: --label-column, --normal-value and --impute apply to tables "
             "(train.csv or train.parquet), and it holds none."

@@ -33,7 +33,7 @@ import torch
 from app.model import VAEService
 from training.config import ModelConfig, TrainConfig
 from training.data import Dataset, binarize_fixed, default_data_dir, load_data
-from training.evaluate import SCORE_DIRECTIONS, auroc
+from training.evaluate import SCORE_DIRECTIONS, auroc, signed
 from training.pipeline import (
     TEST_BINARIZATION_SEED,
     calibration,
@@ -80,11 +80,6 @@ def leave_out(data: Dataset, digit: int) -> Dataset:
     assert data.y_train is not None
     keep = data.y_train != digit
     return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
-
-
-def signed(name: str, values: np.ndarray) -> np.ndarray:
-    """Higher = more anomalous, whatever the score's direction."""
-    return values if SCORE_DIRECTIONS[name] == "higher" else -values
 
 
 def run_digit(data: Dataset, digit: int, args: argparse.Namespace) -> dict[str, float]:

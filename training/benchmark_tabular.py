@@ -45,7 +45,7 @@ import numpy.typing as npt
 from app.model import VAEService
 from training.__main__ import main as train_main
 from training.benchmark_latent import machine
-from training.evaluate import SCORE_DIRECTIONS
+from training.evaluate import signed
 from training.tables import TableOptions, load_table
 
 log = logging.getLogger("training")
@@ -200,8 +200,7 @@ def run_vae(
     scores = vae.anomaly_scores(data.x_test, 16, seed=0, ll_samples=100, ratio=True)
     out = {}
     for name, values in scores.items():
-        higher = values if SCORE_DIRECTIONS[name] == "higher" else -values
-        out[name] = ranking_metrics(data.test_is_anomaly, higher)
+        out[name] = ranking_metrics(data.test_is_anomaly, signed(name, values))
     info = {"train_seconds": round(seconds, 1), "decision_score": vae.decision_score,
             "artifact_train_size": vae.manifest["dataset"]["train_size"]}  # fmt: skip
     return out, info

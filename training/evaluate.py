@@ -178,6 +178,11 @@ def active_units(model: VAE, x: Tensor, threshold: float = 0.01) -> int:
     return int((means.var(0) > threshold).sum().item())
 
 
+def signed(name: str, values: np.ndarray) -> np.ndarray:
+    """A score's values turned so that higher is more anomalous, whatever its direction."""
+    return values if SCORE_DIRECTIONS[name] == "higher" else -values
+
+
 def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
     """Area under the ROC curve when higher scores flag anomalies (Mann-Whitney U, ties halved)."""
     scores = np.concatenate([normal, anomalous])

@@ -30,6 +30,7 @@ from training.evaluate import (
     feature_stats,
     iwae_log_likelihood,
     mean_elbo,
+    signed,
 )
 from training.model import VAE
 from training.train import TrainResult, train
@@ -192,9 +193,8 @@ def test_auroc(
         ll_samples=cfg.calibration_ll_samples, seed=cfg.seed, background=background,
         density=Density.from_manifest(scoring["dose"]),
     )  # fmt: skip
-    result = {}
-    for name, values in scores.items():
-        if name in SCORE_DIRECTIONS:
-            higher = values if SCORE_DIRECTIONS[name] == "higher" else -values
-            result[name] = round(auroc(higher[~is_anomaly], higher[is_anomaly]), 4)
-    return result
+    return {
+        name: round(auroc(signed(name, v)[~is_anomaly], signed(name, v)[is_anomaly]), 4)
+        for name, v in scores.items()
+        if name in SCORE_DIRECTIONS
+    }

@@ -89,20 +89,15 @@ def load_table(train_path: Path, test_path: Path | None, opts: TableOptions) -> 
     if held_out.size:
         test_parts.append((train, held_out))
 
-    x_train = train.x[train_rows]
     medians = _impute_values(train, train_rows, opts)
-    _check_constant(train, x_train, train_rows)
-    x_test = np.concatenate([_filled(t, rows, medians) for t, rows in test_parts])
     x_train = _filled(train, train_rows, medians)
-    labels_test = None
+    _check_constant(train, x_train)
+    order = rng.permutation(sum(len(rows) for _, rows in test_parts))  # a capped evaluation
+    x_test = np.concatenate([_filled(t, rows, medians) for t, rows in test_parts])[order]
+
+    y_train = y_test = is_anomaly = None
     if train.labels is not None:
         labels_test = [_labels(t)[i] for t, rows in test_parts for i in rows]
-    order = rng.permutation(len(x_test))  # a capped evaluation then sees a random subset
-    x_test = x_test[order]
-
-    y_train = y_test = None
-    is_anomaly = None
-    if train.labels is not None and labels_test is not None:
         classes = sorted(set(train.labels) | set(labels_test))
         code = {c: i for i, c in enumerate(classes)}
         y_train = np.array([code[train.labels[i]] for i in train_rows], dtype=np.int64)
@@ -251,15 +246,15 @@ def _filled(
     return x
 
 
-def _check_constant(t: _Table, x: npt.NDArray[np.float64], rows: npt.NDArray[np.int64]) -> None:
-    with np.errstate(invalid="ignore"):
-        constant = np.nanmax(x, axis=0) == np.nanmin(x, axis=0)
+def _check_constant(t: _Table, x: npt.NDArray[np.float64]) -> None:
+    """x: the training rows, missing values filled (a filled column is constant exactly when
+    its given values are)."""
+    constant = x.max(axis=0) == x.min(axis=0)
     if constant.any():
         j = int(np.argmax(constant))
-        value = np.nanmax(x[:, j])
         raise DataError(
-            f"{t.path}: column '{t.names[j]}' holds the same value ({value:g}) in all "
-            f"{len(rows)} training rows, so there is nothing to learn from it; drop it."
+            f"{t.path}: column '{t.names[j]}' holds the same value ({x[0, j]:g}) in all "
+            f"{len(x)} training rows, so there is nothing to learn from it; drop it."
         )
 
 
