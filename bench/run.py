@@ -251,9 +251,7 @@ class Bench:
                           log_dir=self.log_dir, cmd=cmd, whole_session=True)  # fmt: skip
         if name == "service-2w":
             # Two workers the way operators run them: `python -m app` (app/workers.py).
-            env = {"VAE_MODEL_PATH": str(artifact), "VAE_LOG_LEVEL": "warning",
-                   "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port), "VAE_WORKERS": "2",
-                   **dict(item.split("=", 1) for item in self.args.service_env)}  # fmt: skip
+            env = {**self.service_env(artifact, port), "VAE_WORKERS": "2"}
             stack = Stack(self.stack.loop, self.stack.http, 2)
             return Server(name, "", stack, port=port, ready_path="/ready", env=env,
                           log_dir=self.log_dir, cmd=[sys.executable, "-m", "app"])  # fmt: skip
@@ -264,15 +262,7 @@ class Bench:
         }[name]
         env = {"BENCH_MODEL_PATH": str(artifact)} if name == "naive" else {}
         if name == "service":
-            # What the service reads (app/settings.py). HOST and PORT only for completeness:
-            # under the uvicorn CLI its --host/--port flags are what bind.
-            env = {
-                "VAE_MODEL_PATH": str(artifact),
-                "VAE_LOG_LEVEL": "warning",
-                "VAE_HOST": "127.0.0.1",
-                "VAE_PORT": str(port),
-                **dict(item.split("=", 1) for item in self.args.service_env),
-            }
+            env = self.service_env(artifact, port)
         return Server(
             name,
             factory,
@@ -282,6 +272,17 @@ class Bench:
             env=env,
             log_dir=self.log_dir,
         )
+
+    def service_env(self, artifact: Path, port: int) -> dict[str, str]:
+        """What the service reads (app/settings.py). HOST and PORT bind `python -m app`; under
+        the uvicorn CLI its own --host/--port flags do."""
+        return {
+            "VAE_MODEL_PATH": str(artifact),
+            "VAE_LOG_LEVEL": "warning",
+            "VAE_HOST": "127.0.0.1",
+            "VAE_PORT": str(port),
+            **dict(item.split("=", 1) for item in self.args.service_env),
+        }
 
     def run_scenario(self, sc: Scenario, server: Server) -> dict[str, Any]:
         body_path = self.body_files[sc.body]
