@@ -13,11 +13,10 @@ unrun, so a backlog of abandoned work cannot keep the thread busy.
 
 Cheap work runs where it arrives. A job whose estimated cost is at most `inline_max_s`, when
 it is the server's only request and the inference thread is idle, runs at once on the event
-loop: for a
-one-instance `encode` (tens of microseconds of model time) the hand-off to the thread and back
-costs more than the work, and the two threads' turns on the GIL kept a process near 1.3
-cores. It runs alone, as a seeded job does, so seeded answers stay byte-identical; and it is
-short by construction, so the loop is held no longer than the threshold. Anything costlier, or
+loop: for a one-instance `encode` (tens of microseconds of model time) the hand-off to the
+thread and back costs more than the work, and the two threads' turns on the GIL kept a process
+near 1.3 cores. It runs alone, as a seeded job does, so seeded answers stay byte-identical; and
+it is short by construction, so the loop is held no longer than the threshold. Anything costlier, or
 arriving beside other requests, goes to the thread as before, where concurrent jobs merge.
 """
 
@@ -89,8 +88,8 @@ class Batcher:
         self, key: Hashable | None, x: Array, op: Op, name: str, cost_s: float = math.inf
     ) -> Outputs:
         """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None;
-        inline, alone, when its estimated `cost_s` is within `inline_max_s` and the thread is
-        idle. `name` labels the job's metrics (the operation: encode, decode, ...)."""
+        inline, alone, when its estimated `cost_s` is within `inline_max_s` and `idle()`.
+        `name` labels the job's metrics (the operation: encode, decode, ...)."""
         if cost_s <= self.inline_max_s:
             # One turn of the loop first: requests already read get to the Guard and count as
             # in flight, so a lone request runs inline and a crowd goes to the thread to merge.

@@ -38,7 +38,6 @@ from vae_service_client import (
 from vae_service_client.client import error_from_response, parse_retry_after
 
 from app.common import SCORES
-from app.settings import Settings
 from bench.servers import free_port
 from tests.conftest import REPO, Server
 
@@ -498,12 +497,7 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 
 # -- API keys ------------------------------------------------------------------------------------
 
-SERVER_HAS_API_KEYS = "api_keys" in Settings.model_fields
 
-
-@pytest.mark.skipif(
-    not SERVER_HAS_API_KEYS, reason="the server has no VAE_API_KEYS yet (no Settings.api_keys)"
-)
 def test_api_key_is_sent_as_a_bearer_token(start_server: StartServer, tiny_artifact: Path) -> None:
     server = start_server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_API_KEYS": "k1"})
     with VAEClient(server.url, api_key="k1") as client:
