@@ -11,7 +11,8 @@ Array = npt.NDArray[np.float32]
 Arrays = dict[str, Array]  # an operation's outputs, by name
 
 # The anomaly scores an artifact can be asked for; its calibration states each one's direction.
-# Format-1 artifacts offer the first three; format 2 adds the rest (app/scores.py).
+# Format-1 artifacts offer the first three; format 2 adds the next three, and format 3 the
+# latent distance and the ensemble (app/scores.py).
 ScoreName = Literal[
     "kl_divergence",
     "reconstruction_log_prob",
@@ -19,6 +20,8 @@ ScoreName = Literal[
     "input_complexity",
     "likelihood_ratio",
     "dose",
+    "latent_distance",
+    "ensemble",
 ]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)
 

@@ -98,7 +98,8 @@ async def score(
             ratio=plan.ratio, attribution=plan.attribution,
         )  # fmt: skip
 
-    passes = 1 + plan.ratio + plan.attribution  # the background model, the attribution
+    # The background model's L passes; the attribution's, or its projection's many steps.
+    passes = 1 + plan.ratio + plan.attribution * vae.attribution_passes(plan.samples)
     cost = vae.cost_s("anomaly", len(x), plan.samples, plan.ll_samples, passes)
     scores = await batcher.submit(key, x, run, "anomaly", cost)
     attribution = scores.pop("attribution", None)

@@ -205,7 +205,8 @@ class AnomalyScoreParams(Strict):
     scores: ScoreNames | None = Field(
         None,
         description="Scores to compute besides the ones always given (KL, the reconstruction "
-        "probability and, in format-2 artifacts, input_complexity and dose): log_likelihood "
+        "probability, in format-2 artifacts input_complexity and dose, and in format-3 ones "
+        "latent_distance and ensemble): log_likelihood "
         "(K importance samples) or likelihood_ratio (a background model's L passes). A score "
         "the artifact lacks is a 422. In a query or form: comma-separated.",
         examples=[["likelihood_ratio"]],
@@ -213,8 +214,8 @@ class AnomalyScoreParams(Strict):
     attribution: Flag = Field(
         False,
         description="Also return, per instance, each feature's share in its anomaly: "
-        "-log p(x_d|z) over the L samples, standardised against normal validation data "
-        "(format-2 artifacts).",
+        "-log p(x_d|z*) at the input's projection z* on normal data (format 3; format 2 "
+        "averages over the L samples), standardised against normal validation data.",
     )
     top_features: Int | None = Field(
         None,
@@ -239,6 +240,8 @@ class ScorePercentiles(BaseModel):
     input_complexity: list[float] | None = None
     likelihood_ratio: list[float] | None = None
     dose: list[float] | None = None
+    latent_distance: list[float] | None = None
+    ensemble: list[float] | None = None
 
 
 class FeatureShare(BaseModel):
@@ -258,6 +261,8 @@ class AnomalyScoreResponse(BaseModel):
                     "input_complexity": [-393.5],
                     "likelihood_ratio": None,
                     "dose": [3.02],
+                    "latent_distance": [0.41],
+                    "ensemble": [0.62],
                     "percentiles": {
                         "kl_divergence": [0.14],
                         "reconstruction_log_prob": [0.14],
@@ -265,9 +270,11 @@ class AnomalyScoreResponse(BaseModel):
                         "input_complexity": [0.81],
                         "likelihood_ratio": None,
                         "dose": [0.58],
+                        "latent_distance": [0.62],
+                        "ensemble": [0.71],
                     },
                     "is_anomaly": [False],
-                    "decision_score": "dose",
+                    "decision_score": "ensemble",
                     "threshold_percentile": 0.99,
                     "samples": 16,
                     "log_likelihood_samples": None,
@@ -303,6 +310,16 @@ class AnomalyScoreResponse(BaseModel):
         None,
         description="-log density of the instance's summary statistics among normal data's "
         "(DoSE, Morningstar et al. 2021); higher is more anomalous. Format-2 artifacts.",
+    )
+    latent_distance: list[float] | None = Field(
+        None,
+        description="Mean distance, between unit vectors, from the posterior mean to its 5 "
+        "nearest training rows' means, in [0, 2]; higher is more anomalous. Format-3 artifacts.",
+    )
+    ensemble: list[float] | None = Field(
+        None,
+        description="The larger of dose's and latent_distance's percentiles, in [0, 1]; higher "
+        "is more anomalous. The default decision of format-3 artifacts.",
     )
     attribution: list[list[float]] | None = Field(
         None,

@@ -1,12 +1,14 @@
 """What the anomaly decision costs over HTTP: /anomaly-score throughput at 16 connections, one
 JSON instance, for each way of scoring, against the format-1 default in the same run.
 
-    python -m bench.anomaly --artifact models/default/vae.pt --baseline OLD.pt
+    python -m bench.anomaly --artifact models/default/vae.pt --baseline OLD.pt [--format2 F2.pt]
 
 The baseline is a format-1 artifact (the shipped model before format 2, from git history:
 `git show b67a85e:models/default/vae.pt > old.pt`), which computes KL and the reconstruction
-probability only and decides with the latter, as the service did before. Each row is one server
-and one wrk run; the ratio is its requests per second over the baseline's.
+probability only and decides with the latter, as the service did before. `--format2` adds the
+format-2 default (`git show 46d4257:models/default/vae.pt > f2.pt`: the same weights as the
+shipped model, deciding with DoSE). Each row is one server and one wrk run; the ratio is its
+requests per second over the baseline's.
 """
 
 from __future__ import annotations
@@ -30,17 +32,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.anomaly", description=__doc__)
     p.add_argument("--artifact", type=Path, default=Path("models/default/vae.pt"))
     p.add_argument("--baseline", type=Path, required=True, help="a format-1 artifact")
+    p.add_argument("--format2", type=Path, help="a format-2 artifact, deciding with DoSE")
     p.add_argument("--duration", type=int, default=10, help="seconds per row")
     p.add_argument("--out", type=Path, default=Path("build/bench-anomaly.json"))
     return p.parse_args(argv)
 
 
 def rows(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any]]]:
+    format2: list[tuple[str, Path, dict[str, Any]]] = [
+        ("format 2: + input complexity + DoSE, deciding with DoSE", args.format2, {})
+    ]
     return [
-        ("format 1: KL + reconstruction (the old default)", args.baseline, {}),
-        ("format 2: + input complexity + DoSE (the default)", args.artifact, {}),
-        ("format 2, + likelihood_ratio", args.artifact, {"scores": ["likelihood_ratio"]}),
-        ("format 2, + attribution", args.artifact, {"attribution": True}),
+        ("format 1: KL + reconstruction (the format-1 default)", args.baseline, {}),
+        *(format2 if args.format2 else []),
+        ("format 3: + latent distance, the ensemble deciding (the default)", args.artifact, {}),
+        ("format 3, + likelihood_ratio", args.artifact, {"scores": ["likelihood_ratio"]}),
+        ("format 3, + attribution", args.artifact, {"attribution": True}),
     ]
 
 

@@ -46,8 +46,9 @@ def make_artifact(
     format_version: int = FORMAT_VERSION,
 ) -> Path:
     """A small untrained VAE (4-8-2 by default) exported by the real exporter, with every score
-    of the current format (an untrained background model included), or as format 1 was: the
-    three likelihood scores and nothing else."""
+    of the current format (an untrained background model included), or as an older format
+    was: 1, the three likelihood scores and nothing else; 2, without the latent distance and
+    the ensemble."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -61,12 +62,19 @@ def make_artifact(
         x_val = torch.bernoulli(x_val)
     background = VAE(cfg).eval() if format_version >= 2 else None
     cal_cfg = TrainConfig(calibration_samples=4, calibration_ll_samples=8)
-    calibration, scoring = pipeline.calibration(
+    calibration, scoring, neighbours = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
     if format_version == 1:
         calibration["scores"] = {k: calibration["scores"][k] for k in V1_SCORES}
         scoring = {}
+    if format_version <= 2:
+        for name in ("latent_distance", "ensemble"):
+            calibration["scores"].pop(name, None)
+        scoring.pop("latent_distance", None)
+        if scoring:
+            scoring["decision_score"] = "dose"
+        neighbours = None
     manifest = build_manifest(
         model,
         input_shape=input_shape,
@@ -78,7 +86,7 @@ def make_artifact(
         scoring=scoring,
     )
     manifest["format_version"] = format_version
-    export_artifact(model, manifest, path, background)
+    export_artifact(model, manifest, path, background, neighbours)
     return path
 
 

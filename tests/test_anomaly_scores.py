@@ -1,5 +1,5 @@
-"""The format-2 scores and the attribution through the HTTP API, JSON, .npy, PNG and V2, and a
-format-1 artifact that keeps serving its own three scores."""
+"""The format-2 and format-3 scores and the attribution through the HTTP API, JSON, .npy, PNG
+and V2, and format-1 and format-2 artifacts that keep serving their own scores."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from app.settings import Settings
 from tests.conftest import make_artifact
 
 X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
-NEW = ("input_complexity", "likelihood_ratio", "dose")
+NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "ensemble")
+CHEAP = ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose",
+         "latent_distance", "ensemble")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,12 @@ def v2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def v1_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("v1") / "vae.pt"
     return make_artifact(path, input_shape=(4, 4), format_version=1)
+
+
+@pytest.fixture(scope="module")
+def format2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("f2") / "vae.pt"
+    return make_artifact(path, input_shape=(4, 4), format_version=2)
 
 
 def client_for(path: Path, **settings: Any) -> TestClient:
@@ -50,9 +58,9 @@ def score(client: TestClient, **body: Any) -> Any:
     return r.json()
 
 
-def test_format_2_answers_every_cheap_score_and_the_ratio_when_asked(client: TestClient) -> None:
+def test_format_3_answers_every_cheap_score_and_the_ratio_when_asked(client: TestClient) -> None:
     out = score(client)
-    for name in ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose"):
+    for name in CHEAP:
         assert len(out[name]) == 3
         assert len(out["percentiles"][name]) == 3
     assert out["likelihood_ratio"] is None
@@ -64,7 +72,15 @@ def test_format_2_answers_every_cheap_score_and_the_ratio_when_asked(client: Tes
 
 
 def test_the_artifact_recommends_the_decision_score(client: TestClient) -> None:
-    assert score(client)["decision_score"] == "dose"
+    assert score(client)["decision_score"] == "ensemble"
+
+
+def test_the_ensemble_is_the_larger_of_its_two_percentiles(client: TestClient) -> None:
+    out = score(client)
+    pct = out["percentiles"]
+    pairs = zip(pct["dose"], pct["latent_distance"], strict=True)
+    assert out["ensemble"] == [max(a, b) for a, b in pairs]
+    assert all(0.0 <= d <= 2.0 for d in out["latent_distance"])
 
 
 @pytest.mark.parametrize("name", SCORES)
@@ -83,7 +99,7 @@ def test_the_setting_overrides_the_artifacts_choice(v2_artifact: Path) -> None:
 def test_asking_for_more_never_changes_a_seeded_answers_other_scores(client: TestClient) -> None:
     plain = score(client)
     more = score(client, scores=["likelihood_ratio", "log_likelihood"], attribution=True)
-    for name in ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose"):
+    for name in CHEAP:
         assert more[name] == plain[name]
     assert score(client) == plain  # and seeded answers repeat byte for byte
 
@@ -132,9 +148,7 @@ def test_v2_offers_the_new_scores_and_the_attribution(client: TestClient) -> Non
         np.testing.assert_array_equal(np.float32(outputs[name]["data"]), np.float32(rest[name]))
     assert outputs["attribution"]["shape"] == [3, 16]
     meta = client.get("/v2/models/vae-anomaly").json()
-    assert {"dose", "input_complexity", "likelihood_ratio", "attribution"} <= {
-        o["name"] for o in meta["outputs"]
-    }
+    assert {*NEW, "attribution"} <= {o["name"] for o in meta["outputs"]}
 
 
 def test_format_1_serves_its_own_scores_and_names_what_it_lacks(v1_artifact: Path) -> None:
@@ -151,6 +165,21 @@ def test_format_1_serves_its_own_scores_and_names_what_it_lacks(v1_artifact: Pat
         r = c.post("/anomaly-score", json={"instances": X, "attribution": True})
         assert r.status_code == 422
         assert "format_version 1" in r.json()["detail"]
+
+
+def test_format_2_serves_its_own_scores_and_names_what_it_lacks(format2_artifact: Path) -> None:
+    with client_for(format2_artifact) as c:
+        out = score(c, attribution=True)
+        assert out["decision_score"] == "dose"
+        assert len(out["dose"]) == len(out["attribution"]) == 3
+        assert out["latent_distance"] is None
+        assert out["ensemble"] is None
+        r = c.post("/anomaly-score", json={"instances": X, "scores": ["ensemble"]})
+        assert r.status_code == 422
+        assert r.json()["detail"] == (
+            "This artifact (format_version 2) has no ensemble score; it offers kl_divergence, "
+            "reconstruction_log_prob, log_likelihood, input_complexity, likelihood_ratio, dose."
+        )
 
 
 def test_attribution_is_true_or_false_not_a_number(client: TestClient) -> None:

@@ -1,4 +1,5 @@
-"""app/scores.py: the input complexity and DoSE's density, against direct computations."""
+"""app/scores.py: the input complexity, DoSE's density, the latent distance and the ensemble,
+against direct computations."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from app.scores import Density, complexity_bits, input_complexity
+from app.scores import Density, Neighbours, complexity_bits, ensemble, input_complexity
 
 
 def test_complexity_is_the_zlib_length_of_the_8_bit_input_in_bits() -> None:
@@ -98,3 +99,45 @@ def test_a_bernoulli_models_view_thresholds_grey_levels_first() -> None:
     binary = (grey >= 0.5).astype(np.float32)
     np.testing.assert_array_equal(complexity_bits(grey, binary=True), complexity_bits(binary))
     assert (complexity_bits(grey) > complexity_bits(grey, binary=True)).all()
+
+
+def test_latent_distance_is_the_mean_chord_to_the_k_nearest_directions() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(300, 6)).astype(np.float32)
+    query = rng.normal(size=(4, 6)).astype(np.float32) * 3.0  # the length must not matter
+    got = Neighbours.fit(train, k=5).score(query)
+    unit_t = train / np.linalg.norm(train, axis=1, keepdims=True)
+    for q, d in zip(query, got, strict=True):
+        chords = np.sort(np.linalg.norm(unit_t - q / np.linalg.norm(q), axis=1))
+        assert d == pytest.approx(chords[:5].mean(), rel=1e-5)
+    np.testing.assert_allclose(Neighbours.fit(train).score(query / 3.0), got, rtol=1e-6)
+
+
+def test_a_training_direction_is_at_distance_zero_from_itself() -> None:
+    train = np.eye(6, dtype=np.float32)
+    assert Neighbours.fit(train, k=1).score(train * 7.0).tolist() == [0.0] * 6
+    # The opposite direction is the farthest there is: a chord of 2.
+    assert Neighbours.fit(train[:1], k=1).score(-train[:1]).tolist() == [2.0]
+
+
+def test_a_batch_scores_each_row_as_it_scores_alone() -> None:
+    rng = np.random.default_rng(1)
+    ref = Neighbours.fit(rng.normal(size=(1000, 32)).astype(np.float32))
+    batch = rng.normal(size=(300, 32)).astype(np.float32)  # more than one block of rows
+    alone = np.concatenate([ref.score(row[None]) for row in batch])
+    np.testing.assert_array_equal(ref.score(batch), alone)
+
+
+def test_the_reference_round_trips_through_npy_bytes() -> None:
+    ref = Neighbours.fit(np.random.default_rng(2).normal(size=(50, 4)).astype(np.float32))
+    back = Neighbours.from_bytes(ref.to_bytes(), k=5, latent_dim=4)
+    np.testing.assert_allclose(back.reference, ref.reference, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"N x 3"):
+        Neighbours.from_bytes(ref.to_bytes(), k=5, latent_dim=3)
+    with pytest.raises(ValueError, match=r"N >= k = 60"):
+        Neighbours.from_bytes(ref.to_bytes(), k=60, latent_dim=4)
+
+
+def test_the_ensemble_is_the_larger_percentile() -> None:
+    got = ensemble({"dose": np.array([0.2, 0.995]), "latent_distance": np.array([0.7, 0.1])})
+    assert got.tolist() == pytest.approx([0.7, 0.995])

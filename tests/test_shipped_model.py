@@ -86,7 +86,7 @@ def flagged(vae: VAEService, x: np.ndarray) -> np.ndarray:
 def test_the_default_decision_flags_blank_and_noise_and_passes_digits(
     shipped: VAEService, digits: np.ndarray
 ) -> None:
-    assert shipped.decision_score == "dose"
+    assert shipped.decision_score == "ensemble"
     blank = np.stack([np.zeros(784), np.ones(784)])
     assert flagged(shipped, blank).tolist() == [True, True]  # all black, all white
     noise = np.random.default_rng(0).uniform(size=(1000, 784))
@@ -98,9 +98,10 @@ def test_the_default_decision_flags_blank_and_noise_and_passes_digits(
 
 @pytest.mark.slow
 def test_attribution_points_at_a_pasted_patch(shipped: VAEService, digits: np.ndarray) -> None:
-    """Measured 0.44 on 100 digits (docs/anomaly.md): far above chance (64 of 784 pixels, 8%),
-    below the 0.82 a perfect ranking could reach where the patch overlaps the stroke."""
+    """Measured 0.65 on 100 digits (docs/anomaly.md), against 0.46 for format 2's average over
+    posterior samples: far above chance (64 of 784 pixels, 8%), below the 0.78 that ranking
+    exactly the pixels the patch changed would reach, where it overlaps the stroke."""
     patched, mask = paste_patches(digits[:100], seed=0)
     out = shipped.anomaly_scores(patched.astype(np.float32), 16, seed=0, attribution=True)
     top = np.argsort(-out["attribution"], axis=1)[:, : PATCH * PATCH]
-    assert np.take_along_axis(mask, top, axis=1).mean() >= 0.35
+    assert np.take_along_axis(mask, top, axis=1).mean() >= 0.55

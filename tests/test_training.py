@@ -78,16 +78,17 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
         assert q[-1] > q[0]
     assert cal["scores"]["reconstruction_log_prob"]["samples"] == 16
     assert cal["scores"]["log_likelihood"]["samples"] == 100
-    for name in ("input_complexity", "likelihood_ratio", "dose"):
+    for name in ("input_complexity", "likelihood_ratio", "dose", "ensemble"):
         assert cal["scores"][name]["samples"] == 16
+    assert cal["scores"]["latent_distance"]["samples"] == 0
     assert 1 <= manifest["metrics"]["active_units"] <= manifest["latent_dim"]
 
 
 @pytest.mark.slow
-def test_manifest_carries_what_the_format_2_scores_need(mnist_artifact: Path) -> None:
+def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> None:
     _, manifest = load_artifact(mnist_artifact)
-    assert manifest["format_version"] == 2
-    assert manifest["decision_score"] == "dose"
+    assert manifest["format_version"] == 3
+    assert manifest["decision_score"] == "ensemble"
     dose = manifest["dose"]
     assert dose["features"] == ["kl_divergence", "reconstruction_log_prob", "complexity_bits"]
     assert np.asarray(dose["reference"]).shape == (2000, 3)
@@ -96,6 +97,16 @@ def test_manifest_carries_what_the_format_2_scores_need(mnist_artifact: Path) ->
     vae = VAEService.load(mnist_artifact)  # the background model travels inside the artifact
     assert vae.background is not None
     assert set(vae.calibration.scores) == set(SCORE_DIRECTIONS)
+    # The latent reference: every training row's posterior mean (the 3-epoch run's 20,699).
+    train_size = manifest["dataset"]["train_size"]
+    assert manifest["latent_distance"] == {
+        "k": 5,
+        "n": train_size,
+        "source": "posterior means of training rows",
+    }
+    assert vae.neighbours is not None
+    assert vae.neighbours.reference.shape == (train_size, manifest["latent_dim"])
+    np.testing.assert_allclose(np.linalg.norm(vae.neighbours.reference, axis=1), 1.0, atol=1e-6)
 
 
 def test_dry_run_exports_a_loadable_artifact(vectors: Path, tmp_path: Path) -> None:

@@ -279,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
     }
-    calibrated, scoring = calibration(model, splits, cfg, background)
+    calibrated, scoring, neighbours = calibration(model, splits, cfg, background)
     if data.test_is_anomaly is not None:
         metrics["test_auroc"] = test_auroc(
-            model, splits, cfg, background, scoring, data.test_is_anomaly[: len(splits.x_test)]
-        )
+            model, splits, cfg, background, scoring, neighbours, calibrated,
+            data.test_is_anomaly[: len(splits.x_test)],
+        )  # fmt: skip
     log.info("test metrics: %s", {k: v for k, v in metrics.items() if k != "history"})
     manifest = build_manifest(
         model,
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         scoring=scoring,
         features=data.features,
     )  # fmt: skip
-    sha = export_artifact(model, manifest, args.out, background)
+    sha = export_artifact(model, manifest, args.out, background, neighbours)
     print(
         f"\nartifact     {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)\n"
         f"sha256       {sha}\n"

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.scores import Density, complexity_bits, input_complexity
+from app.calibration import Calibration
+from app.model import PROJECTION_STEPS, PROJECTION_TRIM, projected_feature_nll
+from app.scores import ENSEMBLE, Density, Neighbours, complexity_bits, ensemble, input_complexity
 from training.model import VAE
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ SCORE_DIRECTIONS = {
     "input_complexity": "higher",  # format 2, models of [0, 1] data
     "likelihood_ratio": "lower",  # format 2, with a background model
     "dose": "higher",  # format 2
+    "latent_distance": "higher",  # format 3
+    "ensemble": "higher",  # format 3: a percentile, the larger of dose's and latent_distance's
 }
 
 # DoSE's summary statistics: the two cheap scores and, for inputs in [0, 1], the compressed
@@ -41,7 +45,7 @@ DOSE_FEATURES = ("kl_divergence", "reconstruction_log_prob")
 DOSE_FEATURES_BOUNDED = (*DOSE_FEATURES, "complexity_bits")
 
 # The score the service decides with unless told otherwise (docs/anomaly.md has the benchmark).
-DECISION_SCORE = "dose"
+DECISION_SCORE = "ensemble"
 
 
 @torch.no_grad()
@@ -108,11 +112,15 @@ def anomaly_scores(
     seed: int = 0,
     background: VAE | None = None,
     density: Density | None = None,
+    neighbours: Neighbours | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, np.ndarray]:
     """The service's scores, computed the same way: KL, log reconstruction probability with L =
     `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`; for
     data in [0, 1], the compressed length and the input complexity; with a `background` model,
-    the likelihood ratio (same eps for both); with a fitted `density`, DoSE."""
+    the likelihood ratio (same eps for both); with a fitted `density`, DoSE; with the training
+    means as `neighbours`, the latent distance; and with both and their `calibration`, the
+    ensemble."""
     g = torch.Generator().manual_seed(seed)
     scores: dict[str, list[Tensor]] = {}
     z = model.latent_dim
@@ -121,6 +129,7 @@ def anomaly_scores(
         recon = model.reconstruction_log_prob(xb, eps)
         scores.setdefault("kl_divergence", []).append(model.kl_divergence(xb))
         scores.setdefault("reconstruction_log_prob", []).append(recon)
+        scores.setdefault("latent_mean", []).append(model.encode(xb)[0])
         if background is not None:
             ratio = recon - background.reconstruction_log_prob(xb, eps)
             scores.setdefault("likelihood_ratio", []).append(ratio)
@@ -133,21 +142,34 @@ def anomaly_scores(
         out["input_complexity"] = input_complexity(out["reconstruction_log_prob"], bits)
     if density is not None:
         out["dose"] = density.score(out)
+    if neighbours is not None:
+        out["latent_distance"] = neighbours.score(out["latent_mean"])
+    if calibration is not None and all(n in out for n in ENSEMBLE):
+        out["ensemble"] = ensemble({n: calibration.percentile(n, out[n]) for n in ENSEMBLE})
     return out
 
 
 @torch.no_grad()
-def feature_stats(model: VAE, x: Tensor, *, samples: int, seed: int = 0) -> dict[str, Any]:
-    """Mean and spread of -log p(x_d|z) per feature on normal data, which standardise the
-    service's attribution so that a feature that is always hard to reconstruct (a digit's edge)
-    does not outrank one that is never wrong (a background pixel)."""
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for xb in x.split(250):
-        eps = torch.randn(samples, xb.shape[0], model.latent_dim, generator=g).to(xb.device)
-        parts.append(-model.feature_log_prob(xb, eps))
-    nll = torch.cat(parts).double().cpu()
-    return {"samples": samples, "mean": nll.mean(0).tolist(), "scale": nll.std(0).tolist()}
+def latent_means(model: VAE, x: Tensor, *, batch_size: int = 1000) -> np.ndarray:
+    """The posterior means of x, (N, Z): the representation, and latent_distance's reference."""
+    return torch.cat([model.encode(xb)[0] for xb in x.split(batch_size)]).cpu().numpy()
+
+
+@torch.no_grad()
+def feature_stats(model: VAE, x: Tensor, *, batch_size: int = 250) -> dict[str, Any]:
+    """Mean and spread of -log p(x_d|z*) per feature on normal data, at each row's trimmed
+    projection z* (app/model.py), as the service computes the attribution: they standardise
+    it, so that a feature that is always hard to reconstruct (a digit's edge) does not outrank
+    one that is never wrong (a background pixel)."""
+    nll = torch.cat([projected_feature_nll(model, xb) for xb in x.split(batch_size)])
+    nll = nll.double().cpu()
+    return {
+        "method": "projection",
+        "steps": PROJECTION_STEPS,
+        "trim": PROJECTION_TRIM,
+        "mean": nll.mean(0).tolist(),
+        "scale": nll.std(0).tolist(),
+    }
 
 
 def calibrate(scores: dict[str, np.ndarray], samples: dict[str, int]) -> dict[str, Any]:

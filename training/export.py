@@ -19,13 +19,17 @@ from typing import Any
 
 import torch
 
+from app.scores import Neighbours
 from training.model import VAE
 
 # 2: the scores of app/scores.py (input complexity, DoSE, the likelihood ratio) and attribution;
 # the background model travels as a TorchScript archive of its own, in BACKGROUND.
-FORMAT_VERSION = 2
+# 3: the latent distance and the ensemble; the training rows' latent means travel as an .npy
+# file of their own, in LATENT_REFERENCE.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 BACKGROUND = "background.pt"
+LATENT_REFERENCE = "latent_reference.npy"
 
 
 @contextmanager
@@ -77,11 +81,18 @@ def build_manifest(
 
 
 def export_artifact(
-    model: VAE, manifest: dict[str, Any], path: Path, background: VAE | None = None
+    model: VAE,
+    manifest: dict[str, Any],
+    path: Path,
+    background: VAE | None = None,
+    neighbours: Neighbours | None = None,
 ) -> str:
-    """Script `model`, save it with `manifest` (and the scripted `background` model, for the
-    likelihood ratio) to `path` atomically, and return its sha256."""
+    """Script `model`, save it with `manifest` (the scripted `background` model, for the
+    likelihood ratio, and the `neighbours`' reference, for the latent distance) to `path`
+    atomically, and return its sha256."""
     extra: dict[str, Any] = {MANIFEST: json.dumps(manifest, indent=1)}  # str or bytes
+    if neighbours is not None:
+        extra[LATENT_REFERENCE] = neighbours.to_bytes()
     with _quiet_jit():
         scripted = torch.jit.script(model.cpu().eval())
         if background is not None:
@@ -113,6 +124,20 @@ def load_artifact(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     with _quiet_jit():
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, json.loads(extra[MANIFEST])
+
+
+def load_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """The model's weights, the background model's (None without one) and the manifest, to
+    re-export an artifact in the current format (training/upgrade.py)."""
+    extra: dict[str, Any] = {MANIFEST: "", BACKGROUND: ""}
+    with _quiet_jit():
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        background = (
+            torch.jit.load(io.BytesIO(extra[BACKGROUND]), map_location="cpu").state_dict()
+            if extra[BACKGROUND]
+            else None
+        )
+    return module.state_dict(), background, json.loads(extra[MANIFEST])
 
 
 def sha256_of(path: Path) -> str:

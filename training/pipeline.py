@@ -15,7 +15,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from app.scores import Density
+from app.calibration import Calibration
+from app.scores import ENSEMBLE, Density, Neighbours, ensemble
 from training.config import ModelConfig, TrainConfig
 from training.data import DataError, Dataset, binarize_fixed, train_val_split
 from training.evaluate import (
@@ -29,6 +30,7 @@ from training.evaluate import (
     calibrate,
     feature_stats,
     iwae_log_likelihood,
+    latent_means,
     mean_elbo,
     signed,
 )
@@ -146,25 +148,51 @@ def fit_background(
     return model
 
 
+def latent_reference(model: VAE, splits: Splits, cfg: TrainConfig) -> Neighbours:
+    """latent_distance's reference: the posterior means of at most cfg.latent_reference training
+    rows (a seeded choice), binarised once as the validation rows are where that applies."""
+    x = splits.x_train
+    if len(x) > cfg.latent_reference:
+        pick = np.random.default_rng(cfg.seed).choice(len(x), cfg.latent_reference, replace=False)
+        x = x[torch.from_numpy(np.sort(pick)).to(x.device)]
+    if splits.binarize:
+        x = torch.from_numpy(binarize_fixed(x.cpu().numpy(), TEST_BINARIZATION_SEED)).to(x.device)
+    return Neighbours.fit(latent_means(model, x))
+
+
 def calibration(
     model: VAE, splits: Splits, cfg: TrainConfig, background: VAE | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Quantiles of each anomaly score on the (normal) validation split, and what the format-2
-    scores need in the manifest: the DoSE density fitted there (its own points scored
-    leave-one-out), the attribution's per-feature statistics and the decision score."""
+) -> tuple[dict[str, Any], dict[str, Any], Neighbours]:
+    """Quantiles of each anomaly score on the (normal) validation split, and what the newer
+    scores need: the DoSE density fitted there (its own points scored leave-one-out), the
+    attribution's per-feature statistics, the decision score (in the manifest), and the
+    training rows' latent means (latent_distance's reference, a file of its own). The
+    validation rows are not in that reference, so their distances are honest; the ensemble is
+    calibrated on percentiles taken from these same quantiles, as the service takes them."""
     n_l, n_k = cfg.calibration_samples, cfg.calibration_ll_samples
     x_val = splits.x_val
+    neighbours = latent_reference(model, splits, cfg)
     stats = anomaly_scores(
-        model, x_val, samples=n_l, ll_samples=n_k, seed=cfg.seed, background=background
-    )
+        model, x_val, samples=n_l, ll_samples=n_k, seed=cfg.seed, background=background,
+        neighbours=neighbours,
+    )  # fmt: skip
     density = Density.fit(stats, DOSE_FEATURES_BOUNDED if model.bernoulli else DOSE_FEATURES)
     stats["dose"] = density.reference_scores()
     scores = {name: v for name, v in stats.items() if name in SCORE_DIRECTIONS}
-    samples = {name: n_l for name in scores if name != "kl_divergence"} | {"log_likelihood": n_k}
+    parts = Calibration.from_manifest({"calibration": calibrate(scores, {})}, "calibration")
+    scores["ensemble"] = ensemble({n: parts.percentile(n, scores[n]) for n in ENSEMBLE})
+    # The L or K each score draws; KL and the latent distance draw none.
+    samples = {name: n_l for name in scores if name not in ("kl_divergence", "latent_distance")}
+    samples["log_likelihood"] = n_k
     scoring: dict[str, Any] = {
         "decision_score": DECISION_SCORE if DECISION_SCORE in scores else "reconstruction_log_prob",
         "dose": density.to_manifest(),
-        "attribution": feature_stats(model, x_val, samples=n_l, seed=cfg.seed),
+        "attribution": feature_stats(model, x_val),
+        "latent_distance": {
+            "k": neighbours.k,
+            "n": len(neighbours.reference),
+            "source": "posterior means of training rows",
+        },
     }
     if background is not None:
         scoring["background"] = {
@@ -172,7 +200,7 @@ def calibration(
             "weight_decay": cfg.background_weight_decay,
             "epochs": min(cfg.epochs, cfg.background_epochs),
         }
-    return calibrate(scores, samples), scoring
+    return calibrate(scores, samples), scoring, neighbours
 
 
 def test_auroc(
@@ -181,17 +209,20 @@ def test_auroc(
     cfg: TrainConfig,
     background: VAE | None,
     scoring: dict[str, Any],
+    neighbours: Neighbours,
+    calibrated: dict[str, Any],
     is_anomaly: npt.NDArray[np.bool_],
 ) -> dict[str, float]:
     """Each score's AUROC on the test split, normal rows against anomalous ones, scored as the
-    service scores them (L and K as calibrated, the fitted DoSE density); empty when the test
-    split lacks either kind."""
+    service scores them (L and K as calibrated, the fitted DoSE density, the latent reference,
+    the ensemble's percentiles); empty when the test split lacks either kind."""
     if is_anomaly.all() or not is_anomaly.any():
         return {}
     scores = anomaly_scores(
         model, splits.x_test, samples=cfg.calibration_samples,
         ll_samples=cfg.calibration_ll_samples, seed=cfg.seed, background=background,
-        density=Density.from_manifest(scoring["dose"]),
+        density=Density.from_manifest(scoring["dose"]), neighbours=neighbours,
+        calibration=Calibration.from_manifest({"calibration": calibrated}, "calibration"),
     )  # fmt: skip
     return {
         name: round(auroc(signed(name, v)[~is_anomaly], signed(name, v)[is_anomaly]), 4)

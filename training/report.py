@@ -66,7 +66,7 @@ def sample_counts(calibration: dict[str, Any], override: int | None) -> dict[str
     """The L or K to score with, per score: 0 for the closed-form KL, which draws none."""
     counts: dict[str, int] = {}
     for name, score in calibration["scores"].items():
-        if name == "kl_divergence":
+        if name == "kl_divergence" or score.get("samples") == 0:  # KL, the latent distance
             counts[name] = 0
         elif override is not None:
             counts[name] = override

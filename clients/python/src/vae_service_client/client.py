@@ -71,8 +71,8 @@ JSON = "application/json"
 NPY = "application/x-npy"
 # .npy preferred for array answers; errors (and /anomaly-score) come back as JSON regardless.
 ACCEPT_NPY = f"{NPY}, {JSON};q=0.5"
-# Format-2 scores: None from servers or artifacts without them.
-NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose")
+# Format-2 and format-3 scores: None from servers or artifacts without them.
+NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "ensemble")
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
@@ -86,6 +86,8 @@ ScoreName = Literal[
     "input_complexity",
     "likelihood_ratio",
     "dose",
+    "latent_distance",
+    "ensemble",
 ]
 
 
@@ -236,6 +238,8 @@ class ScorePercentiles:
     input_complexity: Array | None = None
     likelihood_ratio: Array | None = None
     dose: Array | None = None
+    latent_distance: Array | None = None
+    ensemble: Array | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,6 +259,8 @@ class AnomalyScores:
     input_complexity: Array | None = None
     likelihood_ratio: Array | None = None
     dose: Array | None = None
+    latent_distance: Array | None = None
+    ensemble: Array | None = None
     attribution: Array | None = None  # (B, D) when asked for
     top_features: list[list[FeatureShare]] | None = None  # per instance, when asked for
 

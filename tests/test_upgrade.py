@@ -1,0 +1,109 @@
+"""python -m training.upgrade: a format-2 artifact to format 3 with the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.model import VAEService
+from training.__main__ import main as train
+from training.config import ModelConfig
+from training.export import export_artifact, load_weights, sha256_of
+from training.model import VAE
+from training.upgrade import main as upgrade
+
+
+def as_format_2(artifact: Path, out: Path) -> Path:
+    """The artifact as the format-2 trainer wrote it: no latent reference, DoSE deciding."""
+    weights, background, manifest = load_weights(artifact)
+    cfg = ModelConfig(
+        **{**manifest["model"], "hidden_dims": tuple(manifest["model"]["hidden_dims"])}
+    )
+    model, bg = VAE(cfg), VAE(cfg)
+    model.load_state_dict(weights)
+    assert background is not None
+    bg.load_state_dict(background)
+    for name in ("latent_distance", "ensemble"):
+        del manifest["calibration"]["scores"][name]
+    del manifest["latent_distance"]
+    manifest |= {"format_version": 2, "decision_score": "dose"}
+    export_artifact(model.eval(), manifest, out, bg.eval())
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Binary vectors in the .npy layout: a Bernoulli model, as MNIST's."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 600), ("test", 100)):
+        np.save(root / f"{name}.npy", (rng.uniform(size=(n, 16)) < 0.3).astype(np.float32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def old(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("old")
+    args = ["--data-dir", str(data), "--out", str(tmp / "new.pt"), "--epochs", "2",
+            "--eval-k", "5", "--batch-size", "64", "--hidden-dims", "16", "--latent-dim", "3",
+            "--no-progress"]  # fmt: skip
+    assert train(args) == 0
+    return as_format_2(tmp / "new.pt", tmp / "old.pt")
+
+
+def test_upgrade_keeps_the_weights_and_adds_the_format_3_scores(
+    old: Path, data: Path, tmp_path: Path
+) -> None:
+    before = VAEService.load(old)
+    assert before.format_version == 2
+    assert before.neighbours is None
+    out = tmp_path / "up.pt"
+    assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
+    after = VAEService.load(out)
+    assert after.format_version == 3
+    assert after.decision_score == "ensemble"
+    assert {"latent_distance", "ensemble"} <= set(after.calibration.scores)
+    assert after.neighbours is not None
+    assert after.neighbours.reference.shape == (after.manifest["dataset"]["train_size"], 3)
+    old_weights, old_bg, old_manifest = load_weights(old)
+    new_weights, new_bg, new_manifest = load_weights(out)
+    for name, tensor in old_weights.items():
+        assert torch.equal(tensor, new_weights[name]), name
+    assert old_bg is not None
+    assert new_bg is not None
+    assert all(torch.equal(t, new_bg[n]) for n, t in old_bg.items())
+    assert new_manifest["metrics"] == old_manifest["metrics"]
+    assert new_manifest["upgraded_from"]["sha256"] == sha256_of(old)
+    assert new_manifest["upgraded_from"]["format_version"] == 2
+    # The same validation rows: the scores format 2 had keep their quantiles.
+    for name in ("kl_divergence", "dose"):
+        np.testing.assert_allclose(
+            new_manifest["calibration"]["scores"][name]["quantiles"],
+            old_manifest["calibration"]["scores"][name]["quantiles"],
+            rtol=1e-5,
+        )
+    x = np.random.default_rng(3).uniform(size=(4, 16)).astype(np.float32)
+    scores = after.anomaly_scores(x, 4, seed=0)
+    assert scores["ensemble"].shape == (4,)
+
+
+def test_upgrade_refuses_data_that_is_not_the_artifacts(
+    old: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    for name, n in (("train", 500), ("test", 100)):
+        np.save(other / f"{name}.npy", np.zeros((n, 16), np.float32))
+    assert upgrade([str(old), "--data-dir", str(other), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "not its data" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_current_artifact_needs_no_upgrade(old: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "up.pt"
+    assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
+    assert upgrade([str(out), "--data-dir", str(data), "--out", str(tmp_path / "again.pt")]) == 0
+    assert not (tmp_path / "again.pt").exists()
