@@ -115,9 +115,10 @@ def test_attribution_is_one_value_per_feature_in_json_and_npy(client: TestClient
     assert r.status_code == 200
     record = np.load(io.BytesIO(r.content))
     np.testing.assert_array_equal(record["attribution"], np.asarray(out["attribution"], np.float32))
-    np.testing.assert_array_equal(record["dose"], np.asarray(out["dose"], np.float32))
+    for name in ("dose", "latent_distance", "ensemble"):
+        np.testing.assert_array_equal(record[name], np.asarray(out[name], np.float32))
+        assert f"{name}_percentile" in record.dtype.names
     assert record["is_anomaly"].tolist() == out["is_anomaly"]
-    assert "dose_percentile" in record.dtype.names
 
 
 def test_png_answer_is_each_input_beside_its_heat_map(client: TestClient) -> None:

@@ -55,8 +55,9 @@ TRAINING = APP.parent / "training"
 
 @pytest.mark.parametrize("path", sorted(TRAINING.glob("*.py")), ids=lambda p: p.name)
 def test_the_trainer_uses_the_services_scores_and_nothing_of_its_http(path: Path) -> None:
-    """Training calibrates with app/scores.py, so quantiles and live scores cannot drift apart;
-    the benchmark scores through app/model.py as the service does. Nothing HTTP."""
+    """Training calibrates with app/scores.py, and the ensemble with app/calibration.py's
+    percentiles, so quantiles and live scores cannot drift apart; the attribution's
+    projection and the benchmark run through app/model.py as the service does. Nothing HTTP."""
     app_modules = {m for m in imported(path) if belongs(m, {"app"})}
-    allowed = {"app.scores", "app.model"}
+    allowed = {"app.scores", "app.calibration", "app.model"}
     assert {m for m in app_modules if not any(belongs(m, {a}) for a in allowed)} == set()
