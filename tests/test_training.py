@@ -42,9 +42,7 @@ def test_training_learns_mnist_and_scores_separate_noise(mnist_artifact: Path) -
     data = load_data(MNIST_DIR)
     x_test = torch.from_numpy(binarize_fixed(data.x_test[:1000], TEST_BINARIZATION_SEED))
     torch.manual_seed(0)
-    untrained = VAE(
-        ModelConfig(**{**manifest["model"], "hidden_dims": tuple(manifest["model"]["hidden_dims"])})
-    )
+    untrained = VAE(ModelConfig.from_dict(manifest["model"]))
     untrained_elbo = mean_elbo(untrained.eval(), x_test)
     trained_elbo = manifest["metrics"]["test_elbo"]
     assert trained_elbo > untrained_elbo + 250, (trained_elbo, untrained_elbo)

@@ -19,9 +19,7 @@ from training.upgrade import main as upgrade
 def as_format_2(artifact: Path, out: Path) -> Path:
     """The artifact as the format-2 trainer wrote it: no latent reference, DoSE deciding."""
     weights, background, manifest = load_weights(artifact)
-    cfg = ModelConfig(
-        **{**manifest["model"], "hidden_dims": tuple(manifest["model"]["hidden_dims"])}
-    )
+    cfg = ModelConfig.from_dict(manifest["model"])
     model, bg = VAE(cfg), VAE(cfg)
     model.load_state_dict(weights)
     assert background is not None

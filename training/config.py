@@ -39,6 +39,11 @@ class ModelConfig:
         d["hidden_dims"] = list(self.hidden_dims)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The inverse of to_dict: a manifest's `model` back to its config."""
+        return cls(**{**d, "hidden_dims": tuple(d["hidden_dims"])})
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -120,24 +120,31 @@ def export_artifact(
 
 def load_artifact(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Load an artifact as the service does, for round-trip tests and evaluation."""
-    extra = {MANIFEST: ""}
-    with _quiet_jit():
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    module, extra = _load(path)
     return module, json.loads(extra[MANIFEST])
 
 
 def load_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
     """The model's weights, the background model's (None without one) and the manifest, to
     re-export an artifact in the current format (training/upgrade.py)."""
-    extra: dict[str, Any] = {MANIFEST: "", BACKGROUND: ""}
+    module, extra = _load(path, BACKGROUND)
+    background = None
+    if extra[BACKGROUND]:
+        with _quiet_jit():
+            background = torch.jit.load(io.BytesIO(extra[BACKGROUND]), map_location="cpu")
+    return (
+        module.state_dict(),
+        None if background is None else background.state_dict(),
+        json.loads(extra[MANIFEST]),
+    )
+
+
+def _load(path: Path, *files: str) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The archive's module on the CPU, and its manifest and the named extra `files`."""
+    extra: dict[str, Any] = dict.fromkeys((MANIFEST, *files), "")
     with _quiet_jit():
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        background = (
-            torch.jit.load(io.BytesIO(extra[BACKGROUND]), map_location="cpu").state_dict()
-            if extra[BACKGROUND]
-            else None
-        )
-    return module.state_dict(), background, json.loads(extra[MANIFEST])
+    return module, extra
 
 
 def sha256_of(path: Path) -> str:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.artifact}: only format-2 image and vector artifacts can be "
               "upgraded; retrain this one with `python -m training`.", file=sys.stderr)  # fmt: skip
         return 2
-    model_cfg = ModelConfig(**{**old["model"], "hidden_dims": tuple(old["model"]["hidden_dims"])})
+    model_cfg = ModelConfig.from_dict(old["model"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in old["training"].items() if k in fields})
     model = rebuild(weights, model_cfg)
