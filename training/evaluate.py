@@ -129,7 +129,8 @@ def anomaly_scores(
         recon = model.reconstruction_log_prob(xb, eps)
         scores.setdefault("kl_divergence", []).append(model.kl_divergence(xb))
         scores.setdefault("reconstruction_log_prob", []).append(recon)
-        scores.setdefault("latent_mean", []).append(model.encode(xb)[0])
+        if neighbours is not None:
+            scores.setdefault("latent_mean", []).append(model.encode(xb)[0])
         if background is not None:
             ratio = recon - background.reconstruction_log_prob(xb, eps)
             scores.setdefault("likelihood_ratio", []).append(ratio)
