@@ -22,6 +22,10 @@ class ScoreCalibration:
     quantiles: Array  # (Q,), non-decreasing
     higher_is_anomalous: bool
     samples: int  # the L or K it was computed with
+    # The curve percentiles interpolate on, built once at load rather than on every request
+    # (the ensemble reads two percentiles more per instance): see _curve.
+    distinct: Array
+    at_level: Array
 
 
 @dataclass(frozen=True)
@@ -50,21 +54,24 @@ class Calibration:
                 raise ModelLoadError(f"{where}: calibration of {name} has no direction.")
             higher = entry["anomalous_when"] == "higher"
             samples = int(entry.get("samples", 0))
-            scores[name] = ScoreCalibration(q.astype(np.float32), higher, samples)
+            q32 = q.astype(np.float32)
+            distinct, at_level = _curve(q32, levels.astype(np.float32))
+            scores[name] = ScoreCalibration(q32, higher, samples, distinct, at_level)
         return cls(levels.astype(np.float32), scores)
 
     def percentile(self, name: str, values: Array) -> Array:
         """The share of normal data less anomalous than each value, in [0, 1]."""
         cal = self.scores[name]
-        below = _share_below(values, cal.quantiles, self.levels)
+        if len(cal.distinct) == 1:
+            below = np.asarray(values > cal.distinct[0], dtype=np.float32)
+        else:
+            below = np.interp(values, cal.distinct, cal.at_level, left=0.0).astype(np.float32)
         return below if cal.higher_is_anomalous else (1.0 - below).astype(np.float32)
 
 
-def _share_below(values: Array, quantiles: Array, levels: Array) -> Array:
+def _curve(quantiles: Array, levels: Array) -> tuple[Array, Array]:
     # Quantiles repeat where the normal data has ties, and np.interp needs increasing x: keep
     # each distinct quantile with the highest level at which it appears.
     q, first = np.unique(quantiles, return_index=True)
-    if len(q) == 1:
-        return np.asarray(values > q[0], dtype=np.float32)
     top = np.append(first[1:] - 1, len(quantiles) - 1)
-    return np.asarray(np.interp(values, q, levels[top], left=0.0), dtype=np.float32)
+    return q, levels[top]
