@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from tests.conftest import MNIST_DIR
-from training.benchmark_anomaly import PATCH, leave_out, main, paste_patches
+from training.benchmark_anomaly import (
+    ATTRIBUTION_SHAPES,
+    PATCH,
+    leave_out,
+    main,
+    paste,
+    paste_patches,
+    per_pixel_ceiling,
+)
 from training.data import load_data
 from training.evaluate import SCORE_DIRECTIONS
 
@@ -54,7 +62,10 @@ def test_sanity_sets_score_a_served_model(mnist_artifact: Path, tmp_path: Path) 
     assert set(sanity["auroc"]) == kinds
     assert set(sanity["flagged"]) == kinds | {"normal test digits", "all black", "all white"}
     assert sanity["auroc"]["uniform noise"][sanity["decision_score"]] > 0.9
-    assert 0.0 <= sanity["attribution_in_patch"] <= 1.0
+    assert set(sanity["attribution"]) == set(ATTRIBUTION_SHAPES)
+    for hits in sanity["attribution"].values():
+        assert 0.0 <= hits["in_shape"] <= 1.0
+        assert 0.0 < hits["per_pixel_ceiling"] <= 1.0
     assert set(sanity["microseconds_per_instance"]) >= {"default scores", "+ attribution"}
 
 
@@ -64,3 +75,27 @@ def test_patches_are_white_squares_inside_the_image() -> None:
     assert (mask.sum(1) == PATCH * PATCH).all()
     assert (patched[mask] == 1.0).all()
     assert (patched[~mask] == 0.0).all()
+
+
+def test_lines_lie_across_in_even_rows_and_down_in_odd_ones() -> None:
+    patched, mask = paste(np.zeros((6, 784)), 1, 12, seed=3)
+    images = mask.reshape(6, 28, 28)
+    assert (mask.sum(1) == 12).all()
+    assert [int(im.any(1).sum()) for im in images] == [1, 12] * 3  # rows the line touches
+    assert (patched[mask] == 1.0).all()
+
+
+def test_per_pixel_ceiling_counts_the_pixels_a_paste_cannot_change() -> None:
+    blank = np.zeros((4, 784))
+    patched, mask = paste_patches(blank, seed=0)
+    assert per_pixel_ceiling(blank, patched, mask) == 1.0  # every pixel of the square changed
+    # A digit already white under half of the square: 32 changed pixels come first, then 32
+    # places drawn at random from the 752 unchanged, of which the square holds 32.
+    half = blank.reshape(4, 28, 28).copy()
+    mask_img = mask.reshape(4, 28, 28)
+    for im, m in zip(half, mask_img, strict=True):
+        rows = np.flatnonzero(m.any(1))
+        im[rows[:4]] = np.where(m[rows[:4]], 1.0, 0.0)
+    half = half.reshape(4, 784)
+    expected = (32 + 32 * 32 / 752) / 64
+    assert per_pixel_ceiling(half, np.maximum(half, patched), mask) == pytest.approx(expected)

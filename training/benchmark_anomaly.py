@@ -8,8 +8,9 @@ AUROC of each score is reported per digit and as a mean.
 Sanity sets (--artifact): the artifact is loaded and scored by the service's own code
 (app/model.py), normal test digits against uniform noise, all-black and all-white images,
 inverted, blurred and patched digits (a bright 8x8 square pasted in): AUROC per score, the
-share flagged at the service's default threshold, whether the attribution finds the patch, and
-what each score costs per instance.
+share flagged at the service's default threshold, whether the attribution finds a pasted square
+and a pasted thin line (beside what a per-pixel map could reach at best), and what each score
+costs per instance.
 
     python -m training.benchmark_anomaly --data-dir ../shared/datasets/mnist --out runs/lodo.json
     python -m training.benchmark_anomaly --artifact models/default/vae.pt --digits
@@ -46,6 +47,9 @@ from training.pipeline import (
 log = logging.getLogger("training")
 
 PATCH = 8  # the pasted square's side, in pixels
+# What the attribution is asked to find: a bright square, and a thin bright line (a scratch),
+# each as (height, width); the line lies across in even rows of the set and down in odd ones.
+ATTRIBUTION_SHAPES = {"8x8 patch": (PATCH, PATCH), "1x12 line": (1, 12)}
 THRESHOLD = 0.99  # the service's default VAE_ANOMALY_PERCENTILE
 
 
@@ -133,12 +137,19 @@ def sanity_sets(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 def paste_patches(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Each image with a white PATCH x PATCH square at a random place, and the square's mask."""
-    rng = np.random.default_rng(seed + 1)
+    return paste(x, PATCH, PATCH, seed)
+
+
+def paste(x: np.ndarray, height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each 28x28 image with a white height x width rectangle at a random place (width x height
+    in odd rows), and the rectangle's mask."""
+    sizes = [(height, width) if i % 2 == 0 else (width, height) for i in range(len(x))]
+    corners = np.random.default_rng(seed + 1).integers(0, [(29 - h, 29 - w) for h, w in sizes])
     images = x.reshape(len(x), 28, 28).copy()
     mask = np.zeros(images.shape, dtype=bool)
-    for i, (r, c) in enumerate(rng.integers(0, 28 - PATCH + 1, size=(len(x), 2))):
-        images[i, r : r + PATCH, c : c + PATCH] = 1.0
-        mask[i, r : r + PATCH, c : c + PATCH] = True
+    for i, ((r, c), (h, w)) in enumerate(zip(corners, sizes, strict=True)):
+        images[i, r : r + h, c : c + w] = 1.0
+        mask[i, r : r + h, c : c + w] = True
     return images.reshape(len(x), -1), mask.reshape(len(x), -1)
 
 
@@ -168,7 +179,10 @@ def run_sanity(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> dict
         "threshold_percentile": THRESHOLD,
         "flagged": flags,
         "auroc": aurocs,
-        "attribution_in_patch": attribution_hits(vae, x[:100], args),
+        "attribution": {
+            kind: attribution_hits(vae, x[:100], height, width, args)
+            for kind, (height, width) in ATTRIBUTION_SHAPES.items()
+        },
         "microseconds_per_instance": costs(vae, x[:1000], args),
     }
 
@@ -177,14 +191,31 @@ def flagged(vae: VAEService, name: str, values: np.ndarray) -> float:
     return float((vae.calibration.percentile(name, values.astype(np.float32)) > THRESHOLD).mean())
 
 
-def attribution_hits(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> float | None:
-    """The share of each patched digit's PATCH**2 most-attributed pixels inside the patch."""
+def attribution_hits(
+    vae: VAEService, x: np.ndarray, height: int, width: int, args: argparse.Namespace
+) -> dict[str, float] | None:
+    """With a height x width white rectangle pasted in each digit, the share of its k = h * w
+    most-attributed pixels that lie in it, beside `per_pixel_ceiling`."""
     if vae.attribution_stats is None:
         return None
-    patched, mask = paste_patches(x, args.seed)
+    patched, mask = paste(x, height, width, args.seed)
     att = vae.anomaly_scores(patched.astype(np.float32), args.samples, args.seed, attribution=True)
-    top = np.argsort(-att["attribution"], axis=1)[:, : PATCH * PATCH]
-    return float(np.take_along_axis(mask, top, axis=1).mean())
+    top = np.argsort(-att["attribution"], axis=1)[:, : height * width]
+    return {
+        "in_shape": float(np.take_along_axis(mask, top, axis=1).mean()),
+        "per_pixel_ceiling": per_pixel_ceiling(x, patched, mask),
+    }
+
+
+def per_pixel_ceiling(x: np.ndarray, patched: np.ndarray, mask: np.ndarray) -> float:
+    """The share a map would reach that put exactly the pixels the paste changed first and
+    the rest in a random order. Where the shape lies over a white stroke its pixels do not
+    change: no per-pixel evidence finds them, and only a guess from their neighbours could."""
+    k = mask.sum(1)
+    changed = (patched != x).sum(1)  # all inside the mask
+    rest = k - np.minimum(changed, k)  # the top-k places left to unchanged pixels
+    found = np.minimum(changed, k) + rest * (k - changed) / (x.shape[1] - changed)
+    return float((found / k).mean())
 
 
 def costs(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
