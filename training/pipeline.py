@@ -184,8 +184,9 @@ def calibration(
     # The L or K each score draws; KL and the latent distance draw none.
     samples = {name: n_l for name in scores if name not in ("kl_divergence", "latent_distance")}
     samples["log_likelihood"] = n_k
+    decision = DECISION_SCORE["bernoulli" if model.bernoulli else "gaussian"]
     scoring: dict[str, Any] = {
-        "decision_score": DECISION_SCORE if DECISION_SCORE in scores else "reconstruction_log_prob",
+        "decision_score": decision if decision in scores else "reconstruction_log_prob",
         "dose": density.to_manifest(),
         "attribution": feature_stats(model, x_val),
         "latent_distance": {
