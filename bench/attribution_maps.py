@@ -10,9 +10,11 @@ shape, the table gives the share of the k = h * w most-attributed pixels that li
 - for the map the service returns (per pixel: -log p(x_d|z*), standardised);
 - for a map that ranked exactly the changed pixels first (`per_pixel_ceiling`): where a shape
   lies over a white stroke its pixels do not change, and no per-pixel evidence can find them;
-- for spatial filters of the same -log p(x_d|z*): a Gaussian blur of it capped at 2 nats, and
-  each pixel's largest k x k window mean of it capped at 1 nat (ties broken by its own value).
-  They fill the unchanged pixels from their neighbours, and blur thin anomalies away.
+- for spatial filters of the same -log p(x_d|z*): a Gaussian blur of it capped at 2 nats; that
+  blur plus half the capped map's 3x3 grey-level opening (which keeps only what is 3 pixels
+  wide or more); and each pixel's largest k x k window mean of it capped at 1 nat (ties broken
+  by its own value). They fill the unchanged pixels from their neighbours, and blur thin
+  anomalies away.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +71,19 @@ def window_max_mean(a: np.ndarray, k: int) -> np.ndarray:
     return out.reshape(len(a), -1)
 
 
+def opening(a: np.ndarray) -> np.ndarray:
+    """Each map's 3x3 grey-level opening: the 3x3 minimum, then the 3x3 maximum of that."""
+
+    def extreme(im: np.ndarray, pad: str, reduce: Any) -> np.ndarray:
+        p = np.pad(im, ((0, 0), (1, 1), (1, 1)), mode=pad)  # type: ignore[call-overload]
+        shifted = [p[:, i : i + SIDE, j : j + SIDE] for i in range(3) for j in range(3)]
+        out: np.ndarray = reduce(shifted, axis=0)
+        return out
+
+    im = a.reshape(-1, SIDE, SIDE)
+    return extreme(extreme(im, "edge", np.min), "constant", np.max).reshape(len(a), -1)
+
+
 def in_shape(att: np.ndarray, mask: np.ndarray) -> float:
     top = np.argsort(-att, axis=1, kind="stable")[:, : int(mask[0].sum())]
     return float(np.take_along_axis(mask, top, axis=1).mean())
@@ -96,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         maps = {
             "served map (per pixel)": z,
             **{f"Gaussian blur, sigma {s} px": gaussian(np.minimum(nll, 2), s) for s in (1, 2, 3)},
+            "blur (sigma 3 px) + half the 3x3 opening": gaussian(np.minimum(nll, 2), 3)
+            + 0.5 * opening(np.minimum(nll, 2)),
             **{
                 f"largest {k}x{k} window mean": window_max_mean(np.minimum(nll, 1), k) + 1e-3 * nll
                 for k in (3, 4, 6)
