@@ -42,6 +42,8 @@ REQUIRED_METHODS = (
     "log_likelihood",
 )
 ATTRIBUTION_METHOD = "feature_log_prob"  # format 2
+# The archive's files beside the module; training/export.py writes them under these names.
+MANIFEST = "manifest.json"
 BACKGROUND = "background.pt"
 LATENT_REFERENCE = "latent_reference.npy"  # format 3
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
@@ -191,10 +193,10 @@ class VAEService:
                 f"{path}: its sha256 is {sha256}, but VAE_MODEL_SHA256 pins "
                 f"{expected_sha256.lower()}; refusing to serve it."
             )
-        extra: dict[str, Any] = {"manifest.json": "", BACKGROUND: "", LATENT_REFERENCE: ""}
+        extra: dict[str, Any] = {MANIFEST: "", BACKGROUND: "", LATENT_REFERENCE: ""}
         # From the bytes already read: the sha256 reported is of exactly what runs.
         module = _jit_load(path, data, dev, extra)
-        manifest = _parse_manifest(path, extra["manifest.json"])
+        manifest = _parse_manifest(path, extra[MANIFEST])
         calibration = Calibration.from_manifest(manifest, str(path))
         missing = [m for m in REQUIRED_METHODS if not hasattr(module, m)]
         if missing:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from app.model import BACKGROUND, LATENT_REFERENCE, MANIFEST
 from app.scores import Neighbours
 from training.model import VAE
 
@@ -27,9 +28,6 @@ from training.model import VAE
 # 3: the latent distance and the ensemble; the training rows' latent means travel as an .npy
 # file of their own, in LATENT_REFERENCE.
 FORMAT_VERSION = 3
-MANIFEST = "manifest.json"
-BACKGROUND = "background.pt"
-LATENT_REFERENCE = "latent_reference.npy"
 
 
 @contextmanager
