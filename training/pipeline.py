@@ -179,11 +179,19 @@ def calibration(
     density = Density.fit(stats, DOSE_FEATURES_BOUNDED if model.bernoulli else DOSE_FEATURES)
     stats["dose"] = density.reference_scores()
     scores = {name: v for name, v in stats.items() if name in SCORE_DIRECTIONS}
-    parts = Calibration.from_manifest({"calibration": calibrate(scores, {})}, "calibration")
-    scores["ensemble"] = ensemble({n: parts.percentile(n, scores[n]) for n in ENSEMBLE})
     # The L or K each score draws; KL and the latent distance draw none.
-    samples = {name: n_l for name in scores if name not in ("kl_divergence", "latent_distance")}
+    samples = {
+        name: n_l
+        for name in (*scores, "ensemble")
+        if name not in ("kl_divergence", "latent_distance")
+    }
     samples["log_likelihood"] = n_k
+    # The ensemble is of percentiles the service reads off the other scores' quantiles, so it
+    # is calibrated after them, and its own quantiles join theirs.
+    calibrated = calibrate(scores, samples)
+    parts = Calibration.from_manifest({"calibration": calibrated}, "calibration")
+    scores["ensemble"] = ensemble({n: parts.percentile(n, scores[n]) for n in ENSEMBLE})
+    calibrated["scores"] |= calibrate({"ensemble": scores["ensemble"]}, samples)["scores"]
     decision = DECISION_SCORE["bernoulli" if model.bernoulli else "gaussian"]
     scoring: dict[str, Any] = {
         "decision_score": decision if decision in scores else "reconstruction_log_prob",
@@ -201,7 +209,7 @@ def calibration(
             "weight_decay": cfg.background_weight_decay,
             "epochs": min(cfg.epochs, cfg.background_epochs),
         }
-    return calibrate(scores, samples), scoring, neighbours
+    return calibrated, scoring, neighbours
 
 
 def test_auroc(
