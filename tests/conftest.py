@@ -7,6 +7,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,15 @@ def clean_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def drop_format_3(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
+    """A format-3 calibration and scoring data (or manifest) as format 2 had them, in place:
+    no latent distance or ensemble, and DoSE deciding."""
+    for name in ("latent_distance", "ensemble"):
+        del calibration["scores"][name]
+    del scoring["latent_distance"]
+    scoring["decision_score"] = "dose"
 
 
 def make_artifact(
@@ -65,16 +75,12 @@ def make_artifact(
     calibration, scoring, neighbours = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
+    if format_version <= 2:
+        drop_format_3(calibration, scoring)
+        neighbours = None
     if format_version == 1:
         calibration["scores"] = {k: calibration["scores"][k] for k in V1_SCORES}
         scoring = {}
-    if format_version <= 2:
-        for name in ("latent_distance", "ensemble"):
-            calibration["scores"].pop(name, None)
-        scoring.pop("latent_distance", None)
-        if scoring:
-            scoring["decision_score"] = "dose"
-        neighbours = None
     manifest = build_manifest(
         model,
         input_shape=input_shape,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.model import VAEService
+from tests.conftest import drop_format_3
 from training.__main__ import main as train
 from training.config import ModelConfig
 from training.export import export_artifact, load_weights, sha256_of
@@ -24,10 +25,8 @@ def as_format_2(artifact: Path, out: Path) -> Path:
     model.load_state_dict(weights)
     assert background is not None
     bg.load_state_dict(background)
-    for name in ("latent_distance", "ensemble"):
-        del manifest["calibration"]["scores"][name]
-    del manifest["latent_distance"]
-    manifest |= {"format_version": 2, "decision_score": "dose"}
+    drop_format_3(manifest["calibration"], manifest)
+    manifest["format_version"] = 2
     export_artifact(model.eval(), manifest, out, bg.eval())
     return out
 
