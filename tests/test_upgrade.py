@@ -54,12 +54,12 @@ def old(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_upgrade_keeps_the_weights_and_adds_the_format_3_scores(
     old: Path, data: Path, tmp_path: Path
 ) -> None:
-    before = VAEService.load(old)
+    before = VAEService.load(old, "cpu")
     assert before.format_version == 2
     assert before.neighbours is None
     out = tmp_path / "up.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
-    after = VAEService.load(out)
+    after = VAEService.load(out, "cpu")
     assert after.format_version == 3
     assert after.decision_score == "ensemble"
     assert {"latent_distance", "ensemble"} <= set(after.calibration.scores)

@@ -88,8 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="decoder p(x|z); auto is bernoulli when all data lies in [0, 1] "
         "(default: %(default)s)",
     )
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")  # fmt: skip
+    # The same variable the service reads, so one setting picks the device for both.
+    p.add_argument("--device", default=os.environ.get("VAE_DEVICE", "auto"),
+                   help="auto, cpu, cuda or cuda:N (default: $VAE_DEVICE, else auto)")  # fmt: skip
     p.add_argument("--checkpoint-dir", type=Path,
                    help="for last.pt and best.pt (default: OUT's folder/checkpoints)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
