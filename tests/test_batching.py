@@ -6,7 +6,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from app.batching import Batcher, Outputs
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Server
+from tests.conftest import GatedStart
 
 
 def double(x: np.ndarray) -> Outputs:
@@ -92,7 +92,7 @@ def test_an_op_failure_reaches_every_merged_request() -> None:
 
 @pytest.fixture
 def client(tiny_artifact: Path) -> Iterator[TestClient]:
-    settings = Settings(model_path=tiny_artifact, max_batch_size=8, max_batch_delay_ms=20)
+    settings = Settings(model_path=tiny_artifact, max_batch_size=8, inline_max_ms=0)
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -111,24 +111,55 @@ def concurrently(client: TestClient, bodies: list[dict[str, object]]) -> list[by
     return out
 
 
-def test_concurrent_unseeded_requests_merge_and_match_solo_answers(client: TestClient) -> None:
+def wait_queued(batcher: Batcher, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while batcher._queue.qsize() < n:
+        assert time.monotonic() < deadline, f"only {batcher._queue.qsize()} of {n} jobs queued"
+        time.sleep(0.005)
+
+
+def test_concurrent_unseeded_requests_merge_and_match_solo_answers(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
     xs = [rng.integers(0, 2, (1, 4)).astype(float).tolist() for _ in range(16)]
     solo = [client.post("/encode", json={"instances": x}).json() for x in xs]
-    batcher = client.app.state.batcher  # type: ignore[attr-defined]
+    batcher: Batcher = client.app.state.batcher  # type: ignore[attr-defined]
+    vae = client.app.state.vae  # type: ignore[attr-defined]
+    # The first request holds the inference thread until the other sixteen are queued, so
+    # what merges depends on no timing: they meet in the queue.
+    release, encode = threading.Event(), vae.encode
+
+    def held_encode(*args: object, **kwargs: object) -> object:
+        release.wait(30)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", held_encode)
     batcher.batch_sizes.clear()
     together: list[dict[str, list[list[float]]]] = [{}] * len(xs)
 
     def call(i: int) -> None:
         together[i] = client.post("/encode", json={"instances": xs[i]}).json()
 
+    first = threading.Thread(
+        target=client.post, args=("/encode",), kwargs={"json": {"instances": xs[0]}}
+    )
+    first.start()
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert max(batcher.batch_sizes) > 1, batcher.batch_sizes  # some requests really merged
-    assert max(batcher.batch_sizes) <= 8
+    try:
+        deadline = time.monotonic() + 30
+        while not batcher._busy:
+            assert time.monotonic() < deadline, "the first request never reached the thread"
+            time.sleep(0.005)
+        for t in threads:
+            t.start()
+        wait_queued(batcher, len(xs))
+    finally:
+        release.set()
+        first.join()
+        for t in threads:
+            t.join()
+    assert batcher.batch_sizes == {1: 1, 8: 2}  # the first alone, then two full batches
     for a, b in zip(solo, together, strict=True):
         # Unseeded: equal up to float32 rounding (a merged matrix product rounds differently).
         np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-5, atol=1e-6)
@@ -172,26 +203,30 @@ def test_a_cheap_job_runs_inline_and_a_costly_one_on_the_inference_thread() -> N
 
 def test_a_cheap_job_waits_its_turn_while_the_thread_has_work() -> None:
     batcher = Batcher(16, 0.0, inline_max_s=1.0)
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
-    def slow(x: np.ndarray) -> Outputs:
+    def held(x: np.ndarray) -> Outputs:
         started.set()
-        time.sleep(0.2)
+        release.wait(30)  # until the cheap job has been submitted
         return where(x)
 
     async def main() -> tuple[Outputs, Outputs]:
-        first = asyncio.create_task(batcher.submit(None, rows(1), slow, "slow"))
-        await asyncio.to_thread(started.wait, 5)
-        second = await batcher.submit(None, rows(1), where, "where", cost_s=0.0)
-        return await first, second
+        first = asyncio.create_task(batcher.submit(None, rows(1), held, "held"))
+        await asyncio.to_thread(started.wait, 30)
+        second = asyncio.create_task(batcher.submit(None, rows(1), where, "where", cost_s=0.0))
+        while batcher._queue.qsize() < 1:  # queued behind the held job, not run inline
+            await asyncio.sleep(0.001)
+        release.set()
+        return await first, await second
 
     batcher.start()
     try:
         first, second = asyncio.run(main())
     finally:
+        release.set()
         batcher.stop()
     assert not first["inline"].any()
-    assert not second["inline"].any()  # queued behind the slow job, not run beside it
+    assert not second["inline"].any()
 
 
 @pytest.mark.parametrize(("inline_max_s", "delay_s"), [(0.0, 0.0), (1.0, 0.005)])
@@ -214,22 +249,22 @@ def inline_jobs(server_url: str) -> dict[str, float]:
     return {op: float(v) for op, v in found}
 
 
+@pytest.mark.server
 def test_a_real_server_runs_small_requests_inline_and_large_ones_batched(
-    tiny_artifact: Path, start_server: Callable[[dict[str, str]], Server]
+    tiny_artifact: Path, start_gated: GatedStart
 ) -> None:
-    # A threshold well above the tiny model's per-row cost, whatever the machine's load.
-    server = start_server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_INLINE_MAX_MS": "20"})
-    server.wait_ready()
+    # Each row costs 1 us by decree (tests.gated_app), not by a measurement: one instance at
+    # L=16 is 17 us, within the 1 ms threshold; 100 instances at L=512 are 51 ms, far over.
+    costs = {"VAE_MODEL_PATH": str(tiny_artifact), "TEST_ROW_COST_S": "1e-6"}
+    server, _ = start_gated({**costs, "VAE_INLINE_MAX_MS": "1"})
     x = [[1.0, 0.0, 0.0, 1.0]]
     a = httpx.post(f"{server.url}/anomaly-score", json={"instances": x, "seed": 3}).content
     assert httpx.post(f"{server.url}/encode", json={"instances": x}).status_code == 200
     assert inline_jobs(server.url) == {"anomaly": 1.0, "encode": 1.0}
-    # 100 instances x L=512: far above the threshold, so it goes to the batcher.
     big = {"instances": x * 100, "samples": 512}
     assert httpx.post(f"{server.url}/anomaly-score", json=big, timeout=60).status_code == 200
     assert inline_jobs(server.url)["anomaly"] == 1.0
-    off = start_server({"VAE_MODEL_PATH": str(tiny_artifact), "VAE_INLINE_MAX_MS": "0"})
-    off.wait_ready()
+    off, _ = start_gated({**costs, "VAE_INLINE_MAX_MS": "0"})
     b = httpx.post(f"{off.url}/anomaly-score", json={"instances": x, "seed": 3}).content
     assert inline_jobs(off.url) == {}
     assert a == b  # a seeded answer is the same wherever it ran

@@ -1,0 +1,77 @@
+"""`python -m tests.gated_app`: the real service, exactly as `python -m app` runs it, with three
+test-only controls, so that no verdict about timeouts, overload, drain, reload or inline work
+depends on how fast the machine is.
+
+- **A gate.** While the file named by TEST_GATE exists, every model call waits before it runs
+  (in the inference thread). A test closes the gate, sends requests that then stay in flight
+  for as long as it needs, checks what it wants, and opens the gate again.
+- **A call log.** Each model call appends one line, `<operation> <rows>`, to the file named by
+  TEST_CALLS when it reaches the gate, so a test knows a job really started (or never did).
+- **Fixed costs.** With TEST_ROW_COST_S, the per-row costs that warm-up would time are set to
+  that many seconds instead, so whether a job runs inline is arithmetic, not a measurement.
+
+Warm-up (at start and at every reload) passes the gate and is not logged. With the gate in use
+keep VAE_INLINE_MAX_MS=0 (the default here): a gated job run inline would hold the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.__main__ import main
+from app.model import VAEService
+
+GATE = Path(os.environ["TEST_GATE"]) if "TEST_GATE" in os.environ else None
+CALLS = Path(os.environ["TEST_CALLS"]) if "TEST_CALLS" in os.environ else None
+ROW_COST_S = float(os.environ["TEST_ROW_COST_S"]) if "TEST_ROW_COST_S" in os.environ else None
+_warming = threading.local()
+_log_lock = threading.Lock()
+
+
+def gated(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: VAEService, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(_warming, "on", False):
+            if CALLS is not None:
+                rows = len(args[0]) if name != "sample" else args[0]
+                with _log_lock, CALLS.open("a") as log:
+                    log.write(f"{name} {rows}\n")
+            while GATE is not None and GATE.exists():
+                time.sleep(0.002)
+        return method(self, *args, **kwargs)
+
+    return call
+
+
+def warming(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: VAEService, *args: Any, **kwargs: Any) -> Any:
+        _warming.on = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _warming.on = False
+
+    return call
+
+
+def fixed_costs(self: VAEService, repeats: int = 21) -> None:
+    assert ROW_COST_S is not None
+    self.encode_row_s = self.score_fixed_s = self.score_sample_s = ROW_COST_S
+
+
+for _name in ("encode", "decode", "sample", "anomaly_scores"):
+    setattr(VAEService, _name, gated(_name, getattr(VAEService, _name)))
+VAEService.warm_up = warming(VAEService.warm_up)  # type: ignore[method-assign]
+if ROW_COST_S is not None:
+    VAEService._measure_costs = fixed_costs  # type: ignore[method-assign]
+os.environ.setdefault("VAE_INLINE_MAX_MS", "0")
+
+if __name__ == "__main__":
+    main()
