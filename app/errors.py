@@ -86,6 +86,8 @@ def describe_validation_error(exc: RequestValidationError) -> str:
         return "The request body is not valid JSON."
     if first.get("type") == "missing" and len(loc) <= 1:
         return "The request body is missing or empty."
+    if first.get("type") in ("model_type", "dict_type") and loc in ([], ["body"]):
+        return "The request body must be a JSON object."
     where = _format_loc(loc)
     msg = str(first.get("msg", "invalid value")).rstrip(".")
     return f"{where}: {msg}." if where else f"{msg}."

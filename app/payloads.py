@@ -59,6 +59,7 @@ async def read_array_request(
     """
     kind = _content_type(request)
     raw = await request.body()
+    _refuse_empty(raw)
     if kind == NPY:
         query = {k: v for k, v in request.query_params.items() if k not in own_query}
         params = _validate(params_model, query)
@@ -83,6 +84,7 @@ async def read_json_request(request: Request, model: type[P]) -> P:
     if _content_type(request) != JSON:
         raise UnsupportedMediaTypeError(f"This route takes {JSON} only.")
     raw = await request.body()
+    _refuse_empty(raw)
     _refuse_duplicate_keys(raw, model)
     try:
         return model.model_validate_json(raw)
@@ -132,6 +134,11 @@ def _content_type(request: Request) -> str:
     raise UnsupportedMediaTypeError(
         f"Content-Type '{value}' is not supported; send {JSON} or {NPY}."
     )
+
+
+def _refuse_empty(raw: bytes) -> None:
+    if not raw.strip():  # JSON parsers call this invalid JSON, which hides what is wrong
+        raise InvalidInputError("The request body is missing or empty.")
 
 
 def _refuse_duplicate_keys(raw: bytes, model: type[BaseModel]) -> None:

@@ -13,11 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.common import SCORES
 from app.images import SEPARATOR
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import make_artifact
+from tests.conftest import EVERY_SCORE, make_artifact
 
 X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
 NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "ensemble")
@@ -83,7 +82,7 @@ def test_the_ensemble_is_the_larger_of_its_two_percentiles(client: TestClient) -
     assert all(0.0 <= d <= 2.0 for d in out["latent_distance"])
 
 
-@pytest.mark.parametrize("name", SCORES)
+@pytest.mark.parametrize("name", EVERY_SCORE)
 def test_every_score_can_decide(client: TestClient, name: str) -> None:
     out = score(client, decision_score=name, threshold_percentile=0.5)
     assert out["decision_score"] == name
@@ -133,6 +132,23 @@ def test_png_answer_is_each_input_beside_its_heat_map(client: TestClient) -> Non
         # 3 cells in a 2 x 2 grid, each 4 x (4 + gap + 4) pixels scaled 2x, a gap apart.
         cell_w, cell_h = 2 * (8 + SEPARATOR), 2 * 4
         assert img.size == (2 * cell_w + SEPARATOR, 2 * cell_h + SEPARATOR)
+        assert img.mode == "L"
+        canvas = np.asarray(img)
+    # The pixels, from the JSON answer to the same seeded request: the input's grey level on the
+    # left; on the right log(1 + attribution), 0 black and the grid's largest value white.
+    attribution = np.maximum(np.asarray(score(client, attribution=True)["attribution"]), 0.0)
+    heat = np.log1p(attribution) / np.log1p(attribution).max()
+    inputs = np.asarray(X, dtype=np.float32).astype(np.float64)  # as the service holds them
+    for i in range(3):
+        top, left = divmod(i, 2)
+        y0, x0 = top * (cell_h + SEPARATOR), left * (cell_w + SEPARATOR)
+        cell = canvas[y0 : y0 + cell_h : 2, x0 : x0 + cell_w : 2]  # one pixel per model pixel
+        np.testing.assert_array_equal(cell[:, :4], np.rint(inputs[i].reshape(4, 4) * 255))
+        assert (cell[:, 4 : 4 + SEPARATOR] == 128).all()  # the grey gap between the two
+        heat_cell = cell[:, 4 + SEPARATOR :]
+        np.testing.assert_allclose(heat_cell, np.rint(heat[i].reshape(4, 4) * 255), atol=1)
+    assert (canvas[cell_h : cell_h + SEPARATOR] == 128).all()  # between the rows
+    assert (canvas[cell_h + SEPARATOR :, cell_w + SEPARATOR :] == 128).all()  # the unused cell
 
 
 def test_v2_offers_the_new_scores_and_the_attribution(client: TestClient) -> None:

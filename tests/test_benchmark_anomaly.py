@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import MNIST_DIR
+from tests.conftest import EVERY_SCORE, MNIST_DIR
 from training.benchmark_anomaly import (
     ATTRIBUTION_SHAPES,
     PATCH,
@@ -19,7 +19,6 @@ from training.benchmark_anomaly import (
     per_pixel_ceiling,
 )
 from training.data import load_data
-from training.evaluate import SCORE_DIRECTIONS
 
 
 def test_leave_out_drops_exactly_one_digit_from_training() -> None:
@@ -40,8 +39,8 @@ def test_benchmark_reports_auroc_per_score_and_digit(
             "--test-images", "1000", "--samples", "4", "--ll-samples", "8"]  # fmt: skip
     assert main(args) == 0
     result = json.loads(out.read_text())
-    assert set(result["auroc"]["0"]) == set(SCORE_DIRECTIONS)  # every score, old and new
-    assert result["best_score"] in SCORE_DIRECTIONS
+    assert set(result["auroc"]["0"]) == set(EVERY_SCORE)  # every score, old and new
+    assert result["best_score"] in EVERY_SCORE
     # After one epoch zeros already look unlike the other nine digits to the likelihood scores.
     assert result["auroc"]["0"]["reconstruction_log_prob"] > 0.5
     assert result["mean_auroc"] == result["auroc"]["0"]

@@ -73,7 +73,7 @@ def test_sample_answers_npy_when_asked(client: TestClient) -> None:
 BAD_NPY = [
     (b"\x93NUMPY garbage", "The request body is not a valid .npy array"),
     (npy(X)[:100], "The request body is not a valid .npy array"),
-    (b"", "The request body is not a valid .npy array"),
+    (b"", "The request body is missing or empty."),
     (npy(np.array([["a", "b"]])), "The .npy array must hold plain numbers (float or integer)."),
     (npy(np.zeros(4, dtype=np.float32)),
      "The .npy array must be N x D or N x H x W with N >= 1; got shape (4,)."),

@@ -17,10 +17,11 @@ from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from app import __version__
-from app.common import SCORES
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Server
+from tests.conftest import EVERY_SCORE, Server
+
+pytestmark = pytest.mark.server
 
 HCL = "Inference-Header-Content-Length"
 # Three instances of the tiny 2x2 Bernoulli model (D=4, Z=2).
@@ -109,7 +110,7 @@ def test_tritonclient_reads_server_metadata(client: triton.InferenceServerClient
          [("mean", "FP32", [-1, 2]), ("std", "FP32", [-1, 2]), ("samples", "FP32", [-1, -1, 2])]),
         ("vae-decode", [("latents", "FP32", [-1, 2])], [("outputs", "FP32", [-1, 4])]),
         ("vae-anomaly", [("instances", "FP32", [-1, 4])],
-         [(n, "FP32", [-1]) for n in (*SCORES, *(f"{s}_percentile" for s in SCORES))]
+         [(n, "FP32", [-1]) for n in (*EVERY_SCORE, *(f"{s}_percentile" for s in EVERY_SCORE))]
          + [("is_anomaly", "BOOL", [-1]), ("attribution", "FP32", [-1, 4])]),
     ],
 )  # fmt: skip
