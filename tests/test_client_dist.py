@@ -1,21 +1,26 @@
 """vae-service-client as its own distribution: built into a wheel and installed into a fresh
 venv (no system site packages), where it imports with httpx and numpy and nothing of the server.
 
-The wheel is built offline, with the dev venv's setuptools (no build isolation), so only the
-install reaches the package index, for httpx and numpy.
+Nothing is downloaded. The client's wheel is built offline, with the dev venv's setuptools (no
+build isolation); its dependencies come as wheels made in the run from the distributions this
+venv already has (`wheel_of`), and pip installs from those alone (--no-index).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.conftest import REPO
 
@@ -36,7 +41,7 @@ print(json.dumps({
 
 
 def run(args: list[str | Path], cwd: Path) -> str:
-    # The dev venv's own variables must not leak into the fresh one; pip's index settings may.
+    # The dev venv's own variables must not leak into the fresh one.
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
     }
@@ -45,6 +50,42 @@ def run(args: list[str | Path], cwd: Path) -> str:
     )
     assert out.returncode == 0, f"{args}\n{out.stdout}\n{out.stderr}"
     return out.stdout
+
+
+def requirement_closure(name: str) -> set[str]:
+    """The installed distributions `name` needs, directly or not (extras and markers that do
+    not apply here left out), without `name` itself."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for req in importlib.metadata.requires(todo.pop()) or []:
+            parsed = Requirement(req)
+            if parsed.marker is not None and not parsed.marker.evaluate({"extra": ""}):
+                continue
+            key = canonicalize_name(parsed.name)
+            if key not in seen:
+                seen.add(key)
+                todo.append(key)
+    return seen
+
+
+def wheel_of(dist: importlib.metadata.Distribution, folder: Path) -> Path:
+    """A wheel of an installed distribution, from its own files: the ones its RECORD lists
+    inside site-packages (scripts and caches left out; pip makes its own on install)."""
+    info = next(
+        f for f in dist.files or [] if f.name == "WHEEL" and f.parent.name.endswith(".dist-info")
+    )
+    tag = next(
+        line.split(": ", 1)[1] for line in info.read_text().splitlines() if line.startswith("Tag: ")
+    )
+    name = canonicalize_name(dist.metadata["Name"]).replace("-", "_")
+    path = folder / f"{name}-{dist.version}-{tag}.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as whl:
+        for file in dist.files or []:
+            if ".." in file.parts or "__pycache__" in file.parts:
+                continue
+            whl.write(dist.locate_file(file), str(file))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +105,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         tmp,
     )
     (wheel,) = wheels.glob("vae_service_client-*.whl")
+    for name in requirement_closure("vae-service-client"):
+        wheel_of(importlib.metadata.distribution(name), wheels)
     run([sys.executable, "-m", "venv", tmp / "venv"], tmp)
     python = tmp / "venv" / "bin" / "python"
-    run([python, *pip, "install", wheel], tmp)
+    run([python, *pip, "install", "--no-index", "--find-links", wheels, wheel], tmp)
     probe: dict[str, Any] = json.loads(run([python, "-I", "-c", PROBE], tmp))
     probe["venv"] = str(tmp / "venv")
     return probe

@@ -1,18 +1,11 @@
-"""deploy/k8s: the kustomizations render, every rendered document validates against the
-Kubernetes schemas offline, and the manifests agree with the app they deploy.
-
-No cluster runs here, and the test may not need one: `_render` below is a small kustomize that
-supports exactly the features deploy/k8s uses and refuses every other one. A test checks that
-`kubectl kustomize`, the real renderer, gives the same documents: our machines have kubectl, so
-under CI a missing one fails that test; elsewhere it skips (conftest's `require_tool`).
+"""deploy/k8s: the kustomizations render with `kubectl kustomize` (the renderer `kubectl apply
+-k` uses), every rendered document validates against the Kubernetes schemas offline, and the
+manifests agree with the app they deploy. No cluster runs here; kubectl only renders.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
-import hashlib
-import json
 import math
 import re
 import secrets
@@ -43,219 +36,18 @@ SETTINGS_ENV = {f"VAE_{name.upper()}" for name in Settings.model_fields}
 Doc = dict[str, Any]
 
 
-# ---------------------------------------------------------------------------------------------
-# The renderer: resources (files and directories), configMapGenerator and secretGenerator (envs,
-# literals, files; behavior create or merge) with kustomize's name hash and the references to it,
-# images (name, newName, newTag), and patches given as a strategic merge patch file.
-
-
-class UnsupportedError(Exception):
-    """A kustomize feature this renderer does not implement: render it with kubectl instead."""
-
-
-@dataclass
-class _Resource:
-    doc: Doc
-    generated: bool = False  # gets the content-hash name suffix when the build is done
-
-
-_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator",
-                       "secretGenerator", "images", "patches"}  # fmt: skip
-_GENERATOR_KEYS = {"name", "behavior", "envs", "literals", "files"}
-# Strategic merge: these lists merge item by item on the key (the Kubernetes API's
-# patchMergeKey); the pod lists not named here (tolerations, envFrom, args) are atomic in the
-# API, so a patch replaces them whole.
-_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name",
-               "volumes": "name", "volumeMounts": "mountPath", "ports": "containerPort"}  # fmt: skip
-_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+class KustomizeError(Exception):
+    """`kubectl kustomize` refused a tree; the message is its own."""
 
 
 def _render(directory: Path) -> list[Doc]:
-    resources = _build(directory)
-    renamed: dict[tuple[str, str], str] = {}
-    for res in resources:
-        if res.generated:
-            meta = res.doc["metadata"]
-            new = f"{meta['name']}-{_name_hash(res.doc)}"
-            renamed[(res.doc["kind"], meta["name"])] = new
-            meta["name"] = new
-    for res in resources:
-        for spec in _pod_specs(res.doc):
-            _rewrite_references(spec, renamed)
-    return [res.doc for res in resources]
-
-
-def _build(directory: Path) -> list[_Resource]:
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - _KUSTOMIZATION_KEYS
-    if unknown:
-        raise UnsupportedError(f"{directory}: kustomization fields {sorted(unknown)}")
-    resources: list[_Resource] = []
-    for entry in kustomization.get("resources", []):
-        path = directory / entry
-        if path.is_dir():
-            resources += _build(path)
-        else:
-            docs = yaml.safe_load_all(path.read_text())
-            resources += [_Resource(doc) for doc in docs if doc is not None]
-    for kind, key in (("ConfigMap", "configMapGenerator"), ("Secret", "secretGenerator")):
-        for generator in kustomization.get(key, []):
-            _generate(directory, kind, generator, resources)
-    for patch in kustomization.get("patches", []):
-        if set(patch) != {"path"}:
-            raise UnsupportedError(f"{directory}: patch fields {sorted(patch)}")
-        _apply_patch(yaml.safe_load((directory / patch["path"]).read_text()), resources)
-    for image in kustomization.get("images", []):
-        if not set(image) <= {"name", "newName", "newTag"}:
-            raise UnsupportedError(f"{directory}: image fields {sorted(image)}")
-        for res in resources:
-            for spec in _pod_specs(res.doc):
-                for container in spec.get("containers", []) + spec.get("initContainers", []):
-                    container["image"] = _retag(container["image"], image)
-    return resources
-
-
-def _generate(directory: Path, kind: str, generator: Doc, resources: list[_Resource]) -> None:
-    if not set(generator) <= _GENERATOR_KEYS:
-        raise UnsupportedError(f"{directory}: generator fields {sorted(generator)}")
-    pairs: list[tuple[str, bytes]] = []
-    for env_file in generator.get("envs", []):
-        pairs += [(k, v.encode()) for k, v in _env_file(directory / env_file)]
-    for literal in generator.get("literals", []):
-        key, sep, value = literal.partition("=")
-        if not sep or value[:1] in ("'", '"'):  # kustomize strips quotes; we have none
-            raise UnsupportedError(f"{directory}: literal {literal!r}")
-        pairs.append((key, value.encode()))
-    for file in generator.get("files", []):
-        key, sep, rel = file.partition("=")
-        path = directory / (rel if sep else key)
-        pairs.append((key if sep else path.name, path.read_bytes()))  # a missing file raises
-    data: dict[str, str] = {}
-    for key, value in pairs:
-        if key in data:
-            raise ValueError(f"{directory}: {generator['name']} has the key {key} twice")
-        data[key] = base64.b64encode(value).decode() if kind == "Secret" else value.decode()
-    behavior = generator.get("behavior", "create")
-    existing = [r for r in _named(resources, kind, generator["name"]) if r.generated]
-    if behavior == "merge" and len(existing) == 1:
-        existing[0].doc["data"].update(data)
-    elif behavior == "create" and not existing:
-        doc: Doc = {"apiVersion": "v1", "kind": kind, "metadata": {"name": generator["name"]}}
-        if kind == "Secret":
-            doc["type"] = "Opaque"
-        doc["data"] = data
-        resources.append(_Resource(doc, generated=True))
-    else:
-        raise UnsupportedError(f"{directory}: behavior {behavior} for {kind} {generator['name']}")
-
-
-def _env_file(path: Path) -> list[tuple[str, str]]:
-    """KEY=VALUE lines, as kustomize reads them: leading blanks dropped, `#` lines and blank
-    lines skipped, the value taken literally (no quotes, trailing blanks kept)."""
-    pairs = []
-    for line in path.read_text().splitlines():
-        line = line.lstrip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not _ENV_NAME.match(key):  # no `=` would read the value from os.environ
-            raise UnsupportedError(f"{path}: line {line!r}")
-        pairs.append((key, value))
-    return pairs
-
-
-def _name_hash(doc: Doc) -> str:
-    """kustomize's suffix (api/hasher): sha256 of the JSON of kind, data (and a Secret's type),
-    first 10 hex digits, with 0 1 3 a e swapped for letters. Its name is always "" there, since
-    it looks up the path "metadata/name" as one field; `kubectl kustomize` agrees (tested)."""
-    encoded = {"kind": doc["kind"], "name": "", "data": doc["data"]}
-    if doc["kind"] == "Secret":
-        encoded["type"] = doc["type"]
-    text = json.dumps(encoded, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    if any(c in text for c in "<>&\u2028\u2029"):  # Go's json escapes these; we would not
-        raise UnsupportedError(f"{doc['metadata']['name']}: characters Go's JSON escapes")
-    return hashlib.sha256(text.encode()).hexdigest()[:10].translate(str.maketrans("013ae", "ghkmt"))
-
-
-def _named(resources: list[_Resource], kind: str, name: str) -> list[_Resource]:
-    return [r for r in resources if (r.doc["kind"], r.doc["metadata"]["name"]) == (kind, name)]
-
-
-def _apply_patch(patch: Doc, resources: list[_Resource]) -> None:
-    targets = _named(resources, patch["kind"], patch["metadata"]["name"])
-    if len(targets) != 1:
-        raise ValueError(f"the patch for {patch['kind']} {patch['metadata']['name']} matches "
-                         f"{len(targets)} resources")  # fmt: skip
-    _merge(targets[0].doc, patch)
-
-
-def _merge(base: Doc, patch: Doc) -> None:
-    for key, value in patch.items():
-        if key.startswith("$"):  # $patch, $setElementOrder, ...: directives we do not implement
-            raise UnsupportedError(f"strategic merge directive {key}")
-        if value is None:
-            base.pop(key, None)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        elif isinstance(value, list) and key in _MERGE_KEYS and isinstance(base.get(key), list):
-            merge_key = _MERGE_KEYS[key]
-            for item in value:
-                match = [old for old in base[key] if old.get(merge_key) == item[merge_key]]
-                if match:
-                    _merge(match[0], item)
-                else:
-                    base[key].append(copy.deepcopy(item))
-        else:
-            base[key] = copy.deepcopy(value)
-
-
-def _retag(image: str, entry: Doc) -> str:
-    if "@" in image:
-        raise UnsupportedError(f"image digest in {image}")
-    name, tag = image, None
-    if ":" in image.rsplit("/", 1)[-1]:  # a registry's port is no tag
-        name, tag = image.rsplit(":", 1)
-    if name != entry["name"]:
-        return image
-    name, tag = entry.get("newName", name), entry.get("newTag", tag)
-    return f"{name}:{tag}" if tag else name
-
-
-def _pod_specs(doc: Doc) -> list[Doc]:
-    if doc["kind"] == "Pod":
-        return [doc["spec"]]
-    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
-        return [doc["spec"]["template"]["spec"]]
-    if doc["kind"] == "CronJob":
-        raise UnsupportedError("CronJob")
-    return []
-
-
-def _rewrite_references(spec: Doc, renamed: dict[tuple[str, str], str]) -> None:
-    def ref(kind: str, holder: Doc, field: str) -> None:
-        holder[field] = renamed.get((kind, holder[field]), holder[field])
-
-    for volume in spec.get("volumes", []):
-        if "projected" in volume:
-            raise UnsupportedError("projected volumes")
-        if "configMap" in volume:
-            ref("ConfigMap", volume["configMap"], "name")
-        if "secret" in volume:
-            ref("Secret", volume["secret"], "secretName")
-    for container in spec.get("containers", []) + spec.get("initContainers", []):
-        for source in container.get("envFrom", []):
-            if "configMapRef" in source:
-                ref("ConfigMap", source["configMapRef"], "name")
-            if "secretRef" in source:
-                ref("Secret", source["secretRef"], "name")
-        for env in container.get("env", []):
-            value_from = env.get("valueFrom", {})
-            if "configMapKeyRef" in value_from:
-                ref("ConfigMap", value_from["configMapKeyRef"], "name")
-            if "secretKeyRef" in value_from:
-                ref("Secret", value_from["secretKeyRef"], "name")
-    if spec.get("imagePullSecrets"):
-        raise UnsupportedError("imagePullSecrets")
+    """The documents `kubectl apply -k directory` would send, rendered by kubectl itself."""
+    kubectl = require_tool("kubectl", "the renderer kubectl apply -k uses")
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise KustomizeError(out.stderr.strip())
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,20 +159,6 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 # Rendering and schemas
 
 
-@pytest.mark.parametrize("tree", TREES)
-def test_renderer_matches_kubectl_kustomize(rendered: Rendered, tree: str) -> None:
-    kubectl = require_tool("kubectl", "this machine image has it; its kustomize is the reference")
-    out = subprocess.run([kubectl, "kustomize", str(rendered.root / tree)],
-                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
-
-    def by_name(docs: list[Doc]) -> dict[tuple[str, str], Doc]:
-        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
-
-    theirs = list(yaml.safe_load_all(out))
-    assert len(theirs) == len(rendered.docs[tree])
-    assert by_name(rendered.docs[tree]) == by_name(theirs)
-
-
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("tree", TREES)
 def test_every_document_validates(rendered: Rendered, tree: str, version: str) -> None:
@@ -398,32 +176,11 @@ def test_base_renders_every_kind(rendered: Rendered) -> None:
 def test_nothing_renders_without_the_keys_file(tmp_path: Path) -> None:
     # A copy, since a checkout that deploys has its own api-keys.txt.
     shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("api-keys.txt"))
-    with pytest.raises(FileNotFoundError, match=r"api-keys\.txt"):
+    with pytest.raises(KustomizeError, match=r"api-keys\.txt"):
         _render(tmp_path / "k8s" / "base")
     ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/base/api-keys.txt"],
                              cwd=REPO, check=False)  # fmt: skip
     assert ignored.returncode == 0, "api-keys.txt must stay out of git"
-
-
-def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("namePrefix: x-\nresources: []\n")
-    with pytest.raises(UnsupportedError, match="namePrefix"):
-        _render(tmp_path)
-    (tmp_path / "kustomization.yaml").write_text("configMapGenerator:\n- name: c\n  envs: [e]\n")
-    (tmp_path / "e").write_text("VAE_PORT\n")  # a value from the renderer's own environment
-    with pytest.raises(UnsupportedError, match="VAE_PORT"):
-        _render(tmp_path)
-
-
-def test_renderer_merges_containers_by_name() -> None:
-    base: Doc = {"containers": [{"name": "a", "image": "x", "env": [{"name": "A", "value": "1"}]},
-                                {"name": "b", "image": "y"}],
-                 "tolerations": [{"key": "t"}]}  # fmt: skip
-    _merge(base, {"containers": [{"name": "a", "env": [{"name": "B", "value": "2"}]}],
-                  "tolerations": [{"key": "u"}]})  # fmt: skip
-    assert base == {"containers": [{"name": "a", "image": "x", "env": [
-        {"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}, {"name": "b", "image": "y"}],
-        "tolerations": [{"key": "u"}]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,6 +347,7 @@ def test_model_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
     assert loader["spec"]["securityContext"]["runAsUser"] == _dockerfile_ids()[0]
 
 
+@pytest.mark.server
 def test_pod_environment_serves_the_real_app(
     rendered: Rendered,
     tmp_path: Path,
