@@ -33,6 +33,8 @@ from app.main import create_app
 from app.settings import Settings
 from tests.conftest import REPO, Server, require_tool
 
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
 # Every request goes to a proxy on a closed port and fails there, before any DNS lookup, except
 # requests to 127.0.0.1. "<-loopback>" drops Chromium's implicit bypass for localhost and the

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.fuzz import KEY, fuzz
 from tests.conftest import Server, make_artifact
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def test_generated_requests_get_no_5xx_and_only_documented_answers(

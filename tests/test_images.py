@@ -28,6 +28,8 @@ from tests.test_docs_browser import BLOCK_NETWORK, CHROMIUM_FLAGS, chromium  # n
 from tests.test_hardening import raw_post
 from training.data import read_idx
 
+pytestmark = pytest.mark.server
+
 H = W = 28
 PNG_ACCEPT = {"accept": "image/png"}
 
@@ -738,6 +740,7 @@ def docs_page(image_server: Server, chromium: str, tmp_path: Path) -> Iterator[P
         browser.wait(timeout=15)
 
 
+@pytest.mark.browser
 def test_docs_page_uploads_a_picture_to_encode(
     docs_page: Page, http: httpx.Client, digits: np.ndarray, tmp_path: Path
 ) -> None:
@@ -765,6 +768,7 @@ def test_docs_page_uploads_a_picture_to_encode(
     assert json.loads(body) == want
 
 
+@pytest.mark.browser
 def test_docs_page_shows_a_png_grid_from_sample(docs_page: Page) -> None:
     op = "#operations-model-sample_prior_sample_post"
     docs_page.open_operation(op)

@@ -8,9 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server
+
+pytestmark = pytest.mark.server
 
 Start = Callable[[dict[str, str]], Server]
 GOOD = {"instances": [[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]]}

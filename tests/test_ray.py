@@ -36,6 +36,8 @@ from bench.ray import DEPLOYMENT, RayCluster, serve_config
 from bench.servers import free_port
 from tests.conftest import REPO, Server
 
+pytestmark = pytest.mark.ray
+
 with warnings.catch_warnings():
     # Ray Serve's own config models still pass extra keywords to pydantic's Field; that is
     # Ray's to fix, and it is the only warning importing it raises.

@@ -126,6 +126,7 @@ def test_rss_at_the_limit_passes() -> None:
     assert verdict(_with("rss.ratio", 1.10)) == []
 
 
+@pytest.mark.server
 def test_every_call_is_judged_ok_by_a_real_server(
     tiny_artifact: Path, start_server: Callable[[dict[str, str]], Server]
 ) -> None:

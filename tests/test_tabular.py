@@ -111,6 +111,7 @@ def records(names: list[str], x: np.ndarray) -> list[dict[str, float]]:
     return [dict(zip(names, map(float, row), strict=True)) for row in x]
 
 
+@pytest.mark.server
 def test_the_server_scores_records_by_feature_name(
     table_model: tuple[Path, list[str], np.ndarray], table_server: Server
 ) -> None:
@@ -135,6 +136,7 @@ def test_the_server_scores_records_by_feature_name(
     assert again.json() == answer
 
 
+@pytest.mark.server
 def test_model_lists_the_features_with_their_training_statistics(
     table_model: tuple[Path, list[str], np.ndarray], table_server: Server
 ) -> None:
@@ -157,6 +159,7 @@ def test_model_lists_the_features_with_their_training_statistics(
         ),
     ],
 )
+@pytest.mark.server
 def test_a_missing_or_unknown_feature_is_a_422_naming_it_and_the_record(
     table_model: tuple[Path, list[str], np.ndarray],
     table_server: Server,
@@ -171,6 +174,7 @@ def test_a_missing_or_unknown_feature_is_a_422_naming_it_and_the_record(
         assert r.json()["detail"] == message
 
 
+@pytest.mark.server
 def test_a_feature_given_twice_is_a_422_naming_it_and_the_record(
     table_model: tuple[Path, list[str], np.ndarray], table_server: Server
 ) -> None:
@@ -184,6 +188,7 @@ def test_a_feature_given_twice_is_a_422_naming_it_and_the_record(
     assert r.json()["detail"] == "records[1] gives the feature 'mean radius' more than once."
 
 
+@pytest.mark.server
 def test_instances_and_records_together_or_neither_are_refused(table_server: Server) -> None:
     for body in ({"instances": [[0.0] * 30], "records": [{"a": 1.0}]}, {"seed": 1}):
         r = httpx.post(f"{table_server.url}/encode", json=body)
@@ -191,6 +196,7 @@ def test_instances_and_records_together_or_neither_are_refused(table_server: Ser
         assert r.json()["detail"] == "Give instances or records: exactly one of the two."
 
 
+@pytest.mark.server
 def test_a_model_without_feature_names_refuses_records(
     tiny_artifact: Path, start_server: Callable[[dict[str, str]], Server]
 ) -> None:
@@ -206,6 +212,7 @@ def test_a_model_without_feature_names_refuses_records(
     assert [t["feature"] for t in top.json()["top_features"][0]] == [None, None]
 
 
+@pytest.mark.server
 def test_the_client_and_v2_send_records_too(
     table_model: tuple[Path, list[str], np.ndarray], table_server: Server
 ) -> None:
