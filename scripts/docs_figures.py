@@ -637,7 +637,7 @@ def bench_artifact() -> str:
     a = bench("bench")["artifact"]
     fmt = a.get("format_version") or artifact_format(a["calibration_samples"])
     decides = a.get("decision_score") or decision_score(fmt, a["likelihood"])
-    dims = layers(math.prod(a["input_shape"]), a["hidden_dims"], a["latent_dim"])
+    dims = layers(math.prod(a["input_shape"]), a.get("hidden_dims") or [], a["latent_dim"])
     text = (
         f"a {megabytes(a['bytes'])} format-{fmt} artifact ({dims}, {a['likelihood']}, "
         f"deciding with `{decides}`)"
