@@ -82,6 +82,7 @@ FORMAT_SCORES = ((3, ("latent_distance", "ensemble")), (2, ("input_complexity", 
 # -- reading ------------------------------------------------------------------------------------
 
 
+# Each result is read once per run: several blocks and plots quote the same file.
 @functools.cache
 def load(path: Path) -> Any:
     return json.loads(path.read_text())
@@ -159,6 +160,7 @@ def artifact_format(calibrated: Iterable[str]) -> int:
 
 def decision_score(fmt: int, likelihood: str) -> str:
     """The score a trainer of that format recommended: format 1 predates the choice."""
+    # Imported here: training pulls in torch, which only the throughput page's note needs.
     from training.evaluate import DECISION_SCORE
 
     return {1: "reconstruction_log_prob", 2: "dose"}.get(fmt) or DECISION_SCORE[likelihood]
@@ -166,6 +168,7 @@ def decision_score(fmt: int, likelihood: str) -> str:
 
 # -- blocks ---------------------------------------------------------------------------------------
 
+# A block renders for the page that holds it: its links are relative to that page.
 Render = Callable[[Path], str]
 BLOCKS: dict[str, Render] = {}
 
@@ -214,6 +217,8 @@ def shipped_model(page: Path) -> str:
             f"{megabytes(size)}, {m['format_version']}, `{m['decision_score']}`",
         ),
     ]
+    # An upgraded artifact keeps its original's weights: say so, since results keyed to the
+    # original's sha256 (the latent probe's) still describe this model.
     origin = m.get("upgraded_from")
     note = ""
     if origin is not None:
@@ -317,6 +322,8 @@ def lodo_headline(page: Path) -> str:
 
 def anomaly_command(name: str) -> str:
     """The benchmark_anomaly command behind a result, from the config it records."""
+    # The JSON keeps the options, not the command line; the data directory was the measuring
+    # machine's, so the command names a placeholder.
     c = bench(name)["config"]
     flags = ["--data-dir <MNIST dir>"]
     if c.get("artifact"):
@@ -369,6 +376,7 @@ def lodo_latent_size(page: Path) -> str:
     return table(("run", *(f"{SHORT[s]}: mean (worst digit)" for s in scores)), rows)
 
 
+# The sanity sets' names in the JSON are short keys; the table spells out what each set is.
 SANITY_SETS = {
     "normal test digits": "normal test digits themselves",
     "uniform noise": "uniform noise",
@@ -475,6 +483,7 @@ def net(train_args: str) -> str:
     return f"{'-'.join(hidden)}, Z={latent}"
 
 
+# The default net's run first: PyOD's detectors are listed from it.
 TABULAR = ("tabular", "tabular_latent2")
 
 
@@ -634,6 +643,8 @@ RATIOS: dict[str, tuple[str, float | None, bool]] = {
 
 def bench_artifact() -> str:
     """The artifact a throughput run served, and whether it is the one that ships now."""
+    # bench.json records the artifact's size and calibrated scores, not its format or decision
+    # score: both follow from the scores unless a later bench writes them.
     a = bench("bench")["artifact"]
     fmt = a.get("format_version") or artifact_format(a["calibration_samples"])
     decides = a.get("decision_score") or decision_score(fmt, a["likelihood"])
@@ -655,6 +666,7 @@ def bench_artifact() -> str:
 
 def bench_command() -> str:
     r = bench("bench")
+    # The first word is the measuring machine's interpreter; name the project's venv instead.
     words = list(r["command"])
     words[0] = ".venv/bin/python" if words[0].endswith("python") else words[0]
     return " ".join(words)
@@ -676,13 +688,14 @@ def throughput_setup(page: Path) -> str:
 
 def scenario_rows() -> list[tuple[str, int | None, dict[str, Any], float, float | None]]:
     """(label, connections, latency record, images/s, server cores) per measured line."""
+    # The in-process rows are the model alone, no HTTP: the bound every other row sits under.
     r = bench("bench")
     rows: list[tuple[str, int | None, dict[str, Any], float, float | None]] = [
         (f"in-process encode, batch {c['batch']}", None, c, c["images_per_s"], c["own_cores"])
         for c in r["in_process"].values()
     ]
     for s in r["scenarios"]:
-        if s.get("wrk") is not None:
+        if s.get("wrk") is not None:  # a scenario that could not run has no figures
             rows.append(
                 (
                     s["label"],
@@ -791,6 +804,8 @@ def plot(
 
 def digest(p: Plot) -> str:
     """What a plot is drawn from: its inputs' paths and bytes, and its drawing code."""
+    # The function's own source, so editing how one plot looks makes that plot stale; a change
+    # to a helper it calls needs DRAWING_VERSION bumped.
     h = hashlib.sha256(f"{DRAWING_VERSION}\0{inspect.getsource(p.draw)}".encode())
     for path in p.inputs:
         h.update(f"\0{shown(path)}\0".encode())
@@ -823,6 +838,7 @@ def figure(
 
 
 def save(p: Plot) -> None:
+    # The digest goes in as a PNG tEXt chunk, which Pillow reads back without drawing anything.
     fig = p.draw()
     p.path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p.path, metadata={DIGEST_KEY: digest(p)})
@@ -847,6 +863,7 @@ def barh(
     ax.spines[["top", "right"]].set_visible(False)
 
 
+# One colour per server, so a peer and the service read apart in the bar chart.
 SERVER_COLORS = {
     "ceiling": "#9e9e9e",
     "naive": "#d08c60",
@@ -1048,6 +1065,7 @@ def draw_shipped_model() -> Figure:
 
 def render_page(text: str, page: Path) -> tuple[str, list[str]]:
     """The page with every generated block rendered anew, and the names it has no renderer for."""
+    # Only the text between the markers is replaced: the prose around it is the author's.
     unknown: list[str] = []
 
     def fill(match: re.Match[str]) -> str:
@@ -1081,7 +1099,7 @@ def stale_pages(pages: Sequence[Path] = PAGES, *, every_block: bool = True) -> l
                 if m[0] != n[0]
             ]
             problems.append(f"{where}: stale {', '.join(names)}: run {COMMAND}")
-    if every_block:
+    if every_block:  # a renderer no page uses is a table that silently left the docs
         problems += [f"no page holds the block {name!r}" for name in BLOCKS if name not in used]
     return problems
 
