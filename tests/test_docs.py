@@ -1,5 +1,6 @@
-"""The README and docs/ stay true to the repository: the two commands up front, and no link to a
-file or heading that is not there. (docs/settings.md is checked by test_settings_doc.py.)"""
+"""The README and docs/ stay true to the repository: the two commands up front, no link to a file
+or heading that is not there, and the promises the pages make of files beside them. (The
+generated parts are checked by test_settings_doc.py and test_docs_figures.py.)"""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from app.settings import Settings
 from tests.conftest import REPO
 
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -27,7 +30,11 @@ def test_readme_opens_with_the_run_and_test_commands() -> None:
     assert "make test" in head
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_readme_stays_a_front_door() -> None:
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_relative_link_resolves(page: Path) -> None:
     broken = []
     for target in LINK.findall(page.read_text()):
@@ -40,3 +47,16 @@ def test_every_relative_link_resolves(page: Path) -> None:
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target}: no such heading")
     assert broken == []
+
+
+def test_compose_passes_every_setting_a_user_sets() -> None:
+    """docs/deploy.md: every VAE_* setting set on the host reaches the container, but the two
+    the image fixes (where it listens) and the path compose builds from VAE_MODEL_FILE."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    passed = set(compose["services"]["vae"]["environment"])
+    wanted = {f"VAE_{name.upper()}" for name in Settings.model_fields} - {"VAE_HOST", "VAE_PORT"}
+    assert sorted(wanted - passed) == []
+    assert (
+        "/srv/models/${VAE_MODEL_FILE"
+        in compose["services"]["vae"]["environment"]["VAE_MODEL_PATH"]
+    )

@@ -1,0 +1,1153 @@
+"""Write every measured figure in README.md and docs/ from the committed results, plots included.
+
+    .venv/bin/python scripts/docs_figures.py          # rewrite the blocks, redraw stale plots
+    .venv/bin/python scripts/docs_figures.py --check  # exit 1, naming each, if any is stale
+
+The figures come from the JSON the benchmarks write (docs/benchmark/*.json) and from the shipped
+model's own summary and report (models/default/manifest.json, models/default/report/metrics.json).
+
+- A table (or a sentence) of figures lives in a page between `<!-- generated: NAME -->` and
+  `<!-- /generated -->`; BLOCKS renders each NAME. Everything outside the markers is prose.
+- A plot is a PNG whose metadata (a tEXt chunk, DIGEST_KEY) holds the sha256 of what it was
+  drawn from: its input files' bytes and its drawing function's source. A plot is stale when
+  that digest differs from the current inputs', so the check never compares pixels, which
+  differ between matplotlib versions.
+
+tests/test_docs_figures.py fails while either is stale. After a benchmark writes new JSON, or
+a new shipped model, run this script and commit what it changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a file, `app` and `scripts` are not on the path otherwise
+
+from app.common import SCORES  # noqa: E402
+from scripts.settings_doc import table  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+COMMAND = ".venv/bin/python scripts/docs_figures.py"
+RESULTS = REPO / "docs" / "benchmark"
+SHIPPED = REPO / "models" / "default"
+IMG = REPO / "docs" / "benchmarks" / "img"
+MNIST_SLICE = REPO / "tests" / "data" / "mnist"
+PAGES = (REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")))
+MARKER = re.compile(
+    r"(?P<open><!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<close><!-- /generated -->)",
+    re.S,
+)
+DIGEST_KEY = "Docs-Digest"
+# Part of every plot's digest: bump it when a change outside the drawing functions (the shared
+# style, the size) changes what every plot looks like.
+DRAWING_VERSION = "1"
+
+# Column titles and legends: each score's short name, in app.common.SCORES' order.
+SHORT = dict(
+    zip(
+        SCORES,
+        (
+            "KL",
+            "recon. prob.",
+            "log-lik.",
+            "input complexity",
+            "likelihood ratio",
+            "DoSE",
+            "latent distance",
+            "ensemble",
+        ),
+        strict=True,
+    )
+)
+# Scores that a format adds to the calibration (app/common.py says the same of SCORES' order).
+FORMAT_SCORES = ((3, ("latent_distance", "ensemble")), (2, ("input_complexity", "dose")))
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+# Each result is read once per run: several blocks and plots quote the same file.
+@functools.cache
+def load(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def bench(name: str) -> Any:
+    return load(RESULTS / f"{name}.json")
+
+
+def shipped_manifest() -> dict[str, Any]:
+    manifest: dict[str, Any] = load(SHIPPED / "manifest.json")["manifest"]
+    return manifest
+
+
+def shown(path: Path) -> str:
+    """A path as the messages and links name it: from the repository's root when inside it."""
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
+def link(page: Path, target: Path, text: str | None = None) -> str:
+    """A Markdown link from `page` to a file of the repository, relative as GitHub reads it;
+    its text is the file's path in the repository unless given."""
+    rel = Path(os.path.relpath(target, page.parent)).as_posix()
+    return f"[{text or shown(target)}]({rel})"
+
+
+def layers(inputs: int, hidden: Sequence[int], latent: int) -> str:
+    """A net's widths as the docs write them, encoder side: 784-512-256-32."""
+    return "-".join(str(d) for d in (inputs, *hidden, latent))
+
+
+def portable(command: str) -> str:
+    """A recorded command as anyone can run it: the data directory was the measuring
+    machine's own."""
+    return re.sub(r"--data-dir \S+", "--data-dir <MNIST dir>", command)
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def bold_best(cells: list[str], values: Sequence[float | None]) -> list[str]:
+    """The cells, with the one of the highest value in bold (all of them, if tied)."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    best = max(known, default=None)
+    return [
+        f"**{c}**" if v is not None and v == best else c for c, v in zip(cells, values, strict=True)
+    ]
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """One phrase for a result's `machine` record: what each benchmark writes of it."""
+    parts = [
+        f"a {m['nproc']}-core {m['cpu_model']}" + (f" ({m['machine']})" if "machine" in m else "")
+    ]
+    if "mem_total_gib" in m:
+        parts.append(f"{m['mem_total_gib']:g} GiB")
+    torch = m["torch"] + (" (CPU only)" if m["torch"].endswith("+cpu") else "")
+    versions = [f"Python {m['python']}", f"torch {torch}"]
+    versions += [f"{lib} {m[lib]}" for lib in ("scikit-learn",) if lib in m]
+    versions += [
+        f"{k} {v}" for k, v in m.get("packages", {}).items() if k in ("fastapi", "uvicorn")
+    ]
+    return ", ".join(parts) + "; " + ", ".join(versions)
+
+
+def artifact_format(calibrated: Iterable[str]) -> int:
+    names = set(calibrated)
+    return next((fmt for fmt, scores in FORMAT_SCORES if names & set(scores)), 1)
+
+
+def decision_score(fmt: int, likelihood: str) -> str:
+    """The score a trainer of that format recommended: format 1 predates the choice."""
+    # Imported here: training pulls in torch, which only the throughput page's note needs.
+    from training.evaluate import DECISION_SCORE
+
+    return {1: "reconstruction_log_prob", 2: "dose"}.get(fmt) or DECISION_SCORE[likelihood]
+
+
+# -- blocks ---------------------------------------------------------------------------------------
+
+# A block renders for the page that holds it: its links are relative to that page.
+Render = Callable[[Path], str]
+BLOCKS: dict[str, Render] = {}
+
+
+def block(name: str) -> Callable[[Render], Render]:
+    """Register `render(page)` as the body of every `<!-- generated: name -->` block."""
+
+    def register(render: Render) -> Render:
+        BLOCKS[name] = render
+        return render
+
+    return register
+
+
+@block("shipped-model")
+def shipped_model(page: Path) -> str:
+    summary = load(SHIPPED / "manifest.json")
+    m, metrics, data = (
+        summary["manifest"],
+        summary["manifest"]["metrics"],
+        summary["manifest"]["dataset"],
+    )
+    size = (SHIPPED / "vae.pt").stat().st_size
+    rows = [
+        ("test ELBO (nats per image)", f"{metrics['test_elbo']:.2f}"),
+        (
+            f"test log-likelihood (IWAE bound, K={metrics['log_likelihood_k']:,}, "
+            f"{metrics['test_images']:,} test images, fixed binarisation)",
+            f"{metrics['test_log_likelihood']:.2f}",
+        ),
+        (
+            f"best validation ELBO (epoch {metrics['best_epoch']} of {m['training']['epochs']})",
+            f"{metrics['best_val_elbo']:.2f}",
+        ),
+        (
+            "active latent units (of the latent size Z)",
+            f"{metrics['active_units']} of {m['latent_dim']}",
+        ),
+        ("training time, the model alone (seconds)", f"{metrics['train_seconds']:g}"),
+        (
+            f"images: training / validation / test ({data['name']})",
+            f"{data['train_size']:,} / {data['val_size']:,} / {data['test_size']:,}",
+        ),
+        (
+            "artifact: size, format, decision score",
+            f"{megabytes(size)}, {m['format_version']}, `{m['decision_score']}`",
+        ),
+    ]
+    # An upgraded artifact keeps its original's weights: say so, since results keyed to the
+    # original's sha256 (the latent probe's) still describe this model.
+    origin = m.get("upgraded_from")
+    note = ""
+    if origin is not None:
+        note = (
+            f"\nBrought to format {m['format_version']} from format {origin['format_version']} "
+            f"(sha256 `{origin['sha256'][:8]}…`, the same weights) by "
+            "`python -m training.upgrade`.\n"
+        )
+    return (
+        f"sha256 `{summary['sha256']}`, from {link(page, SHIPPED / 'manifest.json')}:\n\n"
+        + table(("", "value"), rows)
+        + note
+    )
+
+
+TABLE_MODEL = REPO / "models" / "breast-cancer"
+
+
+@block("table-model")
+def table_model(page: Path) -> str:
+    summary = load(TABLE_MODEL / "manifest.json")
+    m = summary["manifest"]
+    data, auroc = m["dataset"], m["metrics"]["test_auroc"]
+    size = (TABLE_MODEL / "vae.pt").stat().st_size
+    rows = [
+        (
+            f"rows: training / validation / test ({data['name']}, `{data['label_column']}`)",
+            f"{data['train_size']:,} / {data['val_size']:,} / {data['test_size']:,}",
+        ),
+        ("features", f"{m['input_dim']}, {m['likelihood']} decoder"),
+        (
+            "net",
+            f"{layers(m['input_dim'], m['model']['hidden_dims'], m['latent_dim'])}, "
+            f"{m['training']['epochs']} epochs, batch {m['training']['batch_size']}",
+        ),
+        (
+            "artifact: size, format, decision score",
+            f"{megabytes(size)}, {m['format_version']}, `{m['decision_score']}`",
+        ),
+        *(
+            (f"AUROC on the test rows, `{score}`", f"{auroc[score]:.3f}")
+            for score in SCORES
+            if score in auroc
+        ),
+    ]
+    return (
+        f"sha256 `{summary['sha256']}`, from {link(page, TABLE_MODEL / 'manifest.json')}; "
+        f"the test rows are the held-out `{data['normal_value']}` rows and every other one:\n\n"
+        + table(("", "value"), rows)
+    )
+
+
+@block("shipped-thresholds")
+def shipped_thresholds(page: Path) -> str:
+    report = load(SHIPPED / "report" / "metrics.json")
+    cut = report["thresholds"]
+    sets = sorted({s for per_set in report["auroc"].values() for s in per_set})
+    rows = [
+        (
+            f"`{score}`",
+            f"{cut['scores'][score]:.4g}",
+            *(f"{report['auroc'][score][s]:.3f}" for s in sets),
+        )
+        for score in SCORES
+        if score in cut["scores"]
+    ]
+    head = (
+        "score",
+        f"value at the {cut['percentile']:g} percentile",
+        *(f"AUROC, {s}" for s in sets),
+    )
+    return (
+        f"{report['report']['images']:,} test images, seed {report['report']['seed']}, from "
+        f"{link(page, SHIPPED / 'report' / 'metrics.json')}:\n\n" + table(head, rows)
+    )
+
+
+@block("shipped-scoring")
+def shipped_scoring(page: Path) -> str:
+    m = shipped_manifest()
+    k = m["training"]["calibration_samples"], m["training"]["calibration_ll_samples"]
+    reference = m["latent_distance"]
+    return (
+        f"The shipped model was calibrated with L={k[0]} and K={k[1]}; its latent distance "
+        f"compares with the posterior means of {reference['n']:,} training images "
+        f"(k={reference['k']}), and DoSE sums over {m['dose']['n']:,} validation points.\n"
+    )
+
+
+@block("lodo-headline")
+def lodo_headline(page: Path) -> str:
+    r = bench("lodo-scores")
+    best = r["best_score"]
+    worst = min(r["auroc"], key=lambda d: r["auroc"][d][best])
+    return (
+        f"In the leave-one-digit-out benchmark the `{best}` score reaches a mean AUROC of "
+        f"{r['mean_auroc'][best]:.3f}, its worst held-out digit the {worst} "
+        f"({r['auroc'][worst][best]:.3f}).\n"
+    )
+
+
+def anomaly_command(name: str) -> str:
+    """The benchmark_anomaly command behind a result, from the config it records."""
+    # The JSON keeps the options, not the command line; the data directory was the measuring
+    # machine's, so the command names a placeholder.
+    c = bench(name)["config"]
+    flags = ["--data-dir <MNIST dir>"]
+    if c.get("artifact"):
+        flags += ["--digits", f"--artifact {c['artifact']}", f"--test-images {c['test_images']}"]
+    else:
+        flags += [f"--epochs {c['epochs']}", f"--latent-dim {c['latent_dim']}"]
+    return (
+        f"python -m training.benchmark_anomaly {' '.join(flags)} --out docs/benchmark/{name}.json"
+    )
+
+
+@block("lodo-setup")
+def lodo_setup(page: Path) -> str:
+    c = bench("lodo-scores")["config"]
+    return (
+        "```bash\n" + anomaly_command("lodo-scores") + "\n```\n\n"
+        f"Per held-out digit: a {'-'.join(map(str, c['hidden_dims']))} net, Z={c['latent_dim']}, "
+        f"{c['epochs']} epochs, seed {c['seed']}, background noise {c['background_noise']:g}; "
+        f"scored with L={c['samples']}, K={c['ll_samples']} on "
+        f"{'all the' if c['test_images'] is None else c['test_images']} test images; "
+        f"{bench('lodo-scores')['seconds'] / 60:.0f} minutes in all on the CPU "
+        f"(raw: {link(page, RESULTS / 'lodo-scores.json')}).\n"
+    )
+
+
+@block("lodo-table")
+def lodo_table(page: Path) -> str:
+    r = bench("lodo-scores")
+    scores = [s for s in SCORES if s in r["mean_auroc"]]
+    rows = []
+    for label, values in [*r["auroc"].items(), ("**mean**", r["mean_auroc"])]:
+        cells = bold_best([f"{values[s]:.3f}" for s in scores], [values[s] for s in scores])
+        rows.append((label, *cells))
+    return table(("held-out digit", *(SHORT[s] for s in scores)), rows)
+
+
+@block("lodo-latent-size")
+def lodo_latent_size(page: Path) -> str:
+    runs = {name: bench(name) for name in ("lodo-z32", "lodo-z4")}
+    scores = [s for s in SCORES if all(s in r["mean_auroc"] for r in runs.values())]
+    rows = []
+    for name, r in runs.items():
+        c = r["config"]
+        worst = [min(per[s] for per in r["auroc"].values()) for s in scores]
+        raw = link(page, RESULTS / f"{name}.json", "raw")
+        cells = [
+            f"{r['mean_auroc'][s]:.3f} (worst {w:.3f})" for s, w in zip(scores, worst, strict=True)
+        ]
+        rows.append((f"Z={c['latent_dim']}, {c['epochs']} epochs ({raw})", *cells))
+    return table(("run", *(f"{SHORT[s]}: mean (worst digit)" for s in scores)), rows)
+
+
+# The sanity sets' names in the JSON are short keys; the table spells out what each set is.
+SANITY_SETS = {
+    "normal test digits": "normal test digits themselves",
+    "uniform noise": "uniform noise",
+    "all black": "all-black image",
+    "all white": "all-white image",
+    "inverted": "inverted digits",
+    "blurred": "blurred digits (3x3 box, twice)",
+    "8x8 patch": "digits with a white 8x8 patch",
+}
+
+
+@block("sanity-setup")
+def sanity_setup(page: Path) -> str:
+    c = bench("sanity")["config"]
+    return (
+        "```bash\n" + anomaly_command("sanity") + "\n```\n\n"
+        f"scores `{c['artifact']}` through the service's own code: {c['test_images']:,} binarised "
+        f"normal test digits against each set, L={c['samples']}, K={c['ll_samples']} "
+        f"(raw: {link(page, RESULTS / 'sanity.json')}).\n"
+    )
+
+
+@block("sanity-table")
+def sanity_table(page: Path) -> str:
+    s = bench("sanity")["sanity"]
+    scores = [n for n in SCORES if any(n in per for per in s["auroc"].values())]
+    rows = []
+    for key, share in s["flagged"].items():
+        per = s["auroc"].get(key)
+        # The reference set and single images have no AUROC; a single image is flagged or not.
+        single = per is None and key != "normal test digits"
+        cells = [f"{per[n]:.3f}" if per else "" for n in scores]
+        rows.append(
+            (
+                SANITY_SETS.get(key, key),
+                *cells,
+                ("yes" if share else "no") if single else percent(share),
+            )
+        )
+    head = (
+        "set",
+        *(SHORT[n] for n in scores),
+        f"flagged ({s['decision_score']}, {s['threshold_percentile']:g})",
+    )
+    return table(head, rows)
+
+
+@block("sanity-costs")
+def sanity_costs(page: Path) -> str:
+    costs = bench("sanity")["sanity"]["microseconds_per_instance"]
+    return table(
+        ("scoring", "microseconds per instance"), [(k, f"{v:,.0f}") for k, v in costs.items()]
+    )
+
+
+@block("sanity-attribution")
+def sanity_attribution(page: Path) -> str:
+    rows = [
+        (shape, percent(v["in_shape"]), percent(v["per_pixel_ceiling"]))
+        for shape, v in bench("sanity")["sanity"]["attribution"].items()
+    ]
+    return table(("pasted shape", "top pixels inside it", "per-pixel ceiling"), rows)
+
+
+@block("anomaly-http")
+def anomaly_http(page: Path) -> str:
+    r = bench("anomaly-http")
+    first = r["rows"][0]["rps"]
+    rows = [
+        (
+            row["row"],
+            f"{row['rps']:,.0f}",
+            f"{row['rps'] / first:.2f}",
+            f"{row['p50_ms']:.1f}",
+            f"{row['p99_ms']:.1f}",
+        )
+        for row in r["rows"]
+    ]
+    return (
+        f"On {describe_machine(r['machine'])} "
+        f"(raw: {link(page, RESULTS / 'anomaly-http.json')}):\n\n"
+        + table(("scoring", "req/s", "ratio to the first row", "p50 ms", "p99 ms"), rows)
+    )
+
+
+def net(train_args: str) -> str:
+    """The net a tabular run trained, from its --train-args and the trainer's defaults."""
+    from training.config import ModelConfig
+
+    args = train_args.split()
+
+    def flag(name: str, default: list[str]) -> list[str]:
+        if name not in args:
+            return default
+        i = args.index(name) + 1
+        values = []
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        return values
+
+    hidden = flag("--hidden-dims", [str(d) for d in ModelConfig.hidden_dims])
+    latent = flag("--latent-dim", [str(ModelConfig.latent_dim)])[0]
+    return f"{'-'.join(hidden)}, Z={latent}"
+
+
+# The default net's run first: PyOD's detectors are listed from it.
+TABULAR = ("tabular", "tabular_latent2")
+
+
+def tabular_methods() -> list[tuple[str, dict[str, Any]]]:
+    """(label, {dataset: summary}) per method: each net's scores in SCORES' order, then PyOD's
+    detectors, once: every run fits them on the same splits."""
+    ours: list[tuple[int, int, str, dict[str, Any]]] = []
+    pyod: list[tuple[str, dict[str, Any]]] = []
+    for run, name in enumerate(TABULAR):
+        r = bench(name)
+        summaries = {d: v["summary"] for d, v in r["datasets"].items()}
+        for method in next(iter(summaries.values())):
+            per_dataset = {d: summary[method] for d, summary in summaries.items()}
+            kind, _, what = method.partition(": ")
+            if kind != "PyOD":
+                label = f"vae-service ({net(r['train_args'])}): `{what}`"
+                rank = SCORES.index(what) if what in SCORES else len(SCORES)
+                ours.append((run, rank, label, per_dataset))
+            elif run == 0:
+                pyod.append((f"PyOD {what}", per_dataset))
+    return [(label, data) for _, _, label, data in sorted(ours, key=lambda m: m[:2])] + pyod
+
+
+def tabular_command(r: dict[str, Any]) -> str:
+    """The run's command, quoted so it runs: the JSON records its words joined by spaces."""
+    command, _, given = str(r["command"]).partition(" --train-args=")
+    return command + (f' "--train-args={r["train_args"]}"' if given else "")
+
+
+@block("tabular-setup")
+def tabular_setup(page: Path) -> str:
+    runs = [bench(name) for name in TABULAR]
+    lines = []
+    for name, r in zip(TABULAR, runs, strict=True):
+        seeds = {d: len(v["runs"]) for d, v in r["datasets"].items()}
+        lines.append(
+            f"- {link(page, RESULTS / f'{name}.json')}: the trainer's flags `{r['train_args']}`, "
+            f"{r['test_fraction']:.0%} of the normal rows held out, "
+            f"{', '.join(f'{n} seeds of {d}' for d, n in seeds.items())}."
+        )
+    commands = "\n".join(tabular_command(r) for r in runs)
+    machine = describe_machine(runs[0]["machine"])
+    return f"```bash\n{commands}\n```\n\n" + "\n".join(lines) + f"\n\nBoth ran on {machine}.\n"
+
+
+@block("tabular-table")
+def tabular_table(page: Path) -> str:
+    methods = tabular_methods()
+    datasets = list(methods[0][1])
+    columns: list[list[str]] = []
+    for d in datasets:
+        for metric in ("auroc", "average_precision"):
+            cells = [f"{m[d][metric]['mean']:.3f} ± {m[d][metric]['sd']:.3f}" for _, m in methods]
+            if metric == "auroc":
+                cells = bold_best(cells, [m[d][metric]["mean"] for _, m in methods])
+            columns.append(cells)
+    rows = [(label, *(col[i] for col in columns)) for i, (label, _) in enumerate(methods)]
+    head = ("method", *(f"{d} {h}" for d in datasets for h in ("AUROC", "AP")))
+    return table(head, rows)
+
+
+@block("attribution-setup")
+def attribution_setup(page: Path) -> str:
+    r = bench("attribution-maps")
+    return (
+        f"```bash\n{portable(r['command'])}\n```\n\n"
+        f"{r['images']} digits, on {describe_machine(r['machine'])} "
+        f"(raw: {link(page, RESULTS / 'attribution-maps.json')}).\n"
+    )
+
+
+@block("attribution-table")
+def attribution_table(page: Path) -> str:
+    maps = bench("attribution-maps")["in_shape"]
+    shapes = list(next(iter(maps.values())))
+    columns = [
+        bold_best([percent(m[s]) for m in maps.values()], [m[s] for m in maps.values()])
+        for s in shapes
+    ]
+    rows = [(name, *(col[i] for col in columns)) for i, name in enumerate(maps)]
+    return table(("map", *shapes), rows)
+
+
+@block("latent-setup")
+def latent_setup(page: Path) -> str:
+    r = load(RESULTS / "latent_features.json")
+    c = r["config"]
+    origin = shipped_manifest().get("upgraded_from") or {}
+    same = (
+        " (the shipped model's format-2 original: the same weights, so the same encoder)"
+        if r["artifact_sha256"] == origin.get("sha256")
+        else ""
+    )
+    return (
+        "```bash\npython -m training.benchmark_latent --data-dir <MNIST dir> "
+        f"--artifact {c['artifact']}\n```\n\n"
+        f"Artifact sha256 `{r['artifact_sha256'][:8]}…`{same}; Z={r['latent_dim']}; "
+        f"{r['test_images']:,} test images; the encoder on {c['device']}; {r['seconds']:g} s, on "
+        f"{describe_machine(r['machine'])} (raw: {link(page, RESULTS / 'latent_features.json')}).\n"
+    )
+
+
+@block("latent-table")
+def latent_table(page: Path) -> str:
+    def accuracy(f: dict[str, Any]) -> str:
+        sd = f["accuracy_sd"]
+        return f"{f['accuracy_mean']:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+    rows = [
+        (
+            f"{row['train_images']:,}",
+            str(row["latent_mean"]["seeds"]),
+            accuracy(row["latent_mean"]),
+            accuracy(row["raw_pixels"]),
+            f"{row['latent_mean']['fit_seconds_mean']:.2f} / "
+            f"{row['raw_pixels']['fit_seconds_mean']:.2f}",
+        )
+        for row in load(RESULTS / "latent_features.json")["rows"]
+    ]
+    head = (
+        "labelled training images",
+        "seeds",
+        "latent means",
+        "raw pixels",
+        "fit seconds, latent / pixels",
+    )
+    return table(head, rows)
+
+
+# What the throughput ratios are called, and the target each was measured against: (label,
+# target, whether the target is an upper bound).
+RATIOS: dict[str, tuple[str, float | None, bool]] = {
+    "service_encode_c16_over_ceiling_c16_rps": ("`/encode` x1 @16 vs the ceiling", 0.5, False),
+    "service_encode_c16_over_naive_c16_rps": ("`/encode` x1 @16 vs naive", 5, False),
+    "service_encode_c16_over_litserve_best_c16_rps": (
+        "`/encode` x1 @16 vs LitServe's best",
+        5,
+        False,
+    ),
+    "service_encode_npy256_over_inprocess256_images": (
+        "256-instance .npy `/encode` vs in-process batch 256, images/s",
+        0.5,
+        False,
+    ),
+    "service_encode_json256_over_inprocess256_images": (
+        "256-instance JSON `/encode` vs in-process batch 256, images/s",
+        None,
+        False,
+    ),
+    "service_encode_c64_p99_over_p50": ("p99 / p50 at 64 connections, service", 3, True),
+    "ceiling_c64_p99_over_p50": ("p99 / p50 at 64 connections, ceiling", None, True),
+    "naive_c64_p99_over_p50": ("p99 / p50 at 64 connections, naive", None, True),
+    "rss_after_over_before": ("RSS after the memory run / after warm-up", 1.10, True),
+    "service_2w_over_1w_encode_c16_rps": ("2 workers vs 1, `/encode` x1 @16", None, False),
+}
+
+
+def bench_artifact() -> str:
+    """The artifact a throughput run served, and whether it is the one that ships now."""
+    # bench.json records the artifact's size and calibrated scores, not its format or decision
+    # score: both follow from the scores unless a later bench writes them.
+    a = bench("bench")["artifact"]
+    fmt = a.get("format_version") or artifact_format(a["calibration_samples"])
+    decides = a.get("decision_score") or decision_score(fmt, a["likelihood"])
+    dims = layers(math.prod(a["input_shape"]), a.get("hidden_dims") or [], a["latent_dim"])
+    text = (
+        f"a {megabytes(a['bytes'])} format-{fmt} artifact ({dims}, {a['likelihood']}, "
+        f"deciding with `{decides}`)"
+    )
+    m, size = shipped_manifest(), (SHIPPED / "vae.pt").stat().st_size
+    if a["bytes"] != size or fmt != m["format_version"]:
+        text += (
+            f". **Not the artifact that ships now** ({megabytes(size)}, "
+            f"format {m['format_version']}, "
+            f"deciding with `{m['decision_score']}`): the `/anomaly-score` figures are the older "
+            f"artifact's until the benchmark runs again"
+        )
+    return text
+
+
+def bench_command() -> str:
+    r = bench("bench")
+    # The first word is the measuring machine's interpreter; name the project's venv instead.
+    words = list(r["command"])
+    words[0] = ".venv/bin/python" if words[0].endswith("python") else words[0]
+    return " ".join(words)
+
+
+@block("throughput-setup")
+def throughput_setup(page: Path) -> str:
+    r = bench("bench")
+    o, s = r["options"], r["stack"]
+    return (
+        f"```bash\n{bench_command()}\n```\n\n"
+        f"Run {r['created_at'][:10]} on {describe_machine(r['machine'])}, load average "
+        f"{r['machine']['loadavg_start'][0]:g} at the start; uvicorn with the {s['loop']} loop, "
+        f"{s['workers']} worker, `wrk -t{s['wrk_threads']}`, {o['duration']} s per scenario after "
+        f"{o['warmup']} s of warm-up. It served {bench_artifact()}. "
+        f"Raw: {link(page, RESULTS / 'bench.json')}.\n"
+    )
+
+
+def scenario_rows() -> list[tuple[str, int | None, dict[str, Any], float, float | None]]:
+    """(label, connections, latency record, images/s, server cores) per measured line."""
+    # The in-process rows are the model alone, no HTTP: the bound every other row sits under.
+    r = bench("bench")
+    rows: list[tuple[str, int | None, dict[str, Any], float, float | None]] = [
+        (f"in-process encode, batch {c['batch']}", None, c, c["images_per_s"], c["own_cores"])
+        for c in r["in_process"].values()
+    ]
+    for s in r["scenarios"]:
+        if s.get("wrk") is not None:  # a scenario that could not run has no figures
+            rows.append(
+                (
+                    s["label"],
+                    s["concurrency"],
+                    s["wrk"],
+                    s["images_per_s"],
+                    s["cpu"]["server_cores"],
+                )
+            )
+    return rows
+
+
+@block("throughput-table")
+def throughput_table(page: Path) -> str:
+    rows = [
+        (
+            label,
+            "-" if conns is None else str(conns),
+            f"{w.get('rps', w.get('calls_per_s', 0)):,.0f}",
+            f"{images:,.0f}",
+            f"{w['p50_ms']:.2f}",
+            f"{w['p99_ms']:.2f}",
+            "-" if cores is None else f"{cores:.2f}",
+        )
+        for label, conns, w, images, cores in scenario_rows()
+    ]
+    head = ("scenario", "connections", "req/s", "images/s", "p50 ms", "p99 ms", "server cores")
+    return table(head, rows)
+
+
+@block("throughput-ratios")
+def throughput_ratios(page: Path) -> str:
+    rows = []
+    for key, value in bench("bench")["ratios"].items():
+        label, target, upper = RATIOS.get(key, (key, None, False))
+        if value is None:
+            continue
+        verdict = ""
+        if target is not None:
+            met = value <= target if upper else value >= target
+            verdict = f"{target:g} ({'met' if met else 'missed'})"
+        rows.append((label, f"{value:.2f}", verdict))
+    m = bench("bench")["memory"]
+    return (
+        table(("ratio", "measured", "target"), rows)
+        + f"\nThe memory run: {m['requests_sent']:,} requests at {m['concurrency']} connections, "
+        f"RSS {m['rss_before_bytes'] / 2**20:.1f} MiB after warm-up and "
+        f"{m['rss_after_bytes'] / 2**20:.1f} MiB after them.\n"
+    )
+
+
+# The scenarios the user's page quotes, by bench key: (what, the figure that matters).
+HEADLINES = (
+    ("service.encode.x1@1", "one image per request, one connection", "req/s"),
+    ("service.encode.x1@16", "one image per request, 16 connections", "req/s"),
+    ("service-2w.encode.x1@16", "the same with `VAE_WORKERS=2`", "req/s"),
+    ("service.encode.npy256", "256 images per `.npy` request", "images/s"),
+    ("service.encode.json256", "256 images per JSON request", "images/s"),
+    ("service.anomaly.x1", "`/anomaly-score`, one image, 16 connections", "req/s"),
+)
+
+
+@block("performance-summary")
+def performance_summary(page: Path) -> str:
+    by_key = {s["key"]: s for s in bench("bench")["scenarios"] if s.get("wrk") is not None}
+    rows = []
+    for key, what, unit in HEADLINES:
+        s = by_key.get(key)
+        if s is None:
+            continue
+        rate = s["wrk"]["rps"] if unit == "req/s" else s["images_per_s"]
+        rows.append(
+            (what, f"{rate:,.0f} {unit}", f"{s['wrk']['p50_ms']:.1f}", f"{s['wrk']['p99_ms']:.1f}")
+        )
+    return (
+        table(("`/encode` unless named", "throughput", "p50 ms", "p99 ms"), rows)
+        + f"\nMeasured on {describe_machine(bench('bench')['machine'])}, serving "
+        f"{bench_artifact()}; `{bench_command()}`. Every scenario: "
+        f"{link(page, REPO / 'docs' / 'benchmarks' / 'throughput.md')}.\n"
+    )
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str
+    path: Path
+    inputs: tuple[Path, ...]
+    draw: Callable[[], Figure]
+
+
+PLOTS: dict[str, Plot] = {}
+
+
+def plot(
+    name: str, path: Path, *inputs: Path
+) -> Callable[[Callable[[], Figure]], Callable[[], Figure]]:
+    def register(draw: Callable[[], Figure]) -> Callable[[], Figure]:
+        PLOTS[name] = Plot(name, path, inputs, draw)
+        return draw
+
+    return register
+
+
+def digest(p: Plot) -> str:
+    """What a plot is drawn from: its inputs' paths and bytes, and its drawing code."""
+    # The function's own source, so editing how one plot looks makes that plot stale; a change
+    # to a helper it calls needs DRAWING_VERSION bumped.
+    h = hashlib.sha256(f"{DRAWING_VERSION}\0{inspect.getsource(p.draw)}".encode())
+    for path in p.inputs:
+        h.update(f"\0{shown(path)}\0".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def embedded_digest(path: Path) -> str | None:
+    """The digest a plot was saved with, from its PNG tEXt chunk; None if absent or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            text = getattr(img, "text", {})  # PNG images have it; others are not ours
+            value = text.get(DIGEST_KEY)
+    except (OSError, UnidentifiedImageError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def figure(
+    width: float, height: float, layout: Literal["constrained"] | None = "constrained"
+) -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never a display
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout=layout)
+
+
+def save(p: Plot) -> None:
+    # The digest goes in as a PNG tEXt chunk, which Pillow reads back without drawing anything.
+    fig = p.draw()
+    p.path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p.path, metadata={DIGEST_KEY: digest(p)})
+
+
+def barh(
+    ax: Axes,
+    labels: Sequence[str],
+    values: Sequence[float],
+    colors: Sequence[str],
+    errors: Sequence[float] | None = None,
+    fmt: str = "{:,.0f}",
+) -> None:
+    """Horizontal bars, top to bottom in the order given, each with its value written beside."""
+    y = list(range(len(labels)))[::-1]
+    ax.barh(y, values, xerr=errors, color=colors, capsize=2 if errors else 0)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    for yi, v, e in zip(y, values, errors or [0.0] * len(values), strict=True):
+        ax.text(v + e, yi, " " + fmt.format(v), va="center", fontsize=7)
+    ax.set_xlim(0, max(values) * 1.18)  # room for the last value's text
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+# One colour per server, so a peer and the service read apart in the bar chart.
+SERVER_COLORS = {
+    "ceiling": "#9e9e9e",
+    "naive": "#d08c60",
+    "litserve": "#b07aa1",
+    "litserve-batch": "#b07aa1",
+    "service": "#4e79a7",
+    "service-2w": "#2d4d7a",
+}
+
+
+@plot("throughput", IMG / "throughput.png", RESULTS / "bench.json")
+def draw_throughput() -> Figure:
+    r = bench("bench")
+    single = [s for s in r["scenarios"] if s.get("wrk") and s["instances_per_request"] == 1]
+    batched = [s for s in r["scenarios"] if s.get("wrk") and s["instances_per_request"] > 1]
+    fig = figure(7, 0.24 * (len(single) + len(batched)) + 1.9)
+    left, right = fig.subplots(2, 1, height_ratios=(len(single), len(batched) + 1))
+    barh(
+        left,
+        [f"{s['label']} @{s['concurrency']}" for s in single],
+        [s["wrk"]["rps"] for s in single],
+        [SERVER_COLORS.get(s["server"], "#4e79a7") for s in single],
+    )
+    left.set_xlabel("requests per second, one image each")
+    batch = [
+        (f"in-process, batch {c['batch']}", c["images_per_s"], "#9e9e9e")
+        for c in r["in_process"].values()
+        if c["batch"] > 1
+    ]
+    batch += [(s["label"], s["images_per_s"], "#4e79a7") for s in batched]
+    barh(right, [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
+    right.set_xlabel("images per second, batched")
+    fig.suptitle(
+        f"Throughput ({r['machine']['nproc']}-core {r['machine']['cpu_model']}, "
+        f"{r['created_at'][:10]})",
+        fontsize=10,
+    )
+    return fig
+
+
+@plot("lodo", IMG / "lodo.png", RESULTS / "lodo-scores.json")
+def draw_lodo() -> Figure:
+    r = bench("lodo-scores")
+    scores = [s for s in SCORES if s in r["mean_auroc"]]
+    digits = list(r["auroc"])
+    grid = [[r["auroc"][d][s] for s in scores] for d in digits] + [
+        [r["mean_auroc"][s] for s in scores]
+    ]
+    fig = figure(8, 4.8)
+    ax = fig.subplots()
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(scores)), [SHORT[s] for s in scores], rotation=30, ha="right")
+    ax.set_yticks(range(len(grid)), [*digits, "mean"])
+    ax.axhline(len(digits) - 0.5, color="black", linewidth=1)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_ylabel("held-out digit")
+    fig.colorbar(image, ax=ax, label="AUROC (0.5: chance)")
+    ax.set_title("Leave one digit out: AUROC of each score per held-out digit", fontsize=10)
+    return fig
+
+
+GROUP_COLORS = ("#4e79a7", "#a0cbe8", "#d08c60")  # default net, small net, PyOD
+
+
+@plot("tables", IMG / "tables.png", *(RESULTS / f"{n}.json" for n in TABULAR))
+def draw_tables() -> Figure:
+    methods = tabular_methods()
+    datasets = list(methods[0][1])
+    fig = figure(9, 0.22 * len(methods) + 1.4)
+    axes = fig.subplots(1, len(datasets), sharey=True)
+    labels = [label.replace("`", "") for label, _ in methods]
+    nets = list(dict.fromkeys(label.split(":")[0] for label in labels if label.startswith("vae")))
+    colors = [
+        GROUP_COLORS[nets.index(lb.split(":")[0])] if lb.startswith("vae") else GROUP_COLORS[2]
+        for lb in labels
+    ]
+    for ax, d in zip(axes, datasets, strict=True):
+        barh(
+            ax,
+            labels,
+            [m[d]["auroc"]["mean"] for _, m in methods],
+            colors,
+            [m[d]["auroc"]["sd"] for _, m in methods],
+            fmt="{:.3f}",
+        )
+        ax.set_xlim(0, 1.15)
+        ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("AUROC, mean ± sd over seeds")
+    fig.suptitle("Tables: vae-service's scores against PyOD's detectors", fontsize=10)
+    return fig
+
+
+@plot("attribution", IMG / "attribution.png", RESULTS / "attribution-maps.json")
+def draw_attribution() -> Figure:
+    maps = bench("attribution-maps")["in_shape"]
+    shapes = list(next(iter(maps.values())))
+    fig = figure(8, 3.6)
+    ax = fig.subplots()
+    import matplotlib
+
+    width = 0.8 / len(maps)
+    cmap = matplotlib.colormaps["tab10"]
+    for i, (name, values) in enumerate(maps.items()):
+        ax.bar(
+            [j + i * width for j in range(len(shapes))],
+            [100 * values[s] for s in shapes],
+            width,
+            label=name,
+            color=cmap(i),
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+    ax.set_ylabel("% of the top pixels inside the shape")
+    ax.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("Where the attribution's top pixels fall, per pasted shape and map", fontsize=10)
+    return fig
+
+
+@plot("latent", IMG / "latent.png", RESULTS / "latent_features.json")
+def draw_latent() -> Figure:
+    rows = load(RESULTS / "latent_features.json")["rows"]
+    fig = figure(6, 3.6)
+    ax = fig.subplots()
+    n = [row["train_images"] for row in rows]
+    z = load(RESULTS / "latent_features.json")["latent_dim"]
+    for key, label, color in (
+        ("latent_mean", f"{z} latent means", "#4e79a7"),
+        ("raw_pixels", "raw pixels", "#9e9e9e"),
+    ):
+        ax.errorbar(
+            n,
+            [row[key]["accuracy_mean"] for row in rows],
+            yerr=[row[key]["accuracy_sd"] or 0 for row in rows],
+            marker="o",
+            capsize=3,
+            label=label,
+            color=color,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images")
+    ax.set_ylabel("test accuracy (logistic regression)")
+    ax.legend()
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("A linear probe on the shipped model's latent means", fontsize=10)
+    return fig
+
+
+@plot(
+    "shipped-model",
+    REPO / "docs" / "img" / "shipped-model.png",
+    SHIPPED / "vae.pt",
+    MNIST_SLICE / "t10k-images-idx3-ubyte.gz",
+    MNIST_SLICE / "t10k-labels-idx1-ubyte.gz",
+)
+def draw_shipped_model() -> Figure:
+    """The README's picture: the shipped model on one test digit of each class, seeded."""
+    import numpy as np
+
+    from app.model import VAEService
+    from training.benchmark_anomaly import paste_patches
+    from training.data import read_idx
+
+    images = read_idx(MNIST_SLICE / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(MNIST_SLICE / "t10k-labels-idx1-ubyte.gz")
+    first = [int(np.argmax(labels == d)) for d in range(10)]  # the first test image of each digit
+    x = (images[first].reshape(10, -1) / 255).astype(np.float32)
+    vae = VAEService.load(SHIPPED / "vae.pt", device="cpu")
+    patched, _ = paste_patches(x, seed=0)
+    scored = vae.anomaly_scores(patched, 16, seed=0, attribution=True)
+    # log(1 + a), as the service's heat maps (Accept: image/png) draw it, but scaled per image
+    # and in colour: one grid-wide scale left most of these maps black at this size.
+    heat = np.log1p(np.maximum(scored["attribution"], 0.0))
+    heat /= heat.max(axis=1, keepdims=True)
+    rows = (
+        ("a test digit", x, "gray"),
+        ("reconstructed", vae.decode(vae.encode(x).mean), "gray"),
+        ("a white patch pasted", patched, "gray"),
+        ("which pixels are anomalous", heat, "inferno"),
+        ("drawn from the prior", vae.sample(10, seed=0)[1], "gray"),
+    )
+    fig = figure(7.2, 3.1, layout=None)
+    fig.subplots_adjust(left=0.24, right=0.99, top=0.99, bottom=0.01, wspace=0.06, hspace=0.06)
+    axes = fig.subplots(len(rows), 10, squeeze=False)
+    for r, (title, values, cmap) in enumerate(rows):
+        for c in range(10):
+            ax = axes[r, c]
+            ax.imshow(values[c].reshape(28, 28), cmap=cmap, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
+    return fig
+
+
+# -- pages and the check --------------------------------------------------------------------------
+
+
+def render_page(text: str, page: Path) -> tuple[str, list[str]]:
+    """The page with every generated block rendered anew, and the names it has no renderer for."""
+    # Only the text between the markers is replaced: the prose around it is the author's.
+    unknown: list[str] = []
+
+    def fill(match: re.Match[str]) -> str:
+        render = BLOCKS.get(match["name"])
+        if render is None:
+            unknown.append(match["name"])
+            return match[0]
+        body = render(page)
+        return match["open"] + body + ("" if body.endswith("\n") else "\n") + match["close"]
+
+    return MARKER.sub(fill, text), unknown
+
+
+def stale_pages(pages: Sequence[Path] = PAGES, *, every_block: bool = True) -> list[str]:
+    """One line per page whose generated blocks differ from what BLOCKS render now; with
+    `every_block`, one more per block that no page holds."""
+    problems, used = [], set()
+    for page in pages:
+        text = page.read_text()
+        fresh, unknown = render_page(text, page)
+        where = shown(page)
+        used |= {m["name"] for m in MARKER.finditer(text)}
+        problems += [
+            f"{where}: no block is called {name!r} (scripts/docs_figures.py BLOCKS)"
+            for name in unknown
+        ]
+        if fresh != text:
+            names = [
+                m["name"]
+                for m, n in zip(MARKER.finditer(text), MARKER.finditer(fresh), strict=True)
+                if m[0] != n[0]
+            ]
+            problems.append(f"{where}: stale {', '.join(names)}: run {COMMAND}")
+    if every_block:  # a renderer no page uses is a table that silently left the docs
+        problems += [f"no page holds the block {name!r}" for name in BLOCKS if name not in used]
+    return problems
+
+
+def stale_plots(plots: Iterable[Plot] = PLOTS.values()) -> list[str]:
+    """One line per plot that is missing or was drawn from other inputs than today's."""
+    problems = []
+    for p in plots:
+        where = shown(p.path)
+        if not p.path.is_file():
+            problems.append(f"{where}: missing: run {COMMAND}")
+        elif embedded_digest(p.path) != digest(p):
+            problems.append(f"{where}: stale, its inputs or drawing changed: run {COMMAND}")
+    return problems
+
+
+def write(force: bool = False) -> list[Path]:
+    """Rewrite the pages and redraw the stale plots (all with `force`); what changed."""
+    changed = []
+    for page in PAGES:
+        text = page.read_text()
+        fresh, unknown = render_page(text, page)
+        if unknown:
+            raise SystemExit(f"{shown(page)}: no block is called {unknown[0]!r}")
+        if fresh != text:
+            page.write_text(fresh)
+            changed.append(page)
+    for p in PLOTS.values():
+        if force or stale_plots([p]):
+            save(p)
+            changed.append(p.path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if any block or plot is stale")
+    parser.add_argument("--force", action="store_true", help="redraw every plot, stale or not")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = stale_pages() + stale_plots()
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 1 if problems else 0
+    for path in write(args.force):
+        print(f"wrote {shown(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
