@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import REPO, Server
 
+pytestmark = pytest.mark.server
+
 PAGE = REPO / "docs" / "quickstart.md"
 FENCE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.S | re.M)
 # `make run`, with the settings given before it on the same line: VAR=value ...
