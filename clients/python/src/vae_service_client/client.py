@@ -28,7 +28,6 @@ server is slow and a repeat would add load, and a connection lost mid-answer is 
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import io
 import json
@@ -39,9 +38,11 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import PurePath
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
 
+import anyio
 import httpx
 import numpy as np
 import numpy.typing as npt
@@ -277,11 +278,11 @@ class FeatureShare:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The artifact being served: its sha256, where it was read, the device, the manifest, and
-    for a model trained on a table its features (name, training mean and std), in input order."""
+    """The artifact being served: its sha256, its file name, the device, the manifest, and for
+    a model trained on a table its features (name, training mean and std), in input order."""
 
     sha256: str
-    path: str
+    artifact: str
     device: str
     manifest: Mapping[str, Any]
     features: list[Mapping[str, Any]] | None = None
@@ -416,7 +417,9 @@ def _read_scores(response: httpx.Response) -> AnomalyScores:
 def _read_model(response: httpx.Response) -> ModelInfo:
     body = response.json()
     return ModelInfo(
-        str(body["sha256"]), str(body["path"]), str(body["device"]), body["manifest"],
+        # Older servers named the file by its whole path.
+        str(body["sha256"]), str(body.get("artifact") or PurePath(body["path"]).name),
+        str(body["device"]), body["manifest"],
         body.get("features"),
     )  # fmt: skip
 
@@ -438,6 +441,19 @@ def _options(**values: object) -> dict[str, object]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _own_client_options(options: dict[str, Any], timeout: float | httpx.Timeout | None) -> Any:
+    """httpx's keyword arguments for a client of this one's own; base_url and headers are
+    this client's, set on every request."""
+    taken = sorted(options.keys() & {"base_url", "headers"})
+    if taken:
+        raise TypeError(f"{_names(taken)}: set by VAEClient itself (base_url, api_key).")
+    return {"timeout": timeout, **options}
+
+
+def _names(names: Collection[str]) -> str:
+    return ", ".join(sorted(names))
+
+
 class _ClientBase:
     """Settings, request building, answer reading and the retry decision: all but the I/O."""
 
@@ -450,7 +466,8 @@ class _ClientBase:
         retry: RetryPolicy | None,
         binary: bool,
     ) -> None:
-        self.base_url = base_url
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.binary = binary
         self._headers = {"user-agent": f"vae-service-client/{__version__}"}
@@ -509,12 +526,15 @@ class _ClientBase:
         return {"content-type": JSON, "accept": ACCEPT_NPY if self.binary else JSON}
 
     def _request_args(self, call: _Call[Any]) -> dict[str, Any]:
+        # Whole URLs, this client's headers and timeout on every request: the same whether the
+        # httpx client is this one's own or the caller's.
         return {
             "method": call.method,
-            "url": call.path,
+            "url": self.base_url + call.path,
             "content": call.content,
             "params": call.params,
-            "headers": call.headers,
+            "headers": {**self._headers, **call.headers},
+            "timeout": self.timeout,
         }
 
     # -- one attempt's outcome ----------------------------------------------------------------
@@ -601,6 +621,9 @@ class VAEClient(_ClientBase):
     timeout: seconds (or an httpx.Timeout) for each attempt; None waits forever.
     retry: retries on 503 and failed connects (default: 3, from 0.25 s doubling to 5 s).
     binary: send and receive arrays as .npy (default); False sends and asks for JSON.
+    http_client: an httpx.Client of your own (its pool, proxy, TLS, auth, event hooks); the
+        caller closes it. Otherwise the keyword arguments left over go to httpx.Client, e.g.
+        transport=, verify=, limits=, proxy=, auth=, cert=.
     """
 
     def __init__(
@@ -611,9 +634,16 @@ class VAEClient(_ClientBase):
         timeout: float | httpx.Timeout | None = 30.0,
         retry: RetryPolicy | None = None,
         binary: bool = True,
+        http_client: httpx.Client | None = None,
+        **httpx_options: Any,
     ) -> None:
         super().__init__(base_url, api_key=api_key, timeout=timeout, retry=retry, binary=binary)
-        self._http = httpx.Client(base_url=base_url, headers=self._headers, timeout=timeout)
+        self._own = http_client is None
+        self._http = http_client or httpx.Client(**_own_client_options(httpx_options, timeout))
+        if http_client is not None and httpx_options:
+            raise TypeError(
+                f"Give http_client or httpx options, not both ({_names(httpx_options)})."
+            )
 
     def encode(
         self,
@@ -672,7 +702,8 @@ class VAEClient(_ClientBase):
         return self._run(self._model())
 
     def close(self) -> None:
-        self._http.close()
+        if self._own:  # a client the caller gave is the caller's to close
+            self._http.close()
 
     def __enter__(self) -> Self:
         return self
@@ -698,8 +729,9 @@ class VAEClient(_ClientBase):
 
 
 class AsyncVAEClient(_ClientBase):
-    """VAEClient's twin for asyncio, on httpx.AsyncClient: the same arguments and methods, as
-    coroutines; use it with `async with`, or await aclose()."""
+    """VAEClient's twin for async code, on httpx.AsyncClient: the same arguments (with an
+    httpx.AsyncClient as http_client) and methods, as coroutines; use it with `async with`, or
+    await aclose(). It runs wherever httpx does: asyncio and trio (it waits with anyio)."""
 
     def __init__(
         self,
@@ -709,9 +741,17 @@ class AsyncVAEClient(_ClientBase):
         timeout: float | httpx.Timeout | None = 30.0,
         retry: RetryPolicy | None = None,
         binary: bool = True,
+        http_client: httpx.AsyncClient | None = None,
+        **httpx_options: Any,
     ) -> None:
         super().__init__(base_url, api_key=api_key, timeout=timeout, retry=retry, binary=binary)
-        self._http = httpx.AsyncClient(base_url=base_url, headers=self._headers, timeout=timeout)
+        self._own = http_client is None
+        options = _own_client_options(httpx_options, timeout)
+        self._http = http_client or httpx.AsyncClient(**options)
+        if http_client is not None and httpx_options:
+            raise TypeError(
+                f"Give http_client or httpx options, not both ({_names(httpx_options)})."
+            )
 
     async def encode(
         self,
@@ -772,7 +812,8 @@ class AsyncVAEClient(_ClientBase):
         return await self._run(self._model())
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._own:  # a client the caller gave is the caller's to close
+            await self._http.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -793,5 +834,5 @@ class AsyncVAEClient(_ClientBase):
             result = self._settle(call, request, attempt, outcome)
             if not isinstance(result, _Retry):
                 return result
-            await asyncio.sleep(result.delay)
+            await anyio.sleep(result.delay)  # asyncio's or trio's, whichever runs
             attempt += 1
