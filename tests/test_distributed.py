@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.servers import free_port
 from tests.conftest import MNIST_DIR, REPO
@@ -45,3 +46,38 @@ def test_torchrun_two_ranks_matches_a_single_process(tmp_path: Path) -> None:
     # Only rank 0 wrote: one artifact, one set of checkpoints, one summary.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "vae.pt"]
     assert ddp.stdout.count("sha256") == 1
+
+
+class CollectiveSeenError(Exception):
+    """Raised by the stand-in collectives below, once they have seen their tensors."""
+
+
+def test_collectives_take_tensors_on_the_ranks_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL, the GPUs' backend, takes device tensors only: the loss check and the RNG gather
+    must hand over tensors on the training device, not the CPU. No GPU or NCCL runs here, so a
+    device without storage (meta) stands in for the GPU, and the collectives record what they
+    are given (the torchrun test above runs the real ones on gloo)."""
+    import torch.distributed as dist
+
+    from training import train
+
+    seen: list[torch.device] = []
+
+    def record(tensors: object, *args: object, **kwargs: object) -> None:
+        flat = tensors if isinstance(tensors, list) else [tensors]
+        seen.extend(t.device for t in flat)
+        raise CollectiveSeenError
+
+    monkeypatch.setattr(dist, "all_reduce", record)
+    monkeypatch.setattr(dist, "all_gather", lambda out, mine: record([*out, mine]))
+    meta = torch.device("meta")
+    with pytest.raises(CollectiveSeenError):
+        train._finite_everywhere(torch.ones((), device=meta), world=2)
+    with pytest.raises(CollectiveSeenError):
+        train._rng_states(2, meta)
+    assert len(seen) == 4  # the flag; then the two tensors gathered into, and this rank's own
+    assert set(seen) == {meta}
+    # One process: nothing is gathered, and the states stay where set_rng_state wants them.
+    assert {k: [t.device.type for t in v] for k, v in train._rng_states(1, meta).items()} == {
+        "cpu": ["cpu"]
+    }

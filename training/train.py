@@ -118,7 +118,14 @@ def train(
                 group["lr"] = cfg.lr
             scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
         order_gen.set_state(ckpt["order_rng"])
-        torch.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        rng = ckpt["rng"]
+        if isinstance(rng, Tensor):  # a checkpoint of one process, before states per rank
+            rng = {"cpu": [rng]}
+        elif isinstance(rng, list):  # per rank, before the device's state was kept
+            rng = {"cpu": rng}
+        torch.set_rng_state(rng["cpu"][rank])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"][rank], device)
         result = ckpt["result"]
         start_epoch = ckpt["epoch"] + 1
         log.info("resumed from %s after epoch %d", last, ckpt["epoch"])
@@ -181,7 +188,7 @@ def train(
                 epoch, row["train_elbo"], val_elbo,
                 " *best*" if result.best_epoch == epoch else "", result.seconds,
             )  # fmt: skip
-        rng = _gather_rng_states(world)
+        rng = _rng_states(world, device)
         if rank == 0:
             _atomic_save(
                 {
@@ -204,20 +211,29 @@ def train(
 
 def _finite_everywhere(loss: Tensor, world: int) -> bool:
     # Every rank must stop together, or the others would wait forever in the next all-reduce.
-    flag = torch.tensor(float(torch.isfinite(loss)))
+    # The flag lives where the loss does: NCCL, the GPUs' backend, reduces no CPU tensor.
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
-def _gather_rng_states(world: int) -> list[Tensor]:
-    """Each rank's torch RNG state, so a resumed data-parallel run draws the same noise."""
-    state = torch.get_rng_state()
+def _rng_states(world: int, device: torch.device) -> dict[str, list[Tensor]]:
+    """Each rank's RNG states, the CPU's and (on a GPU) the device's, so a resumed
+    data-parallel run draws the same noise. Gathered through `device`, as NCCL needs; kept on
+    the CPU, as a checkpoint and torch.set_rng_state want them."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     if world == 1:
-        return [state]
-    states = [torch.empty_like(state) for _ in range(world)]
-    dist.all_gather(states, state)
-    return states
+        return {kind: [state] for kind, state in states.items()}
+    gathered = {}
+    for kind, state in states.items():
+        mine = state.to(device)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        gathered[kind] = [t.cpu() for t in every]
+    return gathered
 
 
 def _copy_state(model: VAE) -> dict[str, Tensor]:
