@@ -1,13 +1,30 @@
-"""Percentiles and anomaly decisions from the manifest's calibration quantiles.
+"""Percentiles and anomaly decisions from the manifest's calibration: conservative by rank.
 
-Training stores, for each score, its quantiles on held-out normal data at levels 0, 0.001, ...,
-1. An instance's percentile is the share of that normal data which is less anomalous than it:
-for a score where higher is anomalous (KL) the share below it, for one where lower is anomalous
-(reconstruction probability, log-likelihood) the share above it.
+An instance's percentile is the share of held-out normal data that is strictly less anomalous
+than it, counted as a rank among V validation scores and divided by V + 1: for a score where
+higher is anomalous (KL) the values below it, for one where lower is anomalous (the
+reconstruction probability) the values above it. A new normal instance's rank is then uniform
+on 0..V (the validation rows and it are exchangeable), so flagging percentiles above q flags
+normal data at most 1 - q of the time, whatever V is: the conformal bound (Vovk et al. 2005).
+The linear interpolation of earlier releases did not hold it: at V = 100 it flagged 1.97% of
+normal data at q = 0.99.
+
+The smallest share this can resolve is 1 / (V + 1), the share of normal data above every
+validation score: a threshold beyond V / (V + 1) could flag nothing finite, so it is lowered
+to flag exactly those (`effective_threshold`), and the answer says so.
+
+A score that is not finite (an input so far out that the model's arithmetic overflows) is more
+anomalous than anything normal data gave: its percentile is 1.0.
+
+Format 4 stores each score's sorted validation values. Formats 1 to 3 stored 1001 quantiles at
+levels 0, 0.001, ..., 1 of V values; from those, the count strictly below any value above
+quantile l is at least floor(l (V - 1)) + 1, and that lower bound is what they are read with,
+so their percentiles are conservative too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,59 +36,130 @@ from app.errors import ModelLoadError
 
 @dataclass(frozen=True)
 class ScoreCalibration:
-    quantiles: Array  # (Q,), non-decreasing
+    """One score's step function: for a value beyond points[j] (above it when higher is
+    anomalous, below it otherwise), at least counts[j] validation values are less anomalous."""
+
+    points: np.ndarray  # (P,) float64, non-decreasing
+    counts: np.ndarray  # (P,) float64
+    n: int  # V, the validation values behind it
     higher_is_anomalous: bool
-    samples: int  # the L or K it was computed with
-    # The curve percentiles interpolate on, built once at load rather than on every request
-    # (the ensemble reads two percentiles more per instance): see _curve.
-    distinct: Array
-    at_level: Array
+    samples: int  # the L or K it was computed with (0: none drawn)
+
+    def percentile(self, values: Array) -> Array:
+        """The share of normal data (of V + 1) less anomalous than each value; 1.0 for a value
+        that is not finite."""
+        x = np.asarray(values, dtype=np.float64)
+        if self.higher_is_anomalous:
+            at = np.searchsorted(self.points, x, side="left") - 1  # the last point below x
+            below = np.where(at >= 0, self.counts[np.maximum(at, 0)], 0.0)
+        else:
+            at = np.searchsorted(self.points, x, side="right")  # the first point above x
+            below = np.where(
+                at < len(self.points), self.counts[np.minimum(at, len(self.points) - 1)], 0.0
+            )
+        share = below / (self.n + 1)
+        return np.where(np.isfinite(x), share, 1.0).astype(np.float32)
+
+    def threshold(self, q: float) -> float | None:
+        """The score value beyond which an instance's percentile exceeds q, or None when no
+        finite value does."""
+        over = np.flatnonzero(self.counts / (self.n + 1) > q)
+        if not over.size:
+            return None
+        j = over[0] if self.higher_is_anomalous else over[-1]
+        return float(self.points[j])
 
 
 @dataclass(frozen=True)
 class Calibration:
-    levels: Array  # (Q,), 0 ... 1
+    n: int  # V, the validation rows every score was calibrated on
     scores: dict[str, ScoreCalibration]
+
+    @property
+    def resolvable_tail(self) -> float:
+        """The smallest share of normal data a threshold can single out: 1 / (V + 1)."""
+        return 1.0 / (self.n + 1)
+
+    def effective_threshold(self, q: float) -> float:
+        """q, or, when V is too small to resolve the tail q asks for, the threshold that flags
+        what lies beyond every validation value (a false-alarm share of 1 / (V + 1))."""
+        top = self.n / (self.n + 1)  # the highest percentile a finite value reaches
+        return q if q < top else (self.n - 0.5) / (self.n + 1)
+
+    def percentile(self, name: str, values: Array) -> Array:
+        return self.scores[name].percentile(values)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], where: str) -> Calibration:
-        """Parse and check the calibration: monotone, complete, and a known direction."""
+        """Parse and check the calibration: sorted finite values (format 4) or monotone
+        quantiles (formats 1 to 3), a size, and a known direction for every score."""
         cal = manifest.get("calibration")
         if not isinstance(cal, dict) or not cal.get("scores"):
             raise ModelLoadError(f"{where}: the manifest has no score calibration.")
-        levels = np.asarray(cal.get("levels", []), dtype=np.float64)
-        if levels.size < 2 or levels[0] != 0.0 or levels[-1] != 1.0 or np.any(np.diff(levels) <= 0):
-            raise ModelLoadError(f"{where}: calibration levels must rise from 0 to 1.")
+        levels = None if "levels" not in cal else _levels(cal["levels"], where)
+        n = cal.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            if levels is None:
+                raise ModelLoadError(f"{where}: the calibration does not say its size n.")
+            n = len(levels)  # the oldest artifacts: the quantiles as if they were the values
         scores = {}
         for name, entry in cal["scores"].items():
-            q = np.asarray(entry.get("quantiles", []), dtype=np.float64)
-            if q.shape != levels.shape or not np.all(np.isfinite(q)) or np.any(np.diff(q) < 0):
-                raise ModelLoadError(
-                    f"{where}: calibration of {name} must be {levels.size} finite, "
-                    "non-decreasing quantiles."
-                )
             if entry.get("anomalous_when") not in ("higher", "lower"):
                 raise ModelLoadError(f"{where}: calibration of {name} has no direction.")
             higher = entry["anomalous_when"] == "higher"
+            bad = f"{where}: calibration of {name} must be"
+            if levels is None:
+                message = f"{bad} its {n} finite, sorted validation values."
+                points = _finite_rising(entry.get("values", []), n, message)
+                ranks = np.arange(1, n + 1, dtype=np.float64)
+                counts = ranks if higher else n - ranks + 1.0
+            else:
+                message = f"{bad} {len(levels)} finite, non-decreasing quantiles."
+                points = _finite_rising(entry.get("quantiles", []), len(levels), message)
+                counts = _quantile_counts(levels, n, higher)
             samples = int(entry.get("samples", 0))
-            q32 = q.astype(np.float32)
-            distinct, at_level = _curve(q32, levels.astype(np.float32))
-            scores[name] = ScoreCalibration(q32, higher, samples, distinct, at_level)
-        return cls(levels.astype(np.float32), scores)
-
-    def percentile(self, name: str, values: Array) -> Array:
-        """The share of normal data less anomalous than each value, in [0, 1]."""
-        cal = self.scores[name]
-        if len(cal.distinct) == 1:
-            below = np.asarray(values > cal.distinct[0], dtype=np.float32)
-        else:
-            below = np.interp(values, cal.distinct, cal.at_level, left=0.0).astype(np.float32)
-        return below if cal.higher_is_anomalous else (1.0 - below).astype(np.float32)
+            scores[name] = ScoreCalibration(points, counts, n, higher, samples)
+        return cls(n, scores)
 
 
-def _curve(quantiles: Array, levels: Array) -> tuple[Array, Array]:
-    # Quantiles repeat where the normal data has ties, and np.interp needs increasing x: keep
-    # each distinct quantile with the highest level at which it appears.
-    q, first = np.unique(quantiles, return_index=True)
-    top = np.append(first[1:] - 1, len(quantiles) - 1)
-    return q, levels[top]
+def _levels(raw: Any, where: str) -> np.ndarray:
+    levels = np.asarray(raw, dtype=np.float64)
+    if levels.size < 2 or levels[0] != 0.0 or levels[-1] != 1.0 or np.any(np.diff(levels) <= 0):
+        raise ModelLoadError(f"{where}: calibration levels must rise from 0 to 1.")
+    return levels
+
+
+def _finite_rising(raw: Any, size: int, message: str) -> np.ndarray:
+    try:
+        points = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ModelLoadError(message) from None
+    if points.shape != (size,) or not np.all(np.isfinite(points)) or np.any(np.diff(points) < 0):
+        raise ModelLoadError(message)
+    return points
+
+
+def _quantile_counts(levels: np.ndarray, n: int, higher: bool) -> np.ndarray:
+    """Formats 1 to 3: numpy's linear quantile at level l lies between the sorted values at
+    positions floor and ceil of l (n - 1) (from 0). A value above it is above the first
+    floor(l (n - 1)) + 1 of them; a value below it is below the last n - ceil(l (n - 1))."""
+    pos = levels * (n - 1)
+    if higher:
+        return np.floor(pos + 1e-9) + 1.0
+    return n - np.ceil(pos - 1e-9)
+
+
+def tail_sentence(calibration: Calibration, q: float) -> str | None:
+    """Why the threshold was lowered, when it was: one sentence, else None."""
+    if calibration.effective_threshold(q) == q:
+        return None
+    return (
+        f"The calibration's {calibration.n} validation rows resolve a tail of "
+        f"{_percent(calibration.resolvable_tail)} at the least, not the {_percent(1 - q)} the "
+        f"threshold {q:g} asks for: instances beyond every validation row are flagged."
+    )
+
+
+def _percent(share: float) -> str:
+    digits = max(0, 1 - math.floor(math.log10(share * 100))) if share > 0 else 0
+    return f"{share * 100:.{digits}f}%"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,26 @@ ScoreName = Literal[
     "ensemble",
 ]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)
+
+
+def listing(names: Sequence[str], conj: str = "and") -> str:
+    """Names as a sentence lists them: a; a and b; a, b and c."""
+    return ", ".join(names[:-1]) + f" {conj} {names[-1]}" if len(names) > 1 else names[0]
+
+
+def routed_path(scope: Mapping[str, Any]) -> str:
+    """An ASGI scope's `path` without the root path (uvicorn --root-path, a Ray route_prefix)
+    that ASGI puts in front of it: the path the router matches, as Starlette reads it (its own
+    helper, starlette._utils.get_route_path, is private)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+# The status the log and the metrics give a request whose client hung up first (nginx's).
+CLIENT_GONE = 499
 
 JSON = "application/json"
 NPY = "application/x-npy"

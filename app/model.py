@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 # 1: KL, the reconstruction probability and the log-likelihood. 2 adds input complexity, DoSE,
 # the likelihood ratio (a background model in BACKGROUND) and the per-feature attribution.
-# 3 adds the latent distance (training means in LATENT_REFERENCE) and the ensemble.
-SUPPORTED_FORMAT_VERSIONS = {1, 2, 3}
+# 3 adds the latent distance (training means in LATENT_REFERENCE) and the ensemble. 4 calibrates
+# by rank on the sorted validation values (app/calibration.py).
+SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4}
 REQUIRED_METHODS = (
     "encode",
     "decode",
@@ -248,6 +249,9 @@ class VAEService:
         return _numpy(z), self.decode(_numpy(z), mode)
 
     @torch.no_grad()
+    # An input far beyond the training data overflows the model's arithmetic to inf or NaN; the
+    # scores then carry it, and the calibration flags it (app/calibration.py), without warnings.
+    @np.errstate(over="ignore", invalid="ignore", divide="ignore")
     def anomaly_scores(
         self,
         x: Array,
@@ -373,7 +377,10 @@ class VAEService:
         if "calibration" in self.manifest:
             cal = self.manifest["calibration"]
             m["calibration"] = {k: v for k, v in cal.items() if k not in ("levels", "scores")}
+            m["calibration"]["n"] = self.calibration.n
             m["calibration"]["scores"] = sorted(cal.get("scores", {}))
+            # The smallest share of normal data a threshold can single out: 1 / (n + 1).
+            m["calibration"]["resolvable_tail"] = round(self.calibration.resolvable_tail, 6)
         if "dose" in m:  # the reference points stay out; how the density was built stays in
             m["dose"] = {k: v for k, v in m["dose"].items() if k != "reference"}
             m["dose"]["n"] = len(self.manifest["dose"]["reference"])

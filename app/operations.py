@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.batching import Batcher
-from app.common import Array, Arrays
+from app.calibration import tail_sentence
+from app.common import SCORES, Array, Arrays, listing
 from app.model import VAEService
 from app.observability import Metrics
 from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams, SampleRequest
@@ -33,6 +34,8 @@ class Scored:
     plan: ScorePlan
     attribution: Array | None  # (B, D) when asked for
     inputs: Array  # (B, D), as scored
+    uncalibrated: list[str]  # scores whose percentiles used another L or K than calibrated
+    warnings: list[str]  # one sentence each: what the answer's percentiles cannot promise
 
 
 async def encode(
@@ -103,10 +106,61 @@ async def score(
     cost = vae.cost_s("anomaly", len(x), plan.samples, plan.ll_samples, passes)
     scores = await batcher.submit(key, x, run, "anomaly", cost)
     attribution = scores.pop("attribution", None)
+    # A score that is not finite (an input beyond what the model's arithmetic holds) gets the
+    # percentile 1.0, so it is flagged: never a null decision.
     percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
     metrics.observe_percentiles(percentiles)
     decided = percentiles[plan.decision_score] > plan.threshold
-    return Scored(scores, percentiles, decided, plan, attribution, x)
+    uncalibrated = off_calibration(vae, plan, scores)
+    notes = [note] if (note := tail_sentence(vae.calibration, plan.asked)) else []
+    if uncalibrated:
+        notes.append(uncalibrated_sentence(vae, plan, uncalibrated))
+    notes += non_finite_sentences(scores)
+    return Scored(scores, percentiles, decided, plan, attribution, x, uncalibrated, notes)
+
+
+def off_calibration(vae: VAEService, plan: ScorePlan, scores: Arrays) -> list[str]:
+    """The scores computed with another L (or K) than their calibration drew: their
+    percentiles compare unlike with like (fewer samples lower the reconstruction probability,
+    by Jensen's inequality, so more normal inputs look anomalous)."""
+    out: list[str] = []
+    for name in (s for s in SCORES if s in scores):  # in the order the answer lists them
+        drawn = vae.calibration.scores[name].samples
+        used = plan.ll_samples if name == "log_likelihood" else plan.samples
+        if drawn and used != drawn:
+            out.append(name)
+    return out
+
+
+def uncalibrated_sentence(vae: VAEService, plan: ScorePlan, names: list[str]) -> str:
+    cal = vae.calibration.scores
+    asked = [
+        f"{option}={used}, not the calibrated {cal[score].samples}"
+        for option, score, used in (
+            ("samples", "reconstruction_log_prob", plan.samples),
+            ("log_likelihood_samples", "log_likelihood", plan.ll_samples),
+        )
+        if score in names
+    ]
+    return (
+        f"The percentiles of {listing(names)} are not calibrated ({'; '.join(asked)}): the "
+        "false-alarm rate of a decision on them is not the threshold's."
+    )
+
+
+def non_finite_sentences(scores: Arrays) -> list[str]:
+    """Per instance with a score that is not finite, one sentence naming them."""
+    bad = {name: ~np.isfinite(v) for name, v in scores.items()}
+    rows = np.flatnonzero(np.any(np.stack(list(bad.values())), axis=0))
+    out = []
+    for i in rows:
+        names = [n for n, b in bad.items() if b[i]]
+        out.append(
+            f"instances[{i}]: {listing(names)} {'is' if len(names) == 1 else 'are'} not finite, "
+            "the input lying beyond what the model can represent, so each counts as more "
+            "anomalous than any normal data (percentile 1.0)."
+        )
+    return out
 
 
 def top_features(
@@ -115,13 +169,15 @@ def top_features(
     """Per instance, its k features of highest attribution, highest first: index, name (None
     for a model without names) and value."""
     k = min(k, attribution.shape[1])
-    top = np.argsort(-attribution, axis=1, kind="stable")[:, :k]
+    # A value that is not finite ranks first: the most anomalous a feature can be.
+    ranked = np.where(np.isfinite(attribution), attribution, np.inf)
+    top = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
     return [
         [
             {
                 "index": int(j),
                 "feature": None if names is None else names[j],
-                "attribution": float(row[j]),
+                "attribution": float(row[j]) if np.isfinite(row[j]) else None,
             }
             for j in order
         ]

@@ -139,7 +139,8 @@ class ScorePlan:
     samples: int  # L
     ll_samples: int  # K, 0 when the log-likelihood is not computed
     decision_score: str
-    threshold: float
+    threshold: float  # the one applied: `asked`, or lower where the calibration cannot resolve it
+    asked: float  # the threshold the request or the settings asked for
     ratio: bool = False  # compute the likelihood ratio
     attribution: bool = False
 
@@ -173,8 +174,9 @@ def plan_scores(
     if ll_samples:
         check_samples("log_likelihood_samples", ll_samples, settings, instances)
     threshold = body.threshold_percentile or settings.anomaly_percentile
+    applied = vae.calibration.effective_threshold(threshold)
     ratio = "likelihood_ratio" in asked
-    return ScorePlan(samples, ll_samples, decision, threshold, ratio, attribution)
+    return ScorePlan(samples, ll_samples, decision, applied, threshold, ratio, attribution)
 
 
 def _check_count(name: str, n: int, limit: int) -> None:

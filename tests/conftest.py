@@ -57,6 +57,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+LEGACY_LEVELS = np.linspace(0.0, 1.0, 1001)
+
+
+def as_quantiles(calibration: dict[str, Any]) -> None:
+    """A format-4 calibration (sorted validation values) as formats 1 to 3 held it, in place:
+    1001 quantiles at levels 0, 0.001, ..., 1, by numpy's linear interpolation."""
+    calibration["levels"] = LEGACY_LEVELS.round(4).tolist()
+    for entry in calibration["scores"].values():
+        entry["quantiles"] = np.quantile(np.asarray(entry.pop("values")), LEGACY_LEVELS).tolist()
+
+
 def drop_format_3(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
     """A format-3 calibration and scoring data (or manifest) as format 2 had them, in place:
     no latent distance or ensemble, and DoSE deciding."""
@@ -79,7 +90,7 @@ def make_artifact(
     """A small untrained VAE (4-8-2 by default) exported by the real exporter, with every score
     of the current format (an untrained background model included), or as an older format
     was: 1, the three likelihood scores and nothing else; 2, without the latent distance and
-    the ensemble."""
+    the ensemble; 1 to 3, calibrated by quantiles rather than by the sorted values."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -96,6 +107,8 @@ def make_artifact(
     calibration, scoring, neighbours = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
+    if format_version <= 3:
+        as_quantiles(calibration)
     if format_version <= 2:
         drop_format_3(calibration, scoring)
         neighbours = None
@@ -202,8 +215,9 @@ class Gate:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.file, self.log = folder / "gate", folder / "calls"
-        self.env = {"TEST_GATE": str(self.file), "TEST_CALLS": str(self.log)}
+        self.file, self.log, self.load = folder / "gate", folder / "calls", folder / "load"
+        self.env = {"TEST_GATE": str(self.file), "TEST_CALLS": str(self.log),
+                    "TEST_LOAD_GATE": str(self.load)}  # fmt: skip
 
     def close(self) -> None:
         self.file.touch()
@@ -242,4 +256,5 @@ def start_gated(tmp_path: Path) -> Iterator[GatedStart]:
     yield start
     for server, gate in started:
         gate.open()  # a held call would otherwise hold up the shutdown
+        gate.load.unlink(missing_ok=True)
         server.stop()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.calibration import Calibration
+from app.calibration import Calibration, tail_sentence
 from app.errors import ModelLoadError
 from app.main import create_app
 from app.settings import Settings
@@ -20,45 +20,125 @@ from training.data import load_data
 LEVELS = np.linspace(0, 1, 1001).tolist()
 
 
-def manifest_with(quantiles: list[float], direction: str = "higher") -> dict[str, Any]:
-    return {
-        "calibration": {
-            "levels": LEVELS,
-            "scores": {"s": {"anomalous_when": direction, "samples": 0, "quantiles": quantiles}},
-        }
-    }
+def ranked(values: list[float], direction: str = "higher") -> Calibration:
+    """A format-4 calibration of one score `s` on these validation values."""
+    entry = {"anomalous_when": direction, "samples": 0, "values": sorted(values)}
+    return Calibration.from_manifest(
+        {"calibration": {"n": len(values), "scores": {"s": entry}}}, "m"
+    )
 
 
-def test_percentile_is_the_share_of_normal_data_below_for_higher_scores() -> None:
-    cal = Calibration.from_manifest(manifest_with(np.linspace(0, 100, 1001).tolist()), "m")
-    got = cal.percentile("s", np.array([-5.0, 0.0, 25.0, 99.0, 150.0], dtype=np.float32))
-    np.testing.assert_allclose(got, [0.0, 0.0, 0.25, 0.99, 1.0], atol=1e-6)
+def legacy(values: np.ndarray, direction: str = "higher") -> Calibration:
+    """The format-1 to 3 calibration of the same values: 1001 interpolated quantiles."""
+    entry = {"anomalous_when": direction, "samples": 0,
+             "quantiles": np.quantile(values, LEVELS).tolist()}  # fmt: skip
+    cal = {"n": len(values), "levels": LEVELS, "scores": {"s": entry}}
+    return Calibration.from_manifest({"calibration": cal}, "m")
 
 
-def test_percentile_is_the_share_above_for_lower_scores() -> None:
-    cal = Calibration.from_manifest(manifest_with(np.linspace(0, 100, 1001).tolist(), "lower"), "m")
-    got = cal.percentile("s", np.array([-5.0, 1.0, 75.0, 150.0], dtype=np.float32))
-    np.testing.assert_allclose(got, [1.0, 0.99, 0.25, 0.0], atol=1e-6)
+def test_percentile_counts_the_validation_values_strictly_below_out_of_v_plus_one() -> None:
+    cal = ranked([1.0, 2.0, 3.0, 4.0])
+    got = cal.percentile("s", np.array([0.0, 1.0, 2.5, 4.0, 9.0], dtype=np.float32))
+    np.testing.assert_allclose(got, [0.0, 0.0, 2 / 5, 3 / 5, 4 / 5], atol=1e-7)
 
 
-def test_percentile_handles_tied_quantiles() -> None:
-    q = [0.0] * 500 + np.linspace(0, 10, 501).tolist()  # half the normal data scores exactly 0
-    cal = Calibration.from_manifest(manifest_with(q), "m")
-    got = cal.percentile("s", np.array([0.0, 5.0, 11.0], dtype=np.float32))
-    np.testing.assert_allclose(got, [0.5, 0.75, 1.0], atol=1e-3)
+def test_percentile_counts_the_values_strictly_above_when_lower_is_anomalous() -> None:
+    cal = ranked([1.0, 2.0, 3.0, 4.0], "lower")
+    got = cal.percentile("s", np.array([9.0, 4.0, 2.5, 1.0, 0.0], dtype=np.float32))
+    np.testing.assert_allclose(got, [0.0, 0.0, 2 / 5, 3 / 5, 4 / 5], atol=1e-7)
+
+
+def test_tied_values_count_only_when_strictly_less_anomalous() -> None:
+    cal = ranked([0.0, 0.0, 0.0, 5.0])  # three quarters of normal data score exactly 0
+    got = cal.percentile("s", np.array([0.0, 1.0, 5.0, 6.0], dtype=np.float32))
+    np.testing.assert_allclose(got, [0.0, 3 / 5, 3 / 5, 4 / 5], atol=1e-7)
+
+
+@pytest.mark.parametrize("direction", ["higher", "lower"])
+def test_a_score_that_is_not_finite_is_more_anomalous_than_all_normal_data(direction: str) -> None:
+    cal = ranked([1.0, 2.0, 3.0], direction)
+    got = cal.percentile("s", np.array([np.nan, np.inf, -np.inf], dtype=np.float32))
+    assert got.tolist() == [1.0, 1.0, 1.0]
+    assert cal.percentile("s", np.array([1e30, -1e30], np.float32)).max() < 1.0  # finite: < 1
+
+
+@pytest.mark.parametrize("direction", ["higher", "lower"])
+def test_legacy_quantiles_never_give_more_than_the_exact_rank(direction: str) -> None:
+    values = np.random.default_rng(0).normal(size=300)
+    x = np.random.default_rng(1).normal(scale=1.5, size=5000).astype(np.float32)
+    exact = ranked(values.tolist(), direction).percentile("s", x)
+    old = legacy(values, direction).percentile("s", x)
+    assert (old <= exact + 1e-6).all()  # conservative: it flags no more than the exact rank
+    assert (exact - old).max() <= 2 / 301 + 1e-6  # and loses at most a rank or two
+
+
+@pytest.mark.parametrize("v", [99, 100, 300, 2000])
+@pytest.mark.parametrize("direction", ["higher", "lower"])
+def test_normal_data_is_flagged_at_most_the_nominal_share(v: int, direction: str) -> None:
+    """By construction, not by luck: over 400 validation sets of v rows, 2,000 fresh normal
+    rows each, the share above the 0.99 threshold t (lowered where v cannot resolve 1%) is
+    within sampling error of its exact value (V + 1 - m) / (V + 1), m = floor(t (V + 1)) + 1,
+    and that is at most 1%."""
+    rng = np.random.default_rng(v)
+    threshold = ranked(list(range(v))).effective_threshold(0.99)
+    exact = (v + 1 - (np.floor(threshold * (v + 1)) + 1)) / (v + 1)
+    assert exact <= 0.01
+    flagged = []
+    for _ in range(400):
+        cal = ranked(rng.gumbel(size=v).tolist(), direction)
+        flagged.append(np.mean(cal.percentile("s", rng.gumbel(size=2000)) > threshold))
+    assert abs(np.mean(flagged) - exact) < 4 * np.std(flagged) / np.sqrt(len(flagged))
+
+
+def test_a_small_validation_set_flags_only_beyond_its_last_row_and_says_so() -> None:
+    cal = ranked(np.arange(30.0).tolist())  # 30 rows: no finite value reaches 0.99
+    assert cal.resolvable_tail == 1 / 31
+    threshold = cal.effective_threshold(0.99)
+    assert threshold < 0.99
+    got = cal.percentile("s", np.array([28.5, 29.0, 29.5], dtype=np.float32)) > threshold
+    assert got.tolist() == [False, False, True]  # beyond every validation value only
+    assert tail_sentence(cal, 0.99) == (
+        "The calibration's 30 validation rows resolve a tail of 3.2% at the least, not the 1.0% "
+        "the threshold 0.99 asks for: instances beyond every validation row are flagged."
+    )
+    assert tail_sentence(ranked(np.arange(200.0).tolist()), 0.99) is None
+
+
+@pytest.mark.parametrize(("direction", "expected"), [("higher", 4.0), ("lower", 2.0)])
+def test_threshold_is_the_value_beyond_which_instances_are_flagged(
+    direction: str, expected: float
+) -> None:
+    cal = ranked([1.0, 2.0, 3.0, 4.0, 5.0], direction)
+    assert cal.scores["s"].threshold(0.6) == expected
+    beyond = expected + (0.5 if direction == "higher" else -0.5)
+    at = cal.percentile("s", np.array([expected, beyond], dtype=np.float32))
+    assert (at > 0.6).tolist() == [False, True]
+    assert cal.scores["s"].threshold(0.9) is None  # 5 rows resolve no tail of 10%
 
 
 @pytest.mark.parametrize(
-    ("quantiles", "message"),
+    ("entry", "message"),
     [
-        (np.linspace(0, 1, 1000).tolist(), "must be 1001 finite, non-decreasing quantiles"),
-        (np.linspace(1, 0, 1001).tolist(), "must be 1001 finite, non-decreasing quantiles"),
-        ([float("nan")] * 1001, "must be 1001 finite, non-decreasing quantiles"),
+        ({"values": [2.0, 1.0, 3.0]}, "must be its 3 finite, sorted validation values"),
+        ({"values": [1.0, 2.0]}, "must be its 3 finite, sorted validation values"),
+        ({"values": [1.0, float("nan"), 3.0]}, "must be its 3 finite, sorted validation values"),
     ],
 )
-def test_broken_calibration_is_refused(quantiles: list[float], message: str) -> None:
+def test_broken_calibration_is_refused(entry: dict[str, Any], message: str) -> None:
+    cal = {"n": 3, "scores": {"s": {"anomalous_when": "higher", **entry}}}
     with pytest.raises(ModelLoadError, match=message):
-        Calibration.from_manifest(manifest_with(quantiles), "m.pt")
+        Calibration.from_manifest({"calibration": cal}, "m.pt")
+
+
+@pytest.mark.parametrize(
+    "quantiles",
+    [np.linspace(0, 1, 1000).tolist(), np.linspace(1, 0, 1001).tolist(), [float("nan")] * 1001],
+)
+def test_broken_legacy_calibration_is_refused(quantiles: list[float]) -> None:
+    entry = {"anomalous_when": "higher", "quantiles": quantiles}
+    cal = {"n": 500, "levels": LEVELS, "scores": {"s": entry}}
+    with pytest.raises(ModelLoadError, match="must be 1001 finite, non-decreasing quantiles"):
+        Calibration.from_manifest({"calibration": cal}, "m.pt")
 
 
 def test_missing_calibration_is_refused() -> None:

@@ -51,9 +51,10 @@ def test_artifact_carries_the_manifest_contract(tiny_artifact: Path) -> None:
     assert manifest["input_shape"] == [2, 2]
     assert manifest["input_dim"] == 4
     assert manifest["input_range"] == [0.0, 1.0]
-    quantiles = manifest["calibration"]["scores"]["kl_divergence"]["quantiles"]
-    assert len(quantiles) == 1001
-    assert quantiles == sorted(quantiles)
+    calibration = manifest["calibration"]
+    values = calibration["scores"]["kl_divergence"]["values"]  # format 4: one per row
+    assert len(values) == calibration["n"] == 64
+    assert values == sorted(values)
 
 
 def test_export_leaves_no_temp_file_and_reports_sha256(tmp_path: Path) -> None:

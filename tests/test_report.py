@@ -140,15 +140,6 @@ def test_roc_curve_area_equals_auroc_with_ties() -> None:
     assert np.trapezoid(tpr, fpr) == pytest.approx(area, abs=1e-12)
 
 
-def test_threshold_counts_the_percentile_from_the_normal_end() -> None:
-    levels = np.linspace(0.0, 1.0, 1001).tolist()
-    quantiles = np.linspace(-100.0, 100.0, 1001).tolist()
-    higher = {"anomalous_when": "higher", "quantiles": quantiles}
-    lower = {"anomalous_when": "lower", "quantiles": quantiles}
-    assert report.threshold_of(higher, levels, 0.99) == pytest.approx(98.0)
-    assert report.threshold_of(lower, levels, 0.99) == pytest.approx(-98.0)
-
-
 def test_anomalies_invert_inputs_and_fill_their_range() -> None:
     x = np.random.default_rng(0).random((20, 6))
     images = report.make_anomalies(x, [0.0, 1.0], seed=0)

@@ -62,18 +62,14 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
     _, manifest = load_artifact(mnist_artifact)
     cal = manifest["calibration"]
     assert cal["n"] == manifest["dataset"]["val_size"] == 1000  # a tenth of the 10,000
-    levels = np.asarray(cal["levels"])
-    assert len(levels) == 1001  # a percentile to 0.1%
-    assert levels[0] == 0.0
-    assert levels[-1] == 1.0
-    np.testing.assert_allclose(np.diff(levels), 0.001, atol=1e-9)
+    assert "levels" not in cal  # format 4: ranks among the values, not quantiles
     assert set(cal["scores"]) == set(EVERY_SCORE)  # every score, the format-2 ones too
     for entry in cal["scores"].values():
-        q = np.asarray(entry["quantiles"])
-        assert q.shape == levels.shape
-        assert np.isfinite(q).all()
-        assert (np.diff(q) >= 0).all()
-        assert q[-1] > q[0]
+        values = np.asarray(entry["values"])
+        assert values.shape == (1000,)  # every validation row
+        assert np.isfinite(values).all()
+        assert (np.diff(values) >= 0).all()
+        assert values[-1] > values[0]
     assert cal["scores"]["reconstruction_log_prob"]["samples"] == 16
     assert cal["scores"]["log_likelihood"]["samples"] == 100
     for name in ("input_complexity", "likelihood_ratio", "dose", "ensemble"):
@@ -85,7 +81,7 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
 @pytest.mark.slow
 def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> None:
     _, manifest = load_artifact(mnist_artifact)
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     assert manifest["decision_score"] == "ensemble"
     dose = manifest["dose"]
     assert dose["features"] == ["kl_divergence", "reconstruction_log_prob", "complexity_bits"]

@@ -1,4 +1,4 @@
-"""python -m training.upgrade: a format-2 artifact to format 3 with the same weights."""
+"""python -m training.upgrade: a format-2 artifact to the current format with the same weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.model import VAEService
-from tests.conftest import drop_format_3
+from tests.conftest import LEGACY_LEVELS, as_quantiles, drop_format_3
 from training.__main__ import main as train
 from training.config import ModelConfig
 from training.export import export_artifact, load_weights, sha256_of
@@ -26,6 +26,7 @@ def as_format_2(artifact: Path, out: Path) -> Path:
     assert background is not None
     bg.load_state_dict(background)
     drop_format_3(manifest["calibration"], manifest)
+    as_quantiles(manifest["calibration"])
     manifest["format_version"] = 2
     export_artifact(model.eval(), manifest, out, bg.eval())
     return out
@@ -51,7 +52,7 @@ def old(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return as_format_2(tmp / "new.pt", tmp / "old.pt")
 
 
-def test_upgrade_keeps_the_weights_and_adds_the_format_3_scores(
+def test_upgrade_keeps_the_weights_and_adds_the_newer_scores(
     old: Path, data: Path, tmp_path: Path
 ) -> None:
     before = VAEService.load(old, "cpu")
@@ -60,7 +61,7 @@ def test_upgrade_keeps_the_weights_and_adds_the_format_3_scores(
     out = tmp_path / "up.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert after.format_version == 3
+    assert after.format_version == 4
     assert after.decision_score == "ensemble"
     assert {"latent_distance", "ensemble"} <= set(after.calibration.scores)
     assert after.neighbours is not None
@@ -75,10 +76,10 @@ def test_upgrade_keeps_the_weights_and_adds_the_format_3_scores(
     assert new_manifest["metrics"] == old_manifest["metrics"]
     assert new_manifest["upgraded_from"]["sha256"] == sha256_of(old)
     assert new_manifest["upgraded_from"]["format_version"] == 2
-    # The same validation rows: the scores format 2 had keep their quantiles.
+    # The same validation rows: the scores format 2 had keep their values (its quantiles).
     for name in ("kl_divergence", "dose"):
         np.testing.assert_allclose(
-            new_manifest["calibration"]["scores"][name]["quantiles"],
+            np.quantile(new_manifest["calibration"]["scores"][name]["values"], LEGACY_LEVELS),
             old_manifest["calibration"]["scores"][name]["quantiles"],
             rtol=1e-5,
         )

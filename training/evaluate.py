@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 # Evaluations with fewer decoder passes than this run eagerly: compiling costs ~20 s.
 COMPILE_ABOVE_SAMPLES = 20_000_000
 
-# Quantile levels 0, 0.001, ..., 1: a percentile to 0.1% from linear interpolation.
-QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
-
 # For each score: does a higher value mean more anomalous?
 SCORE_DIRECTIONS = {
     "kl_divergence": "higher",
@@ -178,20 +175,18 @@ def feature_stats(model: VAE, x: Tensor, *, batch_size: int = 250) -> dict[str, 
 
 
 def calibrate(scores: dict[str, np.ndarray], samples: dict[str, int]) -> dict[str, Any]:
-    """Quantiles of each score on held-out normal data, for percentiles in the service.
-
-    `samples` gives the L or K each score was computed with (0 for KL, which draws none).
-    """
+    """Each score's sorted values on held-out normal data, for the service's rank percentiles
+    (app/calibration.py). `samples` gives the L or K each was computed with (0: none drawn)."""
     n = len(next(iter(scores.values())))
     return {
         "source": "validation split (held-out normal training data)",
         "n": n,
-        "levels": QUANTILE_LEVELS.round(4).tolist(),
         "scores": {
             name: {
                 "anomalous_when": SCORE_DIRECTIONS[name],
                 "samples": samples.get(name, 0),
-                "quantiles": np.quantile(values.astype(np.float64), QUANTILE_LEVELS).tolist(),
+                # float32, as the service computes scores; sorted, as ranks are read.
+                "values": np.sort(values.astype(np.float32)).astype(np.float64).tolist(),
             }
             for name, values in scores.items()
         },

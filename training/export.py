@@ -27,7 +27,9 @@ from training.model import VAE
 # the background model travels as a TorchScript archive of its own, in BACKGROUND.
 # 3: the latent distance and the ensemble; the training rows' latent means travel as an .npy
 # file of their own, in LATENT_REFERENCE.
-FORMAT_VERSION = 3
+# 4: the calibration holds each score's sorted validation values, read as ranks (conservative
+# percentiles, app/calibration.py), not 1001 interpolated quantiles.
+FORMAT_VERSION = 4
 
 
 @contextmanager

@@ -163,12 +163,12 @@ def latent_reference(model: VAE, splits: Splits, cfg: TrainConfig) -> Neighbours
 def calibration(
     model: VAE, splits: Splits, cfg: TrainConfig, background: VAE | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], Neighbours]:
-    """Quantiles of each anomaly score on the (normal) validation split, and what the newer
+    """The sorted values of each anomaly score on the (normal) validation split, and what the newer
     scores need: the DoSE density fitted there (its own points scored leave-one-out), the
     attribution's per-feature statistics, the decision score (in the manifest), and the
     training rows' latent means (latent_distance's reference, a file of its own). The
     validation rows are not in that reference, so their distances are honest; the ensemble is
-    calibrated on percentiles taken from these same quantiles, as the service takes them."""
+    calibrated on percentiles taken from this same calibration, as the service takes them."""
     n_l, n_k = cfg.calibration_samples, cfg.calibration_ll_samples
     x_val = splits.x_val
     neighbours = latent_reference(model, splits, cfg)
@@ -186,8 +186,8 @@ def calibration(
         if name not in ("kl_divergence", "latent_distance")
     }
     samples["log_likelihood"] = n_k
-    # The ensemble is of percentiles the service reads off the other scores' quantiles, so it
-    # is calibrated after them, and its own quantiles join theirs.
+    # The ensemble is of percentiles the service reads off the other scores' calibration, so
+    # it is calibrated after them, and its own values join theirs.
     calibrated = calibrate(scores, samples)
     parts = Calibration.from_manifest({"calibration": calibrated}, "calibration")
     scores["ensemble"] = ensemble({n: parts.percentile(n, scores[n]) for n in ENSEMBLE})

@@ -120,12 +120,6 @@ def roc_curve(normal: Array, anomalous: Array) -> Roc:
     return fpr, tpr, auroc(normal, anomalous)
 
 
-def threshold_of(score: dict[str, Any], levels: list[float], p: float) -> float:
-    """The score at calibration percentile p, counted from the normal end."""
-    level = p if score["anomalous_when"] == "higher" else 1.0 - p
-    return float(np.interp(level, levels, score["quantiles"]))
-
-
 def tile(images: Array, rows: int) -> Array:
     """Images (N, H, W) as one mosaic of `rows` rows, with 1-pixel white gaps between them."""
     n, h, w = images.shape
@@ -203,7 +197,7 @@ def panels(n: int, size: tuple[float, float], per_row: int = 3) -> tuple[Figure,
 
 def plot_scores(
     scores: dict[str, dict[str, Array]],
-    thresholds: dict[str, float],
+    thresholds: dict[str, float | None],
     directions: dict[str, str],
     p: float,
 ) -> Figure:
@@ -212,9 +206,8 @@ def plot_scores(
         bins = np.histogram_bin_edges(np.concatenate(list(by_kind.values())), bins=60)
         for kind, values in by_kind.items():
             ax.hist(values, bins=bins, alpha=0.5, label=ANOMALIES.get(kind, "test set (normal)"))
-        ax.axvline(
-            thresholds[name], color="black", ls="--", label=f"threshold ({p:.1%} calibration level)"
-        )
+        if (at := thresholds[name]) is not None:
+            ax.axvline(at, color="black", ls="--", label=f"threshold ({p:.1%} calibration level)")
         ax.set(title=f"{name} ({directions[name]} is anomalous)", xlabel="score", ylabel="inputs")
         ax.legend(fontsize="small")
     return fig
@@ -287,10 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = sample_counts(calibration, args.samples)
     by_input = {kind: score_all(vae, xs, samples, args.seed) for kind, xs in inputs.items()}
     scores = {name: {kind: by_input[kind][name] for kind in inputs} for name in names}
-    thresholds = {
-        name: threshold_of(calibration["scores"][name], calibration["levels"], args.threshold)
-        for name in names
-    }
+    # Where each score's values start to be flagged at the threshold (None: no finite value).
+    q = vae.calibration.effective_threshold(args.threshold)
+    thresholds = {name: vae.calibration.scores[name].threshold(q) for name in names}
     rocs: dict[str, dict[str, Roc]] = {}
     for name in names:
         sign = 1.0 if directions[name] == "higher" else -1.0
