@@ -28,6 +28,7 @@ def main() -> None:
         loop=settings.event_loop,
         http=settings.http,
         log_level=settings.log_level,
+        root_path=settings.root_path,
         log_config=None,  # keep configure_logging's handlers: one format for every line
         access_log=False,  # app.observability logs each request, with its id
         # What is left for uvicorn after the app's own drain (app/lifecycle.py).

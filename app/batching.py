@@ -8,8 +8,10 @@ Seeded jobs are never merged: oneDNN's matrix kernels round a row differently de
 many rows share the call, so a seeded answer must always be computed alone to stay
 byte-identical. Unseeded jobs, where no such promise exists, are the ones that batch.
 
-A job whose request has gone (timed out, or the client hung up) before its turn is dropped
-unrun, so a backlog of abandoned work cannot keep the thread busy.
+A job whose request has gone (timed out, or the client hung up: the Guard cancels it) before
+its turn is dropped unrun, so a backlog of abandoned work cannot keep the thread busy. Nothing
+a batch raises stops the thread: a model error goes to the requests (each job of a merged
+batch then runs alone, so one bad request fails only itself), anything else is logged.
 
 Cheap work runs where it arrives. A job whose estimated cost is at most `inline_max_s`, when
 it is the server's only request and the inference thread is idle, runs at once on the event
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -31,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +133,8 @@ class Batcher:
             self._busy = True
             try:
                 self._execute(self._gather(job))
+            except Exception:  # not the model's (those go to the requests): ours; keep serving
+                log.exception("the inference thread caught an error outside the model; it goes on")
             finally:
                 self._busy = False
 
@@ -156,24 +162,38 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Job]) -> None:
+        """One forward pass for the batch, each job's rows delivered to it. When a merged
+        pass fails, each job runs again alone, so one bad request fails only itself."""
         xs = [job.x for job in batch]
         start = time.perf_counter()
         try:
             out = batch[0].op(np.concatenate(xs) if len(xs) > 1 else xs[0])
-        except Exception as e:  # delivered to each waiting request, which maps it to HTTP
-            for job in batch:
-                job.loop.call_soon_threadsafe(_set_exception, job.future, e)
+            bounds = np.cumsum([len(x) for x in xs])[:-1]
+            parts = {name: np.split(value, bounds) for name, value in out.items()}
+        except Exception as e:  # delivered to the waiting request, which maps it to HTTP
+            if len(batch) > 1:
+                for job in batch:
+                    if not job.future.cancelled():
+                        self._execute([job])
+                return
+            _deliver(batch[0], _set_exception, e)
             return
         n_rows = sum(len(x) for x in xs)
         self.batch_sizes[n_rows] += 1
         if self.on_batch is not None:
             waits = [start - job.queued_at for job in batch]
-            self.on_batch(batch[0].name, n_rows, time.perf_counter() - start, waits, False)
-        bounds = np.cumsum([len(x) for x in xs])[:-1]
-        parts = {name: np.split(value, bounds) for name, value in out.items()}
+            try:
+                self.on_batch(batch[0].name, n_rows, time.perf_counter() - start, waits, False)
+            except Exception:  # the metrics must never cost a request its answer
+                log.exception("recording a batch's metrics failed")
         for i, job in enumerate(batch):
-            rows = {name: parts[name][i] for name in out}
-            job.loop.call_soon_threadsafe(_set_result, job.future, rows)
+            _deliver(job, _set_result, {name: parts[name][i] for name in out})
+
+
+def _deliver(job: _Job, setter: Callable[[asyncio.Future[Outputs], Any], None], value: Any) -> None:
+    # RuntimeError: the event loop has closed (shutdown), so nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(setter, job.future, value)
 
 
 def _set_result(future: asyncio.Future[Outputs], value: Outputs) -> None:

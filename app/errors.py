@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from app.common import routed_path
+
 log = logging.getLogger(__name__)
 
 
@@ -108,6 +110,19 @@ def _format_loc(loc: list[str]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's outermost layer calls this for anything no route caught, then re-raises it
+        # for the server's own traceback: the client gets the protocol's JSON and an id that
+        # finds that traceback in the log, never the error's text.
+        request_id = getattr(request.state, "request_id", "unknown")
+        log.error("unexpected %s in request %s", type(exc).__name__, request_id)
+        detail = f"The server failed on this request (request id {request_id}); it keeps serving."
+        v2 = speaks_v2(routed_path(request.scope))
+        # Sent past Observe's wrapper, so the id header is set here.
+        headers = {"x-request-id": request_id}
+        return JSONResponse(error_payload(detail, v2=v2), status_code=500, headers=headers)
+
     @app.exception_handler(VAEServiceError)
     async def _service_error(_: Request, exc: VAEServiceError) -> JSONResponse:
         return JSONResponse(error_payload(exc.detail), status_code=exc.status_code)

@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import hashlib
 import logging
 import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -44,7 +46,7 @@ class Lifecycle:
 
     in_flight: int = 0  # model requests accepted and not yet answered
     draining: bool = False
-    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reloading: asyncio.Future[Reloaded] | None = None  # the reload in progress, if any
 
 
 @dataclass(frozen=True)
@@ -69,33 +71,66 @@ def load_model(settings: Settings, expected_sha256: str | None = None) -> VAESer
 
 
 async def reload_model(app: FastAPI, expected_sha256: str | None = None) -> Reloaded:
-    """Load VAE_MODEL_PATH again and swap it in; a ModelLoadError leaves the old one serving."""
+    """Load VAE_MODEL_PATH again and swap it in; a ModelLoadError leaves the old one serving.
+
+    Reloads coalesce: one asked while another runs gets that one's outcome (ask again after it
+    to pick up a file replaced meanwhile), so a burst of reloads costs one load. A file whose
+    sha256 is the one serving returns at once, without a load or a warm-up."""
     lifecycle: Lifecycle = app.state.lifecycle
-    async with lifecycle.reload_lock:  # one reload at a time; a second waits and reloads again
-        new = await run_in_threadpool(load_model, app.state.settings, expected_sha256)
-        old: VAEService = app.state.vae
-        previous = old.sha256
-        app.state.vae = new
-        app.state.metrics.set_model(new)
-        app.openapi_schema = None  # its examples are sized to the model
-        if app.state.siblings is not None:
-            app.state.siblings.record(new.sha256)
+    if lifecycle.reloading is None:
+        lifecycle.reloading = asyncio.ensure_future(_reload(app, expected_sha256))
+        lifecycle.reloading.add_done_callback(lambda _: setattr(lifecycle, "reloading", None))
+    # Shielded: a caller that goes away does not cancel the reload the others wait for.
+    return await asyncio.shield(lifecycle.reloading)
+
+
+async def _reload(app: FastAPI, expected_sha256: str | None) -> Reloaded:
+    settings: Settings = app.state.settings
+    old: VAEService = app.state.vae
+    previous = old.sha256
+    current = await run_in_threadpool(file_sha256, settings.model_path)
+    if current == previous and expected_sha256 in (None, current):
+        log.info("reload: %s is unchanged (sha256 %s)", settings.model_path, current)
+        return Reloaded(current, previous)
+    new = await run_in_threadpool(load_model, settings, expected_sha256)
+    app.state.vae = new
+    app.state.metrics.set_model(new)
+    app.openapi_schema = None  # its examples are sized to the model
+    if app.state.siblings is not None:
+        app.state.siblings.record(new.sha256)
     del old  # requests still in flight hold their own reference
     # Loading and warming up ran on a pool thread, whose malloc arena keeps what torch freed
     # there; hand it back to the OS, or each reload would leave RSS a step higher.
     gc.collect()
     _trim_heap()
-    log.info("reloaded %s: sha256 %s (was %s)", app.state.settings.model_path, new.sha256,
-             previous)  # fmt: skip
+    log.info("reloaded %s: sha256 %s (was %s)", settings.model_path, new.sha256, previous)
     return Reloaded(new.sha256, previous)
 
 
-async def reload_siblings(app: FastAPI, sha256: str, wait_s: float = 60.0) -> tuple[int, int]:
+def file_sha256(path: Path) -> str | None:
+    """The file's sha256, or None when it cannot be read (the load then says why)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+async def reload_siblings(
+    app: FastAPI, sha256: str, wait_s: float = 60.0, *, ask: bool = True
+) -> tuple[int, int]:
     """After this worker reloaded: the other workers' turn (app/workers.py). Waits until all
-    serve `sha256`, or `wait_s`; returns (workers serving it, workers)."""
+    serve `sha256`, or `wait_s`; returns (workers serving it, workers). With `ask` false (the
+    file was unchanged) nobody is signalled; the count says who serves it already."""
     siblings: Siblings | None = app.state.siblings
     if siblings is None:
         return 1, 1
+    if not ask:
+        serving = siblings.serving()
+        return sum(sha == sha256 for sha in serving.values()), len(serving)
     siblings.ask_others_to_reload(sha256)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s

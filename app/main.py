@@ -32,7 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if not logging.getLogger().handlers:  # a uvicorn worker process: nobody configured it yet
         configure_logging(settings.log_level, settings.log_format)
-    keys = settings.load_api_keys()  # a missing keys file stops here, not at the first request
+    # A missing keys file stops here, not at the first request.
+    keys, admin_keys = settings.load_api_keys(), settings.load_admin_keys()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(v2_router)
     install_docs(app)
-    app.add_middleware(Guard, settings=settings, keys=keys)
+    app.add_middleware(Guard, settings=settings, keys=keys, admin_keys=admin_keys)
     app.add_middleware(Observe, metrics=metrics)  # outside the Guard: sees its refusals too
     if settings.cors_origins:  # outermost, so refusals carry CORS headers too
         app.add_middleware(

@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.common import Array
+from app.common import CLIENT_GONE, Array
 from app.model import VAEService
 from app.workers import PROMETHEUS_ENV
 
@@ -162,9 +162,13 @@ class Observe:
                 message = {**message, "headers": headers}
             await send(message)
 
+        # The id travels with the request too, so an error answer can name it.
+        scope.setdefault("state", {})["request_id"] = request_id
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if scope["state"].get("client_gone"):
+                status = CLIENT_GONE
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]

@@ -55,41 +55,66 @@ async def read_array_request(
 
     The array comes back as numpy whenever the body allowed it, else as the list pydantic
     validated (e.g. flat and nested instances mixed), for the model-aware checks to place.
+    Options come in the body or the query string, whatever the body's type (`with_query`).
     `own_query` names query parameters the caller reads itself (e.g. a PNG's `scale`).
     """
     kind = _content_type(request)
     raw = await request.body()
     _refuse_empty(raw)
     if kind == NPY:
-        query = {k: v for k, v in request.query_params.items() if k not in own_query}
-        params = _validate(params_model, query)
-        return params, _load_npy(raw)
+        return _validate(params_model, query_options(request, own_query)), _load_npy(raw)
     fast = _fast_json(raw, params_model, field)
     if fast is not None:
-        return fast
+        return with_query(request, fast[0], own_query), fast[1]
     _refuse_duplicate_keys(raw, full_model)
     try:
         full = full_model.model_validate_json(raw)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    values = full.model_dump()
-    array = values.pop(field)
+    values = full.model_dump(exclude_unset=True)  # what the body set: the query may add to it
+    array = values.pop(field, None)
     records = values.pop("records", None)  # the table models' other form: validation.py
-    return params_model.model_validate(values), records if array is None else array
+    params = with_query(request, params_model.model_validate(values), own_query)
+    return params, records if array is None else array
 
 
-async def read_json_request(request: Request, model: type[P]) -> P:
+async def read_json_request(request: Request, model: type[P], own_query: tuple[str, ...] = ()) -> P:
     """A JSON-only body, read like the array bodies: the same 415, the same duplicate-key
-    refusal and the same one-sentence 422s."""
+    refusal, the same one-sentence 422s and the same options from the query string."""
     if _content_type(request) != JSON:
         raise UnsupportedMediaTypeError(f"This route takes {JSON} only.")
     raw = await request.body()
     _refuse_empty(raw)
     _refuse_duplicate_keys(raw, model)
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
+    return with_query(request, body, own_query)
+
+
+def query_options(request: Request, own_query: tuple[str, ...]) -> dict[str, str]:
+    """The query string's options, each given once, without those the caller reads itself."""
+    query: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key in query:
+            raise InvalidInputError(f"The query gives the option '{key}' more than once.")
+        if key not in own_query:
+            query[key] = value
+    return query
+
+
+def with_query(request: Request, params: P, own_query: tuple[str, ...]) -> P:
+    """One rule for every body: an option may come in the body or in the query string, not in
+    both (a 422 names it), and an unknown query parameter is a 422 as an unknown field is."""
+    query = query_options(request, own_query)
+    if not query:
+        return params
+    both = sorted(query.keys() & params.model_fields_set)
+    if both:
+        raise InvalidInputError(f"The option '{both[0]}' is given both in the query and the body.")
+    from_query = _validate(type(params), query).model_dump(exclude_unset=True)
+    return params.model_copy(update=from_query)
 
 
 def accepts_npy(request: Request) -> bool:
@@ -290,19 +315,21 @@ async def read_instances_request(
     full_model: type[BaseModel],
     vae: VAEService,
     max_images: int,
+    own_query: tuple[str, ...] = (),
 ) -> tuple[P, np.ndarray | list[Any]]:
     """/encode's and /anomaly-score's input: JSON or .npy as `read_array_request` reads them,
-    or, for an image model, images uploaded as multipart/form-data."""
+    or, for an image model, images uploaded as multipart/form-data (options in the form or
+    the query string, as for the other bodies)."""
     media = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
     if media != MULTIPART:
-        return await read_array_request(request, params_model, full_model, "instances")
+        return await read_array_request(request, params_model, full_model, "instances", own_query)
     if not images.is_image_shape(vae.input_shape):
         raise UnsupportedMediaTypeError(
             f"This model takes vectors of {vae.input_dim} values, not images; send {JSON} or {NPY}."
         )
     form = await _read_form(request, max_images)
     try:
-        uploads, options = _split_form(form, dict(request.query_params))
+        uploads, options = _split_form(form, query_options(request, own_query))
         if len(uploads) > max_images:
             raise InvalidInputError(
                 f"{len(uploads)} images is over the limit of {max_images} (VAE_MAX_INSTANCES)."
@@ -437,7 +464,7 @@ def _split_form(form: FormData, query: dict[str, str]) -> tuple[list[UploadFile]
         )
     both = sorted(options.keys() & query.keys())
     if both:
-        raise InvalidInputError(f"The option '{both[0]}' is given both in the query and the form.")
+        raise InvalidInputError(f"The option '{both[0]}' is given both in the query and the body.")
     return uploads, options | query
 
 

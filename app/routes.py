@@ -58,6 +58,9 @@ from app.schemas import (
     SampleResponse,
 )
 
+# The query parameters of a PNG answer, read by png_scale, beside the operation's own options.
+PNG_QUERY = tuple(images.PngOptions.model_fields)
+
 router = APIRouter()
 model_router = APIRouter(responses=VALIDATION_RESPONSES)
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
@@ -96,7 +99,7 @@ async def decode_latents(
 ) -> Response:
     """Decode latent vectors to outputs: the decoder's mean, or its most probable x."""
     params, latents = await read_array_request(
-        request, DecodeParams, DecodeRequest, "latents", own_query=("scale",)
+        request, DecodeParams, DecodeRequest, "latents", PNG_QUERY
     )
     request.state.instances = len(latents)
     scale = png_scale(request, vae, len(latents))
@@ -117,7 +120,7 @@ async def sample_prior(
     request: Request, vae: VaeDep, batcher: BatcherDep, settings: SettingsDep
 ) -> Response:
     """Draw n latents from the prior N(0, I) and decode them."""
-    body = await read_json_request(request, SampleRequest)
+    body = await read_json_request(request, SampleRequest, PNG_QUERY)
     request.state.instances = body.n
     scale = png_scale(request, vae, body.n)
     out = await operations.sample(body, vae, batcher, settings)
@@ -143,7 +146,7 @@ async def score_anomalies(
     """Score inputs (every score the artifact offers; the costly ones when asked) and decide;
     with `attribution`, which features made each one anomalous, as numbers or a heat map."""
     params, instances = await read_instances_request(
-        request, AnomalyScoreParams, AnomalyScoreRequest, vae, settings.max_instances
+        request, AnomalyScoreParams, AnomalyScoreRequest, vae, settings.max_instances, PNG_QUERY
     )
     request.state.instances = len(instances)
     # A PNG answer (image models only) draws each input beside its heat map.
@@ -179,6 +182,8 @@ async def score_anomalies(
             "log_likelihood_samples": plan.ll_samples or None,
             "attribution": full,
             "top_features": top,
+            "uncalibrated": scored.uncalibrated,
+            "warnings": scored.warnings,
         }
     )
 
@@ -222,7 +227,7 @@ def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
             for n, m, sd in zip(features["names"], features["mean"], features["std"], strict=True)
         ],
         sha256=vae.sha256,
-        path=str(settings.model_path),
+        artifact=settings.model_path.name,
         device=str(vae.device),
         manifest=vae.public_manifest(),
     )
@@ -233,8 +238,8 @@ def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
     responses=error_responses(
         ErrorResponse,
         {
-            401: "A valid API key is required.",
-            403: "No API key is configured at all.",
+            401: "A valid admin key is required.",
+            403: "No admin key is configured, or the key sent is not an admin key.",
             409: "The new artifact was refused.",
             503: "The model is not loaded yet.",
         },
@@ -242,17 +247,19 @@ def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
 )
 async def reload(request: Request, vae: VaeDep) -> ReloadResponse:
     """Load the artifact at VAE_MODEL_PATH again and swap it in; requests in flight finish on
-    the old one. A bad artifact is refused (409) and the old one keeps serving. SIGHUP does
-    the same."""
+    the old one. A bad artifact is refused (409) and the old one keeps serving; an unchanged
+    one returns at once, and concurrent reloads share one. Needs an admin key (VAE_ADMIN_KEYS).
+    SIGHUP does the same."""
     try:
         done = await reload_model(request.app)
     except ModelLoadError as e:
         raise ReloadRefusedError(f"Reload refused, the old model keeps serving: {e}") from None
-    serving, total = await reload_siblings(request.app, done.sha256)
+    changed = done.sha256 != done.previous_sha256
+    serving, total = await reload_siblings(request.app, done.sha256, ask=changed)
     return ReloadResponse(
         sha256=done.sha256,
         previous_sha256=done.previous_sha256,
-        changed=done.sha256 != done.previous_sha256,
+        changed=changed,
         workers=total,
         workers_serving=serving,
     )

@@ -78,6 +78,12 @@ class _InstancesOrRecords(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> _InstancesOrRecords:
+        # Absent, not null: the schema has each as a list, and `null` would pass for neither.
+        for name in ("instances", "records"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise PydanticCustomError(
+                    "null_inputs", f"{name} must be a list; leave it out rather than null"
+                )
         if (self.instances is None) == (self.records is None):
             raise PydanticCustomError(
                 "instances_or_records", "Give instances or records: exactly one of the two."
@@ -247,7 +253,10 @@ class ScorePercentiles(BaseModel):
 class FeatureShare(BaseModel):
     index: int = Field(description="The feature's position in the input, from 0.")
     feature: str | None = Field(description="Its name, for a model trained on a table.")
-    attribution: float = Field(description="Its standardised -log p(x_d|z).")
+    attribution: float | None = Field(
+        description="Its standardised -log p(x_d|z); null where it is not finite (an input "
+        "beyond what the model represents), which ranks first."
+    )
 
 
 class AnomalyScoreResponse(BaseModel):
@@ -279,6 +288,9 @@ class AnomalyScoreResponse(BaseModel):
                     "samples": 16,
                     "log_likelihood_samples": None,
                     "attribution": None,
+                    "top_features": None,
+                    "uncalibrated": [],
+                    "warnings": [],
                 }
             ]
         }
@@ -332,17 +344,33 @@ class AnomalyScoreResponse(BaseModel):
         "highest attribution first.",
     )
     percentiles: ScorePercentiles = Field(
-        description="Per score, the share of normal validation data that is less anomalous "
-        "than each instance, from the artifact's calibration quantiles (0.1% resolution)."
+        description="Per score, the share of normal validation data (V rows, counted out of "
+        "V + 1) strictly less anomalous than each instance: normal data exceeds a threshold q "
+        "at most 1 - q of the time. 1.0 where the score is not finite (null above)."
     )
     is_anomaly: list[bool] = Field(
         description="Whether each instance's decision-score percentile exceeds the threshold."
     )
     decision_score: ScoreName = Field(description="The score that drove `is_anomaly`.")
-    threshold_percentile: float = Field(description="The percentile threshold applied.")
+    threshold_percentile: float = Field(
+        description="The percentile threshold applied: the one asked for, or lower when the "
+        "calibration's V rows cannot resolve so small a tail (then `warnings` says so)."
+    )
     samples: int = Field(description="L, the posterior samples used.")
     log_likelihood_samples: int | None = Field(
         None, description="K, the importance samples used, when log_likelihood was computed."
+    )
+    uncalibrated: list[ScoreName] = Field(
+        default_factory=list,
+        description="Scores computed with another L or K than the calibration drew (a request's "
+        "`samples` or `log_likelihood_samples`): their percentiles, and a decision on them, do "
+        "not keep the threshold's false-alarm rate.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="One sentence each on what this answer cannot promise: uncalibrated "
+        "percentiles, a threshold lowered to what the calibration resolves, scores that are "
+        "not finite for an instance.",
     )
 
 
@@ -362,7 +390,9 @@ class ModelResponse(BaseModel):
         description="A table model's features, in input order: the keys of `records`.",
     )
     sha256: str = Field(description="SHA-256 of the artifact file being served.")
-    path: str = Field(description="Where the artifact was read from.")
+    artifact: str = Field(
+        description="The artifact's file name (where it lies on the server is not shown)."
+    )
     device: str = Field(description="The torch device the model runs on.")
     manifest: dict[str, Any] = Field(
         description="The artifact's manifest: shapes, likelihood, dataset, training config, "

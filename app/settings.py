@@ -119,12 +119,24 @@ class Settings(BaseSettings):
         "accepted, and exit within this many seconds.",
     )  # fmt: skip
     api_keys: SecretList = Field(
-        default_factory=list, description="Comma-separated API keys; when any is set (here or in "
-        "the keys file), every route but /health, /ready and the docs needs one.",
+        default_factory=list, description="Comma-separated API keys for the model routes; when "
+        "any is set (here or in the keys file), every route but the probes (/health, /ready, "
+        "/v2/health/*), the docs and, while VAE_METRICS_PUBLIC is true, /metrics needs a key. "
+        "These keys never open /admin.",
     )  # fmt: skip
     api_keys_file: Path | None = Field(
         None, description="A file of API keys, one per line (for Docker or Kubernetes secrets)."
     )
+    admin_keys: SecretList = Field(
+        default_factory=list, description="Comma-separated admin keys: the only keys /admin "
+        "routes (reload) take; they open every other route too. None set: /admin is off.",
+    )  # fmt: skip
+    admin_keys_file: Path | None = Field(None, description="A file of admin keys, one per line.")
+    root_path: str = Field(
+        "", pattern=r"^(/[^/?#]+)*$", description="The path prefix a reverse proxy serves the "
+        "app under (e.g. /vae), for `python -m app`; routes, keys and limits match the path "
+        "after it, and the docs pages link under it.",
+    )  # fmt: skip
     cors_origins: CommaList = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS (e.g. "
         "https://app.example.com, or *); empty turns CORS off.",
@@ -147,7 +159,7 @@ class Settings(BaseSettings):
         "Prometheus scrapers); false puts it behind the keys like the model routes.",
     )  # fmt: skip
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -156,13 +168,19 @@ class Settings(BaseSettings):
 
     def load_api_keys(self) -> list[SecretStr]:
         """The keys from VAE_API_KEYS and VAE_API_KEYS_FILE, read once at start-up."""
-        keys = [k.get_secret_value() for k in self.api_keys]
-        if self.api_keys_file is not None:
-            try:
-                text = self.api_keys_file.read_text()
-            except OSError as e:
-                raise ValueError(
-                    f"{self.api_keys_file}: cannot read the API keys file ({e.strerror})."
-                ) from None
-            keys += [line.strip() for line in text.splitlines() if line.strip()]
-        return [SecretStr(k) for k in keys]
+        return _keys(self.api_keys, self.api_keys_file, "API keys")
+
+    def load_admin_keys(self) -> list[SecretStr]:
+        """The keys from VAE_ADMIN_KEYS and VAE_ADMIN_KEYS_FILE, read once at start-up."""
+        return _keys(self.admin_keys, self.admin_keys_file, "admin keys")
+
+
+def _keys(given: list[SecretStr], file: Path | None, what: str) -> list[SecretStr]:
+    keys = [k.get_secret_value() for k in given]
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as e:
+            raise ValueError(f"{file}: cannot read the {what} file ({e.strerror}).") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip()]
+    return [SecretStr(k) for k in keys]

@@ -46,6 +46,7 @@ from bench.artifact import build_artifact, mnist_like
 from bench.servers import REPO, SERVICE_STACK, Server, ServerError, free_port
 
 API_KEY = "soak-key"  # the server gets it via VAE_API_KEYS; it never leaves this machine
+ADMIN_KEY = "soak-admin-key"  # VAE_ADMIN_KEYS: the only key /admin/reload takes
 NPY = "application/x-npy"
 JSON = "application/json"
 RSS_LIMIT = 1.10  # RSS at the end over RSS after warm-up
@@ -502,7 +503,7 @@ class Soak:
         t = time.monotonic()
         self.reload = {"at_s": round(t - self.t0, 2), "old_sha256": old_sha, "new_sha256": new_sha}
         try:
-            r = await client.post("/admin/reload", headers=_auth())
+            r = await client.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN_KEY}"})
             took = time.monotonic() - t
             served = (await client.get("/model", headers=_auth())).json().get("sha256")
             after = await _answer(client, probe)
@@ -662,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {
             "VAE_MODEL_PATH": str(model_path),
             "VAE_API_KEYS": API_KEY,
+            "VAE_ADMIN_KEYS": ADMIN_KEY,
             "VAE_LOG_LEVEL": "warning",
             "VAE_REQUEST_TIMEOUT_S": str(SERVER_TIMEOUT_S),
         }

@@ -1,5 +1,5 @@
-"""schemathesis against a live server's /openapi.json: a short pass here, the long one (1,000+
-cases) with `python -m bench.fuzz`."""
+"""schemathesis against live servers' /openapi.json, and the extreme-value corpus: a short pass
+here, the long one (thousands of cases) with `python -m bench.fuzz`."""
 
 from __future__ import annotations
 
@@ -7,23 +7,36 @@ from pathlib import Path
 
 import pytest
 
-from bench.fuzz import KEY, fuzz
-from tests.conftest import Server, make_artifact
+from bench.fuzz import TARGETS, extremes, fuzz, serve
+from tests.conftest import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
+@pytest.mark.parametrize("target", TARGETS)
 def test_generated_requests_get_no_5xx_and_only_documented_answers(
-    tmp_path: Path,
+    tmp_path: Path, target: str
 ) -> None:
-    # Image-shaped, so the nested-instance branch of the schema is exercised too.
-    artifact = make_artifact(tmp_path / "vae.pt", input_shape=(4, 4), hidden=(8,), latent_dim=2)
-    server = Server({"VAE_MODEL_PATH": str(artifact), "VAE_API_KEYS": KEY}, tmp_path / "log")
+    """An image model (uploads, PNG answers), the shipped table model (records, V2 named
+    inputs) and the image model behind the root path /vae."""
+    server = Server(serve(target, tmp_path), tmp_path / "log")
     try:
         server.wait_ready()
-        result = fuzz(server.url, max_examples=10)
+        result = fuzz(server.url, max_examples=5)
     finally:
         server.stop()
     assert result.returncode == 0, result.output[-4000:]
     assert result.cases >= 100
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_extreme_values_are_decided_never_left_null(tmp_path: Path) -> None:
+    server = Server(serve("table", tmp_path), tmp_path / "log")
+    try:
+        server.wait_ready()
+        cases, failures = extremes(server.url, features=2)
+    finally:
+        server.stop()
+    assert failures == []
+    assert cases == 2 * 72 * 4  # two features, 10^3 to 10^38 both signs, four ways to send
     assert "Traceback" not in server.log.read_text()

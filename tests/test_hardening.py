@@ -284,7 +284,7 @@ def test_reload_swaps_the_model_and_refuses_a_bad_one(
 ) -> None:
     path = tmp_path / "vae.pt"
     path.write_bytes(wide_artifact.read_bytes())
-    server, gate = start_gated({"VAE_MODEL_PATH": str(path), "VAE_API_KEYS": KEY})
+    server, gate = start_gated({"VAE_MODEL_PATH": str(path), "VAE_ADMIN_KEYS": KEY})
     old_sha = httpx.get(f"{server.url}/model", headers=AUTH).json()["sha256"]
     url = f"{server.url}/anomaly-score"
     expected = httpx.post(url, json=wide_body(), headers=AUTH, timeout=60)
@@ -347,7 +347,7 @@ def test_admin_routes_are_closed_without_configured_keys(
     server = serve(start_server, tiny_artifact)
     r = httpx.post(f"{server.url}/admin/reload")
     assert r.status_code == 403
-    assert r.json()["detail"] == "Admin routes are off: set VAE_API_KEYS or VAE_API_KEYS_FILE."
+    assert r.json()["detail"] == "Admin routes are off: set VAE_ADMIN_KEYS or VAE_ADMIN_KEYS_FILE."
 
 
 def test_sha256_pin_refuses_start_and_reload_of_another_artifact(
@@ -361,7 +361,7 @@ def test_sha256_pin_refuses_start_and_reload_of_another_artifact(
     assert wrong.proc.wait(timeout=60) != 0
     assert f"its sha256 is {pinned}, but VAE_MODEL_SHA256 pins {'0' * 64}" in wrong.log.read_text()
 
-    server = serve(start_server, path, VAE_MODEL_SHA256=pinned, VAE_API_KEYS=KEY)
+    server = serve(start_server, path, VAE_MODEL_SHA256=pinned, VAE_ADMIN_KEYS=KEY)
     swap_in(path, seed=5)
     r = httpx.post(f"{server.url}/admin/reload", headers=AUTH, timeout=60)
     assert r.status_code == 409

@@ -431,7 +431,7 @@ def test_the_refusal_names_which_upload_is_bad(
             None,
             {"seed": "1"},
             "?seed=2",
-            "The option 'seed' is given both in the query and the form.",
+            "The option 'seed' is given both in the query and the body.",
         ),
     ],
 )

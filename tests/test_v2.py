@@ -214,7 +214,11 @@ def test_tritonclient_anomaly_equals_rest_anomaly(
         "threshold_percentile": expected["threshold_percentile"],
         "samples": 5,
         "log_likelihood_samples": 6,
+        # L and K are not the calibration's: the same marks as REST's, as V2's scalars.
+        "uncalibrated": ",".join(expected["uncalibrated"]),
+        "warnings": " ".join(expected["warnings"]),
     }
+    assert "log_likelihood" in expected["uncalibrated"]
 
 
 def test_tritonclient_anomaly_leaves_out_the_log_likelihood_it_did_not_compute(

@@ -32,7 +32,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[Server, Path, Path]]:
     run_dir = tmp_path / "run"
     server = Server(
         {"VAE_MODEL_PATH": str(model), "VAE_WORKERS": "2", "VAE_RUN_DIR": str(run_dir),
-         "VAE_API_KEYS": KEY},
+         "VAE_ADMIN_KEYS": KEY},
         tmp_path / "server.log",
     )  # fmt: skip
     try:

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app import operations
-from app.common import JSON, OCTET, Arrays
+from app.common import JSON, OCTET, Arrays, listing
 from app.errors import error_payload
 from app.model import VAEService
 from app.v2.protocol import (
@@ -25,7 +25,6 @@ from app.v2.protocol import (
     V2InferenceRequest,
     V2Model,
     V2RequestInput,
-    listing,
 )
 
 
@@ -78,7 +77,14 @@ def parameters(req: V2InferenceRequest, model: V2Model) -> tuple[Any, bool]:
     binary_output = given.pop("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise ProtocolError("parameters.binary_data_output must be true or false.")
-    allowed = [*model.params.model_fields, "binary_data_output"]
+    if "top_features" in given and model.operation == "anomaly":
+        # V2 answers tensors only: a ranked list of named features has no tensor to go in.
+        raise ProtocolError(
+            "parameters.top_features is a REST option; over V2 ask for the 'attribution' "
+            "output, one value per feature, and rank it."
+        )
+    allowed = [f for f in model.params.model_fields if f != "top_features"]
+    allowed.append("binary_data_output")
     unknown = [k for k in given if k not in allowed]
     if unknown:
         raise ProtocolError(
@@ -286,6 +292,11 @@ async def anomaly(scored: operations.Scored) -> tuple[Arrays, dict[str, Any]]:
     }
     if plan.ll_samples:
         extra["log_likelihood_samples"] = plan.ll_samples
+    # V2's parameters are scalars: the lists as one string each.
+    if scored.uncalibrated:
+        extra["uncalibrated"] = ",".join(scored.uncalibrated)
+    if scored.warnings:
+        extra["warnings"] = " ".join(scored.warnings)
     return arrays, extra
 
 

@@ -219,7 +219,3 @@ class V2ErrorResponse(BaseModel):
         description="One sentence saying what was wrong.",
         examples=["Model 'vae' has no input 'x'; its input is 'instances'."],
     )
-
-
-def listing(names: list[str], conj: str = "and") -> str:
-    return ", ".join(names[:-1]) + f" {conj} {names[-1]}" if len(names) > 1 else names[0]

@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from app import __version__, operations
-from app.common import JSON, OCTET
+from app.common import JSON, OCTET, listing
 from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep, get_vae
 from app.errors import NotReadyError, VAEServiceError, describe_validation_error
 from app.openapi import error_responses, inline_schema
@@ -41,7 +41,6 @@ from app.v2.protocol import (
     V2ModelMetadata,
     V2ServerMetadata,
     V2TensorMetadata,
-    listing,
 )
 
 
@@ -104,6 +103,9 @@ router = APIRouter(route_class=V2Route, tags=["v2"])
 
 
 async def _is_ready(request: Request) -> bool:
+    """Loaded, warmed up, and not draining: what REST's /ready says too."""
+    if request.app.state.lifecycle.draining:
+        return False
     try:
         await get_vae(request)
     except NotReadyError:
@@ -129,7 +131,8 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/v2/health/ready", response_class=Response, responses=READY_RESPONSES)
 async def get_v2_ready(request: Request) -> Response:
-    """Server ready: 200 once the model is loaded and warmed up, 503 before."""
+    """Server ready: 200 once the model is loaded and warmed up, 503 before and while
+    draining."""
     return Response(status_code=200 if await _is_ready(request) else 503)
 
 
@@ -161,7 +164,8 @@ async def get_v2_model_metadata(model: ModelDep, vae: VaeDep) -> V2ModelMetadata
     responses=READY_RESPONSES | {404: V2_ERRORS[404]},
 )
 async def get_v2_model_ready(model: ModelDep, request: Request) -> Response:
-    """Model ready: 200 once the model is loaded and warmed up, 503 before."""
+    """Model ready: 200 once the model is loaded and warmed up, 503 before and while
+    draining."""
     return Response(status_code=200 if await _is_ready(request) else 503)
 
 
