@@ -44,6 +44,7 @@ class ScoreCalibration:
     n: int  # V, the validation values behind it
     higher_is_anomalous: bool
     samples: int  # the L or K it was computed with (0: none drawn)
+    levels: np.ndarray | None = None  # formats 1 to 3: the levels of the quantiles in `points`
 
     def percentile(self, values: Array) -> Array:
         """The share of normal data (of V + 1) less anomalous than each value; 1.0 for a value
@@ -59,6 +60,18 @@ class ScoreCalibration:
             )
         share = below / (self.n + 1)
         return np.where(np.isfinite(x), share, 1.0).astype(np.float32)
+
+    def as_trained(self, values: Array) -> Array:
+        """The percentile as the trainer of this artifact computed it: formats 1 to 3 by
+        linear interpolation between quantiles (their ensemble was calibrated on those),
+        format 4 by rank. For the ensemble's inputs only; decisions use `percentile`."""
+        if self.levels is None:
+            return self.percentile(values)
+        q, first = np.unique(self.points, return_index=True)  # np.interp needs increasing x
+        top = np.append(first[1:] - 1, len(self.points) - 1)
+        below = np.interp(values, q, self.levels[top], left=0.0) if len(q) > 1 else values > q[0]
+        share = np.asarray(below if self.higher_is_anomalous else 1.0 - below, np.float32)
+        return np.where(np.isfinite(values), share, 1.0).astype(np.float32)
 
     def threshold(self, q: float) -> float | None:
         """The score value beyond which an instance's percentile exceeds q, or None when no
@@ -118,7 +131,7 @@ class Calibration:
                 points = _finite_rising(entry.get("quantiles", []), len(levels), message)
                 counts = _quantile_counts(levels, n, higher)
             samples = int(entry.get("samples", 0))
-            scores[name] = ScoreCalibration(points, counts, n, higher, samples)
+            scores[name] = ScoreCalibration(points, counts, n, higher, samples, levels)
         return cls(n, scores)
 
 

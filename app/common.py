@@ -12,8 +12,8 @@ Array = npt.NDArray[np.float32]
 Arrays = dict[str, Array]  # an operation's outputs, by name
 
 # The anomaly scores an artifact can be asked for; its calibration states each one's direction.
-# Format-1 artifacts offer the first three; format 2 adds the next three, and format 3 the
-# latent distance and the ensemble (app/scores.py).
+# Format-1 artifacts offer the first three; format 2 adds the next three, format 3 the latent
+# distance and the ensemble, and format 4 RaPP (app/scores.py).
 ScoreName = Literal[
     "kl_divergence",
     "reconstruction_log_prob",
@@ -22,6 +22,7 @@ ScoreName = Literal[
     "likelihood_ratio",
     "dose",
     "latent_distance",
+    "rapp",
     "ensemble",
 ]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from app.common import Array
@@ -200,16 +202,21 @@ def grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def grid_size(n: int, shape: tuple[int, int], scale: int) -> tuple[int, int]:
-    """(width, height) in pixels of the grid of n cells of `shape`, each scaled up `scale` times."""
+def grid_size(n: int, shape: tuple[int, int], scale: int, legend: bool = False) -> tuple[int, int]:
+    """(width, height) in pixels of the grid of n cells of `shape`, each scaled up `scale` times,
+    with a heat map's colour scale below it when `legend`."""
     rows, cols = grid_shape(n)
     h, w = shape
-    return cols * w * scale + (cols - 1) * SEPARATOR, rows * h * scale + (rows - 1) * SEPARATOR
+    width = cols * w * scale + (cols - 1) * SEPARATOR
+    height = rows * h * scale + (rows - 1) * SEPARATOR
+    if legend:
+        return max(width, LEGEND_WIDTH), height + LEGEND_HEIGHT
+    return width, height
 
 
-def check_grid(n: int, shape: tuple[int, int], scale: int) -> None:
+def check_grid(n: int, shape: tuple[int, int], scale: int, legend: bool = False) -> None:
     """Refuse, before any work, a grid over MAX_SIDE pixels either way."""
-    width, height = grid_size(n, shape, scale)
+    width, height = grid_size(n, shape, scale, legend)
     if width > MAX_SIDE or height > MAX_SIDE:
         raise InvalidInputError(
             f"{n} images at scale={scale} make a {width} x {height} PNG, over the "
@@ -223,25 +230,68 @@ def pair_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def side_by_side(left: Pixels, right: Pixels) -> Pixels:
-    """(N, H, W) twice -> (N, H, 2W + SEPARATOR): each left image with its right one beside."""
-    n, h, _ = left.shape
-    gap = np.full((n, h, SEPARATOR), SEPARATOR_GREY, dtype=np.uint8)
+    """(N, H, W[, 3]) twice -> (N, H, 2W + SEPARATOR[, 3]): each left image with its right one
+    beside, grey levels or RGB alike."""
+    gap = np.full((*left.shape[:2], SEPARATOR, *left.shape[3:]), SEPARATOR_GREY, dtype=np.uint8)
     return np.concatenate([left, gap, right], axis=2)
 
 
-def png_grid(cells: Pixels, scale: int = 1) -> bytes:
-    """(N, H, W) grey levels as one PNG: row-major cells, each upscaled by `scale` (nearest
-    neighbour, so every model pixel stays a crisp square). The same cells give the same bytes."""
-    n, h, w = cells.shape
+# The heat maps' colours: matplotlib's inferno, perceptually uniform and readable in grey too,
+# from black (no more unlikely than normal data) through purple and orange to pale yellow (the
+# grid's most anomalous pixel). scripts/colour_map.py writes the table.
+HEAT_COLOURS: npt.NDArray[np.uint8] = np.load(Path(__file__).parent / "static" / "inferno.npy")
+# The colour scale under a heat map: its height and the least width it needs for its labels.
+LEGEND_HEIGHT, LEGEND_WIDTH = 28, 168
+LEGEND_BAR = 8  # the bar's height, above its labels
+
+
+def heat_colours(levels: Pixels) -> Pixels:
+    """(...) heat levels 0..255 -> (..., 3) RGB in the heat map's colours."""
+    coloured: Pixels = HEAT_COLOURS[levels]
+    return coloured
+
+
+def as_rgb(grey: Pixels) -> Pixels:
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+@dataclass(frozen=True)
+class Legend:
+    """What the heat map's colours mean: its three labelled points, left to right."""
+
+    labels: tuple[str, str, str]
+
+
+def png_grid(cells: Pixels, scale: int = 1, legend: Legend | None = None) -> bytes:
+    """(N, H, W) grey levels or (N, H, W, 3) RGB as one PNG: row-major cells, each upscaled by
+    `scale` (nearest neighbour, so every model pixel stays a crisp square), with a heat map's
+    colour scale below when given a `legend`. The same cells give the same bytes."""
+    n, h, w = cells.shape[:3]
     _, cols = grid_shape(n)
-    width, height = grid_size(n, (h, w), scale)
+    width, height = grid_size(n, (h, w), scale, legend is not None)
     # Unused cells of the last row stay separator-grey, so they cannot pass for a black image.
-    canvas = np.full((height, width), SEPARATOR_GREY, dtype=np.uint8)
-    big = cells.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H*scale, W*scale)
+    canvas = np.full((height, width, *cells.shape[3:]), SEPARATOR_GREY, dtype=np.uint8)
+    big = cells.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H*scale, W*scale[, 3])
     step_y, step_x = h * scale + SEPARATOR, w * scale + SEPARATOR
     for i in range(n):
         r, c = divmod(i, cols)
         canvas[r * step_y : r * step_y + h * scale, c * step_x : c * step_x + w * scale] = big[i]
+    image = Image.fromarray(canvas)  # a 2-D uint8 array is mode L, (H, W, 3) is RGB
+    if legend is not None:
+        _draw_legend(image, legend)
     buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")  # a 2-D uint8 array is mode L
+    image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _draw_legend(image: Image.Image, legend: Legend) -> None:
+    """The colour bar across the foot of the image, its ends and middle labelled below it."""
+    width, height = image.size
+    top = height - LEGEND_HEIGHT + 4
+    bar = HEAT_COLOURS[np.linspace(0, 255, width).round().astype(int)]  # (W, 3)
+    image.paste(Image.fromarray(np.repeat(bar[None], LEGEND_BAR, axis=0)), (0, top))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=10)
+    for label, anchor, x in zip(legend.labels, ("la", "ma", "ra"), (0, width // 2, width - 1),
+                                strict=True):  # fmt: skip
+        draw.text((x, top + LEGEND_BAR + 2), label, fill=(255, 255, 255), font=font, anchor=anchor)

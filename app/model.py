@@ -26,14 +26,23 @@ import torch
 from app.calibration import Calibration
 from app.common import Array, Arrays
 from app.errors import ModelLoadError
-from app.scores import ENSEMBLE, Density, Neighbours, complexity_bits, ensemble, input_complexity
+from app.scores import (
+    Density,
+    Ensemble,
+    GapProjection,
+    Neighbours,
+    References,
+    complexity_bits,
+    input_complexity,
+)
 
 log = logging.getLogger(__name__)
 
 # 1: KL, the reconstruction probability and the log-likelihood. 2 adds input complexity, DoSE,
 # the likelihood ratio (a background model in BACKGROUND) and the per-feature attribution.
 # 3 adds the latent distance (training means in LATENT_REFERENCE) and the ensemble. 4 calibrates
-# by rank on the sorted validation values (app/calibration.py).
+# by rank on the sorted validation values (app/calibration.py), on the data as callers send it,
+# and adds RaPP (its projection in GAP_PROJECTION) to an ensemble its manifest describes.
 SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4}
 REQUIRED_METHODS = (
     "encode",
@@ -47,6 +56,7 @@ ATTRIBUTION_METHOD = "feature_log_prob"  # format 2
 MANIFEST = "manifest.json"
 BACKGROUND = "background.pt"
 LATENT_REFERENCE = "latent_reference.npy"  # format 3
+GAP_PROJECTION = "gap_projection.npz"  # format 4: RaPP's
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
 
 
@@ -125,7 +135,7 @@ class VAEService:
         device: torch.device,
         calibration: Calibration,
         background: torch.jit.ScriptModule | None = None,
-        neighbours: Neighbours | None = None,
+        references: References | None = None,
     ) -> None:
         self.module = module
         self.manifest = manifest
@@ -138,7 +148,10 @@ class VAEService:
         self.calibration = calibration
         self.format_version: int = manifest["format_version"]
         self.background = background
-        self.neighbours = neighbours  # format 3
+        references = references or References()
+        self.neighbours = references.neighbours  # format 3
+        self.gaps = references.gaps  # format 4
+        self.ensemble = Ensemble.from_manifest(manifest)
         # Format 2: what its scores need, checked by load(); absent from format 1.
         self.density = Density.from_manifest(manifest["dose"]) if "dose" in manifest else None
         attribution = manifest.get("attribution")
@@ -194,7 +207,9 @@ class VAEService:
                 f"{path}: its sha256 is {sha256}, but VAE_MODEL_SHA256 pins "
                 f"{expected_sha256.lower()}; refusing to serve it."
             )
-        extra: dict[str, Any] = {MANIFEST: "", BACKGROUND: "", LATENT_REFERENCE: ""}
+        extra: dict[str, Any] = dict.fromkeys(
+            (MANIFEST, BACKGROUND, LATENT_REFERENCE, GAP_PROJECTION), ""
+        )
         # From the bytes already read: the sha256 reported is of exactly what runs.
         module = _jit_load(path, data, dev, extra)
         manifest = _parse_manifest(path, extra[MANIFEST])
@@ -208,14 +223,21 @@ class VAEService:
             if not extra[BACKGROUND]:
                 raise ModelLoadError(f"{path}: the likelihood ratio needs {BACKGROUND}, absent.")
             background = _jit_load(path, extra[BACKGROUND], dev, {}).eval()
-        neighbours = None
-        if "latent_distance" in calibration.scores and not extra[LATENT_REFERENCE]:
-            raise ModelLoadError(f"{path}: the latent distance needs {LATENT_REFERENCE}, absent.")
+        for score, file in (("latent_distance", LATENT_REFERENCE), ("rapp", GAP_PROJECTION)):
+            if score in calibration.scores and not extra[file]:
+                raise ModelLoadError(f"{path}: the {score} score needs {file}, absent.")
+        if "rapp" in calibration.scores and not hasattr(module, "hidden_gap"):
+            raise ModelLoadError(f"{path}: the rapp score needs the method hidden_gap, absent.")
         try:
+            neighbours = gaps = None
             if "latent_distance" in calibration.scores:
                 k, z = manifest["latent_distance"]["k"], manifest["latent_dim"]
                 neighbours = Neighbours.from_bytes(extra[LATENT_REFERENCE], k, z)
-            service = cls(module, manifest, sha256, dev, calibration, background, neighbours)
+            if "rapp" in calibration.scores:
+                width = sum(manifest["model"]["hidden_dims"])
+                gaps = GapProjection.from_bytes(extra[GAP_PROJECTION], width)
+            references = References(neighbours, gaps)
+            service = cls(module, manifest, sha256, dev, calibration, background, references)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"{path}: the manifest's scoring data is invalid ({e}).") from None
         log.info(
@@ -263,8 +285,8 @@ class VAEService:
         attribution: bool = False,
     ) -> Arrays:
         """Each (B,): KL and the log reconstruction probability over L=`samples`; where the
-        artifact has them, the input complexity, DoSE, the latent distance and the ensemble
-        (the larger of the last two's percentiles); with `ratio`, the likelihood ratio
+        artifact has them, the input complexity, DoSE, the latent distance, RaPP and the
+        ensemble (of the percentiles its manifest names); with `ratio`, the likelihood ratio
         against the background model; with K=`ll_samples` > 0, the importance-sampled
         log-likelihood; with `attribution`, (B, D) standardised -log p(x_d|z) per feature.
 
@@ -292,9 +314,11 @@ class VAEService:
         if self.neighbours is not None:
             mean, _ = self.module.encode(xt)
             scores["latent_distance"] = self.neighbours.score(_numpy(mean))
-            if "ensemble" in offered:
-                percentiles = {n: self.calibration.percentile(n, scores[n]) for n in ENSEMBLE}
-                scores["ensemble"] = ensemble(percentiles)
+        if self.gaps is not None:
+            scores["rapp"] = self.gaps.score(_numpy(self.module.hidden_gap(xt)))
+        if "ensemble" in offered:
+            cal = self.calibration.scores
+            scores["ensemble"] = self.ensemble.score(scores, lambda n, v: cal[n].as_trained(v))
         if ratio and self.background is not None:
             scores["likelihood_ratio"] = recon - _numpy(
                 self.background.reconstruction_log_prob(xt, eps)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -349,7 +350,11 @@ async def read_instances_request(
 
 
 def png_scale(
-    request: Request, vae: VAEService, n: int, cell: tuple[int, int] | None = None
+    request: Request,
+    vae: VAEService,
+    n: int,
+    cell: tuple[int, int] | None = None,
+    legend: bool = False,
 ) -> int | None:
     """The scale of a PNG answer when the client asks for image/png, else None.
 
@@ -368,7 +373,7 @@ def png_scale(
             f"This model's outputs are vectors of {vae.input_dim} values, not images; "
             f"accept {JSON} or {NPY}."
         )
-    images.check_grid(n, cell or (vae.input_shape[0], vae.input_shape[1]), scale)
+    images.check_grid(n, cell or (vae.input_shape[0], vae.input_shape[1]), scale, legend)
     return scale
 
 
@@ -383,15 +388,26 @@ async def heat_map_response(
     x: np.ndarray, attribution: np.ndarray, vae: VAEService, scale: int
 ) -> Response:
     """One PNG grid with a cell per instance: the input, and beside it its attribution as a heat
-    map (black: no more unlikely than in normal data; white: the grid's most anomalous pixel).
+    map in inferno's colours (black: no more unlikely than in normal data; pale yellow: the
+    grid's most anomalous pixel), with the colour scale below, labelled in spreads (standard
+    deviations of -log p(x_d|z*) in normal data) above normal.
 
     Drawn on a log scale, log(1 + a): a pixel that normal data never gets wrong stands a
     hundred spreads above the rest, and on a linear scale would leave every other one black."""
     shape = (vae.input_shape[0], vae.input_shape[1])
-    inputs = images.to_pixels(x, shape, _value_range(vae))
-    heat = images.to_pixels(np.log1p(np.maximum(attribution, 0.0)), shape, (0.0, None))
+    inputs = images.as_rgb(images.to_pixels(x, shape, _value_range(vae)))
+    # Not finite (an input beyond what the model represents): as anomalous as the grid gets.
+    above = np.nan_to_num(np.maximum(attribution, 0.0), nan=np.inf)
+    top = float(above[np.isfinite(above)].max(initial=0.0))
+    levels = np.log1p(np.minimum(above, top))
+    levels[np.isinf(above)] = max(float(levels.max()), 1.0)
+    heat = images.heat_colours(images.to_pixels(levels, shape, (0.0, None)))
+    mid = math.sqrt(1.0 + top) - 1.0  # where log(1 + a) is half of log(1 + top)
+    legend = images.Legend(("normal", f"{mid:.2g}", f"{top:.3g} sd"))
     cells = images.side_by_side(inputs, heat)
-    body = await anyio.to_thread.run_sync(images.png_grid, cells, scale, limiter=_PICTURE_WORK)
+    body = await anyio.to_thread.run_sync(
+        images.png_grid, cells, scale, legend, limiter=_PICTURE_WORK
+    )
     return Response(body, media_type=PNG)
 
 

@@ -151,7 +151,7 @@ async def score_anomalies(
     request.state.instances = len(instances)
     # A PNG answer (image models only) draws each input beside its heat map.
     cell = images.pair_shape((vae.input_shape[0], vae.input_shape[-1]))
-    scale = png_scale(request, vae, len(instances), cell)
+    scale = png_scale(request, vae, len(instances), cell, legend=True)
     if scale is not None:  # a heat map is drawn from the attribution
         params = params.model_copy(update={"attribution": True})
     scored = await operations.score(instances, params, vae, batcher, settings, metrics)

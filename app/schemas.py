@@ -211,8 +211,8 @@ class AnomalyScoreParams(Strict):
     scores: ScoreNames | None = Field(
         None,
         description="Scores to compute besides the ones always given (KL, the reconstruction "
-        "probability, in format-2 artifacts input_complexity and dose, and in format-3 ones "
-        "latent_distance and ensemble): log_likelihood "
+        "probability, in format-2 artifacts input_complexity and dose, in format-3 ones "
+        "latent_distance and ensemble, and in format-4 ones rapp): log_likelihood "
         "(K importance samples) or likelihood_ratio (a background model's L passes). A score "
         "the artifact lacks is a 422. In a query or form: comma-separated.",
         examples=[["likelihood_ratio"]],
@@ -247,6 +247,7 @@ class ScorePercentiles(BaseModel):
     likelihood_ratio: list[float] | None = None
     dose: list[float] | None = None
     latent_distance: list[float] | None = None
+    rapp: list[float] | None = None
     ensemble: list[float] | None = None
 
 
@@ -271,7 +272,8 @@ class AnomalyScoreResponse(BaseModel):
                     "likelihood_ratio": None,
                     "dose": [3.02],
                     "latent_distance": [0.41],
-                    "ensemble": [0.62],
+                    "rapp": [812.0],
+                    "ensemble": [1.74],
                     "percentiles": {
                         "kl_divergence": [0.14],
                         "reconstruction_log_prob": [0.14],
@@ -280,6 +282,7 @@ class AnomalyScoreResponse(BaseModel):
                         "likelihood_ratio": None,
                         "dose": [0.58],
                         "latent_distance": [0.62],
+                        "rapp": [0.55],
                         "ensemble": [0.71],
                     },
                     "is_anomaly": [False],
@@ -328,10 +331,18 @@ class AnomalyScoreResponse(BaseModel):
         description="Mean distance, between unit vectors, from the posterior mean to its 5 "
         "nearest training rows' means, in [0, 2]; higher is more anomalous. Format-3 artifacts.",
     )
+    rapp: list[float] | None = Field(
+        None,
+        description="RaPP (Kim et al. 2020): how differently the encoder sees the instance and "
+        "its reconstruction, layer by layer, whitened by the training rows' own gaps; higher "
+        "is more anomalous. Format-4 artifacts.",
+    )
     ensemble: list[float] | None = Field(
         None,
-        description="The larger of dose's and latent_distance's percentiles, in [0, 1]; higher "
-        "is more anomalous. The default decision of format-3 artifacts.",
+        description="Format 4: the tails of dose's, latent_distance's and rapp's percentiles "
+        "summed, -log(1 - p) each; format 3: the larger of dose's and latent_distance's. "
+        "Higher is more anomalous; infinite where one of them is not finite. The default "
+        "decision for images.",
     )
     attribution: list[list[float]] | None = Field(
         None,

@@ -19,10 +19,17 @@ And one from the latent space, where a likelihood cannot look (format 3):
   detector on the representation, as in Sun et al., ICML 2022). A digit the model never saw
   is reconstructed well, so its likelihood looks normal, but its code falls between the
   training digits' codes; the direction, not the length, carries the class;
-- **ensemble**: the larger of DoSE's and the latent distance's calibrated percentiles, so an
-  input is as anomalous as the more alarmed of the two. The distance misses what only its
-  length gives away (a blank image, noise), and DoSE misses an unseen digit; together they
-  miss neither (docs/anomaly.md has the measurements).
+- **rapp** (format 4; Kim et al., ICLR 2020, "RaPP"): the input is reconstructed, both go
+  through the encoder, and the differences between their hidden activations, layer by layer,
+  are measured in the coordinates of the training rows' own differences, each direction
+  scaled by its spread (the paper's NAP). Where a pixel-wise reconstruction error sees a
+  well-drawn unseen digit as normal, its features still do not come back the same;
+- **ensemble**: a combination of calibrated percentiles, so an input is as anomalous as its
+  scores together say. Format 3 takes the larger of DoSE's and the latent distance's; format 4
+  adds the tails of DoSE's, the latent distance's and RaPP's, -log(1 - p) each (Fisher's
+  method), so two scores that are both somewhat alarmed outweigh one that is not. The distance
+  misses what only its length gives away (a blank image, noise), DoSE an unseen digit drawn
+  well, RaPP what the model reproduces in its own terms (docs/benchmarks/anomaly.md).
 
 No FastAPI here, and no model: the trainer calibrates these scores with these very functions, so
 the quantiles in the manifest and the scores the service computes cannot drift apart. (The
@@ -34,7 +41,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +56,7 @@ LN2 = math.log(2.0)
 _CHUNK = 256
 # The neighbours latent_distance averages over: 1 was worse on held-out digits, 3 to 10 alike.
 NEIGHBOURS = 5
-# The two scores the ensemble takes the larger percentile of.
+# The scores the format-3 ensemble takes the larger percentile of.
 ENSEMBLE = ("dose", "latent_distance")
 
 
@@ -195,6 +202,98 @@ def _unit(a: Array) -> torch.Tensor:
     return unit
 
 
-def ensemble(percentiles: Mapping[str, Array]) -> Array:
-    """The larger of the ENSEMBLE scores' calibrated percentiles; higher is more anomalous."""
-    return np.maximum(*(np.asarray(percentiles[n], dtype=np.float32) for n in ENSEMBLE))
+@dataclass(frozen=True)
+class Ensemble:
+    """Which scores' calibrated percentiles the ensemble combines, and how: the largest
+    (`max`, format 3), or the sum of their tails -log(1 - p) (`fisher`, format 4), infinite
+    where one of them lies beyond all normal data (p = 1). Format 4's manifest says which;
+    format 3's is the largest of DoSE's and the latent distance's."""
+
+    scores: tuple[str, ...] = ENSEMBLE
+    combine: str = "max"
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> Ensemble:
+        entry = manifest.get("ensemble")
+        if entry is None:
+            return cls()
+        combine = str(entry["combine"])
+        if combine not in ("max", "fisher") or not entry["scores"]:
+            raise ValueError("the ensemble combines its scores by max or fisher")
+        return cls(tuple(str(n) for n in entry["scores"]), combine)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"scores": list(self.scores), "combine": self.combine}
+
+    def score(
+        self, scores: Mapping[str, Array], percentile: Callable[[str, Array], Array]
+    ) -> Array:
+        """The ensemble of its scores (each (B,)), from their `percentile`s; higher is more
+        anomalous. Where one of them is not finite (an input beyond what the model represents)
+        the ensemble is infinite: beyond all normal data, whatever the others say."""
+        p = [np.asarray(percentile(n, scores[n]), dtype=np.float64) for n in self.scores]
+        if self.combine == "max":
+            combined = np.maximum.reduce(p)
+        else:
+            with np.errstate(divide="ignore"):
+                combined = np.sum([-np.log1p(-q) for q in p], axis=0)
+        beyond = ~np.all([np.isfinite(scores[n]) for n in self.scores], axis=0)
+        return np.where(beyond, np.inf, combined).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class References:
+    """What the latent distance and RaPP measure an input against: the training rows' latent
+    means, and the projection of their hidden-space gaps. Each travels in the artifact as a
+    file of its own (app/model.py names them); either is None where the format has none."""
+
+    neighbours: Neighbours | None = None
+    gaps: GapProjection | None = None
+
+
+@dataclass(frozen=True)
+class GapProjection:
+    """RaPP's normalised aggregation (NAP): hidden-space reconstruction gaps (B, H), centred on
+    the training rows' mean gap and measured along the right singular vectors of their matrix,
+    each divided by its singular value, so a common direction of gap counts for little and a
+    rare one for much. Directions whose singular value is below 1e-4 of the largest (numerical
+    noise) are dropped. It travels in the artifact as an .npz file of its own."""
+
+    mean: torch.Tensor  # (H,) float64
+    basis: torch.Tensor  # (H, R) float64, orthonormal columns
+    scale: torch.Tensor  # (R,) float64, positive
+
+    @classmethod
+    def fit(cls, gaps: Array) -> GapProjection:
+        g = torch.as_tensor(np.asarray(gaps), dtype=torch.float64)
+        mean = g.mean(0)
+        _, s, vh = torch.linalg.svd(g - mean, full_matrices=False)
+        keep = s > s.max() * 1e-4
+        # Singular values of the N-row matrix; / sqrt(N) makes them per-row spreads.
+        return cls(mean, vh[keep].T.contiguous(), s[keep] / math.sqrt(len(g)))
+
+    def score(self, gaps: Array) -> Array:
+        """Squared norm of the whitened gap; (B, H) -> (B,), higher is more anomalous."""
+        g = torch.as_tensor(np.asarray(gaps), dtype=torch.float64)
+        return (((g - self.mean) @ self.basis / self.scale) ** 2).sum(1).numpy().astype(np.float32)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        f32 = np.float32
+        np.savez(buffer, mean=self.mean.numpy().astype(f32), basis=self.basis.numpy().astype(f32),
+                 scale=self.scale.numpy().astype(f32))  # fmt: skip
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, width: int) -> GapProjection:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as parts:
+            mean, basis, scale = parts["mean"], parts["basis"], parts["scale"]
+        if mean.shape != (width,) or basis.ndim != 2 or basis.shape[0] != width:
+            raise ValueError(f"the gap projection must be over {width} hidden units")
+        if scale.shape != (basis.shape[1],) or not np.all(scale > 0):
+            raise ValueError("the gap projection needs one positive scale per direction")
+        if not all(np.all(np.isfinite(a)) for a in (mean, basis, scale)):
+            raise ValueError("the gap projection must be finite")
+        f64 = torch.float64
+        return cls(torch.from_numpy(mean).to(f64), torch.from_numpy(basis).to(f64),
+                   torch.from_numpy(scale).to(f64))  # fmt: skip

@@ -42,7 +42,7 @@ def build_artifact(path: Path, *, seed: int = 0) -> Path:
     background = VAE(cfg).eval()
     x_val = torch.from_numpy(mnist_like(256, seed=seed))
     splits = Splits(x_val, x_val, x_val, binarize=False)
-    calibrated, scoring, neighbours = calibration(model, splits, TrainConfig(), background)
+    calibrated, scoring, refs = calibration(model, splits, TrainConfig(), background)
     manifest = build_manifest(
         model,
         input_shape=(28, 28),
@@ -53,7 +53,7 @@ def build_artifact(path: Path, *, seed: int = 0) -> Path:
         calibration=calibrated,
         scoring=scoring,
     )
-    export_artifact(model, manifest, path, background, neighbours)
+    export_artifact(model, manifest, path, background, refs)
     return path
 
 

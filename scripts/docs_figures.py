@@ -70,6 +70,7 @@ SHORT = dict(
             "likelihood ratio",
             "DoSE",
             "latent distance",
+            "RaPP",
             "ensemble",
         ),
         strict=True,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.scores import References
 from bench.servers import Process, ServerError, free_port
 from training import pipeline
 from training.config import ModelConfig, TrainConfig
@@ -25,7 +26,7 @@ V1_SCORES = ("kl_divergence", "reconstruction_log_prob", "log_likelihood")
 # Every score of the current artifact format, in the order the service lists them, written out
 # here rather than read from the app (app.common.SCORES), so a score that goes missing fails.
 EVERY_SCORE = (*V1_SCORES, "input_complexity", "likelihood_ratio", "dose", "latent_distance",
-               "ensemble")  # fmt: skip
+               "rapp", "ensemble")  # fmt: skip
 # The real MNIST slice that ships with the tests (10,000 training and 5,000 test images; its
 # README says how it was cut): every test reads it, so a clone with nothing beside it passes.
 MNIST_DIR = REPO / "tests" / "data" / "mnist"
@@ -68,6 +69,15 @@ def as_quantiles(calibration: dict[str, Any]) -> None:
         entry["quantiles"] = np.quantile(np.asarray(entry.pop("values")), LEGACY_LEVELS).tolist()
 
 
+def drop_format_4(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
+    """A format-4 calibration and scoring data as format 3 had them, in place: no RaPP, and the
+    ensemble the larger of two percentiles (its values here stay format 4's, so they serve
+    the mechanics only, not a decision)."""
+    del calibration["scores"]["rapp"]
+    del scoring["rapp"], scoring["ensemble"]
+    as_quantiles(calibration)
+
+
 def drop_format_3(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
     """A format-3 calibration and scoring data (or manifest) as format 2 had them, in place:
     no latent distance or ensemble, and DoSE deciding."""
@@ -90,7 +100,7 @@ def make_artifact(
     """A small untrained VAE (4-8-2 by default) exported by the real exporter, with every score
     of the current format (an untrained background model included), or as an older format
     was: 1, the three likelihood scores and nothing else; 2, without the latent distance and
-    the ensemble; 1 to 3, calibrated by quantiles rather than by the sorted values."""
+    the ensemble; 1 to 3, without RaPP, calibrated by quantiles rather than sorted values."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -104,14 +114,15 @@ def make_artifact(
         x_val = torch.bernoulli(x_val)
     background = VAE(cfg).eval() if format_version >= 2 else None
     cal_cfg = TrainConfig(calibration_samples=4, calibration_ll_samples=8)
-    calibration, scoring, neighbours = pipeline.calibration(
+    calibration, scoring, refs = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
     if format_version <= 3:
-        as_quantiles(calibration)
+        drop_format_4(calibration, scoring)
+        refs = References(refs.neighbours)
     if format_version <= 2:
         drop_format_3(calibration, scoring)
-        neighbours = None
+        refs = References()
     if format_version == 1:
         calibration["scores"] = {k: calibration["scores"][k] for k in V1_SCORES}
         scoring = {}
@@ -126,7 +137,7 @@ def make_artifact(
         scoring=scoring,
     )
     manifest["format_version"] = format_version
-    export_artifact(model, manifest, path, background, neighbours)
+    export_artifact(model, manifest, path, background, refs)
     return path
 
 

@@ -11,17 +11,20 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from matplotlib import colormaps
 from PIL import Image
 
-from app.images import SEPARATOR
+from app.calibration import Calibration
+from app.images import HEAT_COLOURS, LEGEND_HEIGHT, LEGEND_WIDTH, SEPARATOR
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import EVERY_SCORE, make_artifact
+from training.export import load_artifact
 
 X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
-NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "ensemble")
+NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "rapp", "ensemble")
 CHEAP = ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose",
-         "latent_distance", "ensemble")  # fmt: skip
+         "latent_distance", "rapp", "ensemble")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,12 @@ def v2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def v1_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("v1") / "vae.pt"
     return make_artifact(path, input_shape=(4, 4), format_version=1)
+
+
+@pytest.fixture(scope="module")
+def format3_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("f3") / "vae.pt"
+    return make_artifact(path, input_shape=(4, 4), format_version=3)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +83,26 @@ def test_the_artifact_recommends_the_decision_score(client: TestClient) -> None:
     assert score(client)["decision_score"] == "ensemble"
 
 
-def test_the_ensemble_is_the_larger_of_its_two_percentiles(client: TestClient) -> None:
+def test_the_ensemble_sums_the_tails_of_its_three_percentiles(client: TestClient) -> None:
     out = score(client)
     pct = out["percentiles"]
-    pairs = zip(pct["dose"], pct["latent_distance"], strict=True)
-    assert out["ensemble"] == [max(a, b) for a, b in pairs]
+    triples = zip(pct["dose"], pct["latent_distance"], pct["rapp"], strict=True)
+    expected = [sum(-np.log1p(-p) for p in ps) for ps in triples]
+    np.testing.assert_allclose(out["ensemble"], expected, rtol=1e-5)
     assert all(0.0 <= d <= 2.0 for d in out["latent_distance"])
+    assert all(r >= 0.0 for r in out["rapp"])
+
+
+def test_a_format_3_ensemble_is_the_larger_of_its_two_percentiles(format3_artifact: Path) -> None:
+    with client_for(format3_artifact) as c:
+        out = score(c)
+    assert out["rapp"] is None
+    pct = out["percentiles"]
+    # Format 3's ensemble was calibrated on interpolated percentiles: it takes them still.
+    cal = Calibration.from_manifest(load_artifact(format3_artifact)[1], "m").scores
+    dose, distance = (cal[n].as_trained(np.float32(out[n])) for n in ("dose", "latent_distance"))
+    np.testing.assert_allclose(out["ensemble"], np.maximum(dose, distance), rtol=1e-6)
+    assert len(pct["ensemble"]) == 3
 
 
 @pytest.mark.parametrize("name", EVERY_SCORE)
@@ -129,26 +152,41 @@ def test_png_answer_is_each_input_beside_its_heat_map(client: TestClient) -> Non
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(r.content)) as img:
-        # 3 cells in a 2 x 2 grid, each 4 x (4 + gap + 4) pixels scaled 2x, a gap apart.
+        # 3 cells in a 2 x 2 grid, each 4 x (4 + gap + 4) pixels scaled 2x, a gap apart, and the
+        # colour scale below, at its least width.
         cell_w, cell_h = 2 * (8 + SEPARATOR), 2 * 4
-        assert img.size == (2 * cell_w + SEPARATOR, 2 * cell_h + SEPARATOR)
-        assert img.mode == "L"
+        grid_w, grid_h = 2 * cell_w + SEPARATOR, 2 * cell_h + SEPARATOR
+        assert img.size == (max(grid_w, LEGEND_WIDTH), grid_h + LEGEND_HEIGHT)
+        assert img.mode == "RGB"
         canvas = np.asarray(img)
     # The pixels, from the JSON answer to the same seeded request: the input's grey level on the
-    # left; on the right log(1 + attribution), 0 black and the grid's largest value white.
+    # left; on the right log(1 + attribution) in inferno's colours, from its darkest (0) to its
+    # palest (the grid's largest value).
     attribution = np.maximum(np.asarray(score(client, attribution=True)["attribution"]), 0.0)
-    heat = np.log1p(attribution) / np.log1p(attribution).max()
+    heat = np.rint(np.log1p(attribution) / np.log1p(attribution).max() * 255).astype(int)
+    inferno = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255
     inputs = np.asarray(X, dtype=np.float32).astype(np.float64)  # as the service holds them
     for i in range(3):
         top, left = divmod(i, 2)
         y0, x0 = top * (cell_h + SEPARATOR), left * (cell_w + SEPARATOR)
         cell = canvas[y0 : y0 + cell_h : 2, x0 : x0 + cell_w : 2]  # one pixel per model pixel
-        np.testing.assert_array_equal(cell[:, :4], np.rint(inputs[i].reshape(4, 4) * 255))
+        grey = np.rint(inputs[i].reshape(4, 4) * 255)
+        for channel in range(3):
+            np.testing.assert_array_equal(cell[:, :4, channel], grey)
         assert (cell[:, 4 : 4 + SEPARATOR] == 128).all()  # the grey gap between the two
-        heat_cell = cell[:, 4 + SEPARATOR :]
-        np.testing.assert_allclose(heat_cell, np.rint(heat[i].reshape(4, 4) * 255), atol=1)
-    assert (canvas[cell_h : cell_h + SEPARATOR] == 128).all()  # between the rows
-    assert (canvas[cell_h + SEPARATOR :, cell_w + SEPARATOR :] == 128).all()  # the unused cell
+        colours = inferno[heat[i].reshape(4, 4)]
+        np.testing.assert_allclose(cell[:, 4 + SEPARATOR :], colours, atol=1.5)
+    assert (canvas[cell_h : cell_h + SEPARATOR, :grid_w] == 128).all()  # between the rows
+    assert (canvas[cell_h + SEPARATOR : grid_h, cell_w + SEPARATOR : grid_w] == 128).all()
+    # The colour scale: inferno from its darkest at the left to its palest at the right.
+    bar = canvas[grid_h + 6].astype(float)
+    np.testing.assert_allclose(bar[0], inferno[0], atol=1.5)
+    np.testing.assert_allclose(bar[-1], inferno[255], atol=1.5)
+
+
+def test_the_heat_colours_are_matplotlibs_inferno() -> None:
+    expected = np.rint(colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255)
+    np.testing.assert_array_equal(HEAT_COLOURS, expected)  # scripts/colour_map.py rewrites it
 
 
 def test_v2_offers_the_new_scores_and_the_attribution(client: TestClient) -> None:

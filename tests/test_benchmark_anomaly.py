@@ -1,4 +1,5 @@
-"""The leave-one-digit-out benchmark, run small: one digit, one epoch, a test subset."""
+"""The anomaly benchmark run small (one digit, one epoch, a test subset): leave one digit out,
+one class, the sanity sets, and the attribution's measures."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from tests.conftest import EVERY_SCORE, MNIST_DIR
 from training.benchmark_anomaly import (
     ATTRIBUTION_SHAPES,
     PATCH,
-    leave_out,
+    changed_found,
     main,
+    normal_data,
     paste,
     paste_patches,
     per_pixel_ceiling,
@@ -23,11 +25,19 @@ from training.data import load_data
 
 def test_leave_out_drops_exactly_one_digit_from_training() -> None:
     data = load_data(MNIST_DIR)
-    held = leave_out(data, 3)
+    held = normal_data(data, 3, "lodo")
     assert held.y_train is not None
     assert 3 not in set(held.y_train.tolist())
     assert len(held.x_train) == int((data.y_train != 3).sum())
     assert len(held.x_test) == len(data.x_test)  # the test set keeps every digit
+
+
+def test_one_class_keeps_exactly_one_digit_for_training() -> None:
+    data = load_data(MNIST_DIR)
+    one = normal_data(data, 3, "oneclass")
+    assert one.y_train is not None
+    assert set(one.y_train.tolist()) == {3}
+    assert len(one.x_train) == int((data.y_train == 3).sum())
 
 
 @pytest.mark.slow
@@ -48,6 +58,22 @@ def test_benchmark_reports_auroc_per_score_and_digit(
     assert "| 0 |" in table
     assert "**mean**" in table
     assert np.isfinite(list(result["mean_auroc"].values())).all()
+    assert result["decision_score"] == "ensemble"
+    assert set(result["false_alarms"]["0"]) == {"grey", "binarised"}
+    assert 0.0 <= result["mean_false_alarms"]["grey"] <= 1.0
+
+
+@pytest.mark.slow
+def test_one_class_benchmark_scores_the_other_nine_digits_as_anomalies(tmp_path: Path) -> None:
+    out = tmp_path / "oneclass.json"
+    args = ["--data-dir", str(MNIST_DIR), "--out", str(out), "--protocol", "oneclass",
+            "--digits", "1", "--epochs", "2", "--test-images", "1000", "--samples", "4",
+            "--ll-samples", "8"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "oneclass"
+    # Ones are the simplest digit: every other digit is far from them already.
+    assert result["auroc"]["1"]["ensemble"] > 0.8
 
 
 @pytest.mark.slow
@@ -65,6 +91,7 @@ def test_sanity_sets_score_a_served_model(mnist_artifact: Path, tmp_path: Path) 
     for hits in sanity["attribution"].values():
         assert 0.0 <= hits["in_shape"] <= 1.0
         assert 0.0 < hits["per_pixel_ceiling"] <= 1.0
+        assert 0.0 <= hits["changed_found"] <= 1.0
     assert set(sanity["microseconds_per_instance"]) >= {"default scores", "+ attribution"}
 
 
@@ -98,3 +125,20 @@ def test_per_pixel_ceiling_counts_the_pixels_a_paste_cannot_change() -> None:
     half = half.reshape(4, 784)
     expected = (32 + 32 * 32 / 752) / 64
     assert per_pixel_ceiling(half, np.maximum(half, patched), mask) == pytest.approx(expected)
+
+
+def test_changed_found_is_the_share_of_changed_pixels_ranked_first() -> None:
+    changed = np.zeros((2, 6), dtype=bool)
+    changed[0, [1, 4]] = True  # two changed pixels
+    changed[1, [0, 2, 5]] = True  # three
+    order = np.array(
+        [
+            [4, 1, 0, 2, 3, 5],  # both first: 1.0
+            [0, 1, 3, 2, 4, 5],
+        ]
+    )  # one of its top three: 1/3
+    assert changed_found(order, changed) == pytest.approx((1.0 + 1 / 3) / 2)
+    none = np.zeros((1, 6), dtype=bool)
+    assert changed_found(np.vstack([order, order[:1]]), np.vstack([changed, none])) == (
+        pytest.approx((1.0 + 1 / 3) / 2)
+    )  # an image the paste did not change counts for nothing

@@ -9,7 +9,14 @@ import zlib
 import numpy as np
 import pytest
 
-from app.scores import Density, Neighbours, complexity_bits, ensemble, input_complexity
+from app.scores import (
+    Density,
+    Ensemble,
+    GapProjection,
+    Neighbours,
+    complexity_bits,
+    input_complexity,
+)
 
 
 def test_complexity_is_the_zlib_length_of_the_8_bit_input_in_bits() -> None:
@@ -138,6 +145,45 @@ def test_the_reference_round_trips_through_npy_bytes() -> None:
         Neighbours.from_bytes(ref.to_bytes(), k=60, latent_dim=4)
 
 
-def test_the_ensemble_is_the_larger_percentile() -> None:
-    got = ensemble({"dose": np.array([0.2, 0.995]), "latent_distance": np.array([0.7, 0.1])})
+def as_percentiles(name: str, values: np.ndarray) -> np.ndarray:
+    return values  # the scores below are percentiles already
+
+
+def test_the_format_3_ensemble_is_the_larger_percentile() -> None:
+    scores = {"dose": np.array([0.2, 0.995]), "latent_distance": np.array([0.7, 0.1])}
+    got = Ensemble().score(scores, as_percentiles)
     assert got.tolist() == pytest.approx([0.7, 0.995])
+
+
+def test_the_format_4_ensemble_sums_the_tails_and_is_infinite_beyond_normal_data() -> None:
+    ensemble = Ensemble(("dose", "latent_distance", "rapp"), "fisher")
+    scores = {"dose": np.array([0.5, 0.9, 0.5]), "latent_distance": np.array([0.5, 0.9, np.nan]),
+              "rapp": np.array([0.5, 0.5, 0.5])}  # fmt: skip
+    got = ensemble.score(scores, as_percentiles)
+    assert got[:2].tolist() == pytest.approx([3 * np.log(2), 2 * np.log(10) + np.log(2)])
+    assert got[2] == np.inf  # a score that is not finite: beyond all normal data
+    # One score very alarmed (0.99) against two somewhat alarmed (0.95 each): the largest
+    # percentile ranks the first higher, the summed tails the second.
+    rows = {"dose": np.array([0.99, 0.95]), "latent_distance": np.array([0.5, 0.95]),
+            "rapp": np.array([0.5, 0.5])}  # fmt: skip
+    one, two = ensemble.score(rows, as_percentiles)
+    assert two > one
+    by_max = Ensemble(("dose", "latent_distance", "rapp"), "max").score(rows, as_percentiles)
+    assert by_max[0] > by_max[1]
+    assert Ensemble.from_manifest({"ensemble": ensemble.to_manifest()}) == ensemble
+    assert Ensemble.from_manifest({}) == Ensemble()  # format 3: the larger of two
+
+
+def test_the_gap_projection_whitens_the_gaps_of_its_training_rows() -> None:
+    rng = np.random.default_rng(0)
+    # Gaps with one wide direction and one narrow one: a step along the narrow one is rare.
+    gaps = rng.normal(size=(2000, 2)) * np.array([10.0, 0.1]) + np.array([3.0, -1.0])
+    projection = GapProjection.fit(gaps)
+    own = projection.score(gaps)
+    assert own.mean() == pytest.approx(2.0, rel=1e-6)  # whitened: one per direction
+    along = projection.score(np.array([[3.0 + 10.0, -1.0], [3.0, -1.0 + 10.0]]))
+    assert along[1] > 1000 * along[0]  # the same step counts for more where normal data is narrow
+    again = GapProjection.from_bytes(projection.to_bytes(), width=2)
+    np.testing.assert_allclose(again.score(gaps), own, rtol=1e-4)
+    with pytest.raises(ValueError, match="over 3 hidden units"):
+        GapProjection.from_bytes(projection.to_bytes(), width=3)

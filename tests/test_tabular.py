@@ -71,6 +71,24 @@ def table_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
     return out, names, x[np.array(labels) == "malignant"]
 
 
+def test_a_table_of_249_normal_rows_trains_with_default_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Breast cancer split 70/30: 249 benign rows to learn from and calibrate on."""
+    path, *_ = breast_cancer_csv(tmp_path / "breast_cancer.csv")
+    out = tmp_path / "vae.pt"
+    argv = ["--data", str(path), "--label-column", LABEL, "--normal-value", "benign",
+            "--test-fraction", "0.3", "--out", str(out), "--epochs", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = manifest_of(out)
+    assert (manifest["dataset"]["train_size"], manifest["dataset"]["val_size"]) == (175, 75)
+    assert manifest["calibration"]["n"] == 75
+    assert (
+        "calibration  75 validation rows: the smallest tail they resolve is 1.32%; at the "
+        "default 0.99 threshold, only inputs beyond every one of them are flagged"
+    ) in capsys.readouterr().out
+
+
 def test_a_csv_trains_on_its_normal_rows_and_records_its_features(
     table_model: tuple[Path, list[str], np.ndarray],
 ) -> None:

@@ -101,6 +101,27 @@ def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> No
     assert vae.neighbours is not None
     assert vae.neighbours.reference.shape == (train_size, manifest["latent_dim"])
     np.testing.assert_allclose(np.linalg.norm(vae.neighbours.reference, axis=1), 1.0, atol=1e-6)
+    # RaPP's projection, fitted on the same training rows' hidden gaps (512 + 256 units).
+    assert manifest["rapp"] == {"method": "nap", "n": train_size,
+                                "source": "hidden-space reconstruction gaps of training rows"}  # fmt: skip
+    assert vae.gaps is not None
+    assert vae.gaps.mean.shape == (768,)
+    assert manifest["ensemble"] == {"scores": ["dose", "latent_distance", "rapp"],
+                                    "combine": "fisher"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_calibration_is_on_the_data_as_callers_send_it(mnist_artifact: Path) -> None:
+    """Grey validation digits, not binarised ones: held-out grey test digits are flagged at
+    about the threshold's 1% (binarised, a digit's reconstruction runs higher, fewer are)."""
+    vae = VAEService.load(mnist_artifact, "cpu")
+    grey = load_data(MNIST_DIR).x_test
+    scores = vae.anomaly_scores(grey, 16, seed=0)
+    q = vae.calibration.effective_threshold(0.99)
+    flagged = float(
+        np.mean(vae.calibration.percentile(vae.decision_score, scores[vae.decision_score]) > q)
+    )
+    assert 0.002 <= flagged <= 0.03, flagged  # 5,000 digits: 1% is 50 of them
 
 
 def test_dry_run_exports_a_loadable_artifact(vectors: Path, tmp_path: Path) -> None:
@@ -260,33 +281,35 @@ def test_short_run_reports_the_evaluation_it_did(
 
 @pytest.mark.parametrize(
     ("n", "val"),
-    [(22_699, 2000), (20_000, 2000), (2_369, 237), (1_000, 100), (600, 100), (300, 100)],
-)
-def test_validation_split_is_a_tenth_within_floor_and_cap(n: int, val: int) -> None:
+    [(22_699, 2000), (20_000, 2000), (2_369, 237), (1_000, 100), (600, 100), (300, 90),
+     (249, 75), (50, 15)],
+)  # fmt: skip
+def test_validation_split_is_a_tenth_within_floor_and_cap_and_proportionate_when_small(
+    n: int, val: int
+) -> None:
     assert validation_size(n, TrainConfig()) == val
 
 
 def test_validation_split_follows_its_flags() -> None:
     cfg = TrainConfig(val_fraction=0.5, val_min=10, val_max=40)
-    assert [validation_size(n, cfg) for n in (40, 60, 1000)] == [20, 30, 40]
+    assert [validation_size(n, cfg) for n in (50, 60, 1000)] == [25, 30, 40]
 
 
 def test_data_set_too_small_to_train_on_is_refused() -> None:
-    with pytest.raises(DataError, match="299 training rows are too few: a validation split of "
-                       "100 would leave 199 to train on, fewer than the 200 needed"):  # fmt: skip
-        validation_size(299, TrainConfig())
+    with pytest.raises(DataError, match="49 training rows are too few: at least 50 are needed"):
+        validation_size(49, TrainConfig())
 
 
 def test_too_small_data_set_exits_2_naming_the_sizes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rng = np.random.default_rng(0)
-    for name, n in (("train", 250), ("test", 20)):
+    for name, n in (("train", 40), ("test", 20)):
         np.save(tmp_path / f"{name}.npy", rng.random((n, 4), dtype=np.float32))
     assert run(tmp_path, tmp_path / "vae.pt") == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: {tmp_path}: 250 training rows are too few: a validation split of 100 would "
-        "leave 150 to train on, fewer than the 200 needed (twice --val-min).\n"
+        f"error: {tmp_path}: 40 training rows are too few: at least 50 are needed, to learn "
+        "from and to calibrate the anomaly scores on.\n"
     )
     assert not (tmp_path / "vae.pt").exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.model import VAEService
-from tests.conftest import LEGACY_LEVELS, as_quantiles, drop_format_3
+from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4
 from training.__main__ import main as train
 from training.config import ModelConfig
 from training.export import export_artifact, load_weights, sha256_of
@@ -25,8 +25,8 @@ def as_format_2(artifact: Path, out: Path) -> Path:
     model.load_state_dict(weights)
     assert background is not None
     bg.load_state_dict(background)
+    drop_format_4(manifest["calibration"], manifest)
     drop_format_3(manifest["calibration"], manifest)
-    as_quantiles(manifest["calibration"])
     manifest["format_version"] = 2
     export_artifact(model.eval(), manifest, out, bg.eval())
     return out

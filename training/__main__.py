@@ -280,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(result.seconds, 1),
         "history": result.history,
     }
-    calibrated, scoring, neighbours = calibration(model, splits, cfg, background)
+    calibrated, scoring, refs = calibration(model, splits, cfg, background)
     if data.test_is_anomaly is not None:
         metrics["test_auroc"] = test_auroc(
-            model, splits, cfg, background, scoring, neighbours, calibrated,
+            model, splits, cfg, background, scoring, refs, calibrated,
             data.test_is_anomaly[: len(splits.x_test)],
         )  # fmt: skip
     log.info("test metrics: %s", {k: v for k, v in metrics.items() if k != "history"})
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         scoring=scoring,
         features=data.features,
     )  # fmt: skip
-    sha = export_artifact(model, manifest, args.out, background, neighbours)
+    sha = export_artifact(model, manifest, args.out, background, refs)
     print(
         f"\nartifact     {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)\n"
         f"sha256       {sha}\n"
@@ -311,9 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         f"(IWAE bound, K={metrics['log_likelihood_k']}, {metrics['test_images']} test images)\n"
         f"best epoch   {result.best_epoch}/{cfg.epochs} (val ELBO {result.best_val_elbo:.2f})\n"
         + _auroc_line(metrics.get("test_auroc"))
+        + _calibration_line(len(splits.x_val))
         + f"train time   {result.seconds:.0f}s; wall time {time.perf_counter() - t_start:.0f}s"
     )
     return 0
+
+
+def _calibration_line(n: int) -> str:
+    """What tail the validation split resolves, and what that does to the 0.99 threshold."""
+    tail = 1 / (n + 1)
+    line = f"calibration  {n} validation rows: the smallest tail they resolve is {tail:.2%}"
+    if tail > 0.01:
+        line += "; at the default 0.99 threshold, only inputs beyond every one of them are flagged"
+    return line + "\n"
 
 
 def _auroc_line(aurocs: dict[str, float] | None) -> str:

@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of the normal rows held out for testing")  # fmt: skip
     p.add_argument(
         "--train-args",
-        default="--epochs 200 --batch-size 32 --val-min 30",
-        help="more flags for python -m training, as one string",
+        default="",
+        help="more flags for python -m training, as one string (default: none, the CLI's own)",
     )
     return p.parse_args(argv)
 

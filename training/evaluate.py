@@ -16,7 +16,7 @@ from torch import Tensor
 
 from app.calibration import Calibration
 from app.model import PROJECTION_STEPS, PROJECTION_TRIM, projected_feature_nll
-from app.scores import ENSEMBLE, Density, Neighbours, complexity_bits, ensemble, input_complexity
+from app.scores import Density, Ensemble, References, complexity_bits, input_complexity
 from training.model import VAE
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ SCORE_DIRECTIONS = {
     "likelihood_ratio": "lower",  # format 2, with a background model
     "dose": "higher",  # format 2
     "latent_distance": "higher",  # format 3
-    "ensemble": "higher",  # format 3: a percentile, the larger of dose's and latent_distance's
+    "rapp": "higher",  # format 4: the hidden-space reconstruction gap, whitened (NAP)
+    "ensemble": "higher",  # format 3: the larger percentile of two; 4: the tails of three, summed
 }
 
 # DoSE's summary statistics: the two cheap scores and, for inputs in [0, 1], the compressed
@@ -113,15 +114,17 @@ def anomaly_scores(
     seed: int = 0,
     background: VAE | None = None,
     density: Density | None = None,
-    neighbours: Neighbours | None = None,
+    references: References | None = None,
     calibration: Calibration | None = None,
+    ensemble: Ensemble | None = None,
 ) -> dict[str, np.ndarray]:
     """The service's scores, computed the same way: KL, log reconstruction probability with L =
     `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`; for
     data in [0, 1], the compressed length and the input complexity; with a `background` model,
     the likelihood ratio (same eps for both); with a fitted `density`, DoSE; with the training
-    means as `neighbours`, the latent distance; and with both and their `calibration`, the
-    ensemble."""
+    means among the `references`, the latent distance, and with their gap projection, RaPP;
+    and with the scores an `ensemble` combines and their `calibration`, the ensemble."""
+    references = references or References()
     g = torch.Generator().manual_seed(seed)
     scores: dict[str, list[Tensor]] = {}
     z = model.latent_dim
@@ -130,8 +133,10 @@ def anomaly_scores(
         recon = model.reconstruction_log_prob(xb, eps)
         scores.setdefault("kl_divergence", []).append(model.kl_divergence(xb))
         scores.setdefault("reconstruction_log_prob", []).append(recon)
-        if neighbours is not None:
+        if references.neighbours is not None:
             scores.setdefault("latent_mean", []).append(model.encode(xb)[0])
+        if references.gaps is not None:
+            scores.setdefault("hidden_gap", []).append(model.hidden_gap(xb))
         if background is not None:
             ratio = recon - background.reconstruction_log_prob(xb, eps)
             scores.setdefault("likelihood_ratio", []).append(ratio)
@@ -144,11 +149,19 @@ def anomaly_scores(
         out["input_complexity"] = input_complexity(out["reconstruction_log_prob"], bits)
     if density is not None:
         out["dose"] = density.score(out)
-    if neighbours is not None:
-        out["latent_distance"] = neighbours.score(out["latent_mean"])
-    if calibration is not None and all(n in out for n in ENSEMBLE):
-        out["ensemble"] = ensemble({n: calibration.percentile(n, out[n]) for n in ENSEMBLE})
+    if references.neighbours is not None:
+        out["latent_distance"] = references.neighbours.score(out["latent_mean"])
+    if references.gaps is not None:
+        out["rapp"] = references.gaps.score(out["hidden_gap"])
+    if calibration is not None and ensemble is not None and all(n in out for n in ensemble.scores):
+        out["ensemble"] = ensemble.score(out, calibration.percentile)
     return out
+
+
+@torch.no_grad()
+def hidden_gaps(model: VAE, x: Tensor, *, batch_size: int = 1000) -> np.ndarray:
+    """RaPP's hidden-space reconstruction gaps of x, (N, sum of hidden_dims)."""
+    return torch.cat([model.hidden_gap(xb) for xb in x.split(batch_size)]).cpu().numpy()
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from app.model import BACKGROUND, LATENT_REFERENCE, MANIFEST
-from app.scores import Neighbours
+from app.model import BACKGROUND, GAP_PROJECTION, LATENT_REFERENCE, MANIFEST
+from app.scores import References
 from training.model import VAE
 
 # 2: the scores of app/scores.py (input complexity, DoSE, the likelihood ratio) and attribution;
@@ -85,14 +85,16 @@ def export_artifact(
     manifest: dict[str, Any],
     path: Path,
     background: VAE | None = None,
-    neighbours: Neighbours | None = None,
+    references: References | None = None,
 ) -> str:
     """Script `model`, save it with `manifest` (the scripted `background` model, for the
-    likelihood ratio, and the `neighbours`' reference, for the latent distance) to `path`
+    likelihood ratio, and the `references`, for the latent distance and RaPP) to `path`
     atomically, and return its sha256."""
     extra: dict[str, Any] = {MANIFEST: json.dumps(manifest, indent=1)}  # str or bytes
-    if neighbours is not None:
-        extra[LATENT_REFERENCE] = neighbours.to_bytes()
+    if references is not None and references.neighbours is not None:
+        extra[LATENT_REFERENCE] = references.neighbours.to_bytes()
+    if references is not None and references.gaps is not None:
+        extra[GAP_PROJECTION] = references.gaps.to_bytes()
     with _quiet_jit():
         scripted = torch.jit.script(model.cpu().eval())
         if background is not None:

@@ -50,6 +50,29 @@ class VAE(nn.Module):
         mean, logvar = out.chunk(2, dim=-1)
         return mean, logvar
 
+    def activations(self, x: Tensor) -> list[Tensor]:
+        """The encoder's hidden layers' outputs (after each ReLU) for x (B, D), in order."""
+        h = (x - self.x_shift) / self.x_scale
+        out: list[Tensor] = []
+        for i, layer in enumerate(self.encoder):  # Linear, ReLU, Linear, ReLU, ...
+            h = layer(h)
+            if i % 2 == 1:
+                out.append(h)
+        return out
+
+    @torch.jit.export
+    def hidden_gap(self, x: Tensor) -> Tensor:
+        """RaPP's reconstruction in the hidden spaces (Kim et al., ICLR 2020): the encoder's
+        activations of x minus those of its reconstruction E[x|z = mean], every hidden layer
+        side by side; (B, D) -> (B, sum of hidden_dims). An input the model cannot reproduce
+        differs from its reconstruction in features the pixels alone do not show."""
+        mean, _ = self.encode(x)
+        ours, theirs = self.activations(x), self.activations(self.decode(mean))
+        gaps: list[Tensor] = []
+        for k in range(len(ours)):
+            gaps.append(ours[k] - theirs[k])
+        return torch.cat(gaps, dim=1)
+
     def decoder_params(self, z: Tensor) -> Tensor:
         """Bernoulli logits, or the Gaussian mean; z (..., Z) -> (..., D)."""
         out: Tensor = self.dec_out(self.decoder(z))

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(splits.x_val)} validation rows, but the artifact was trained on "
               f"{recorded[0]} and {recorded[1]}: not its data.", file=sys.stderr)  # fmt: skip
         return 2
-    calibrated, scoring, neighbours = calibration(model, splits, cfg, background)
+    calibrated, scoring, refs = calibration(model, splits, cfg, background)
     manifest = build_manifest(
         model, input_shape=tuple(old["input_shape"]), model_config=old["model"],
         train_config=old["training"], dataset=old["dataset"], metrics=old["metrics"],
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "format_version": old["format_version"],
         "created_at": old.get("created_at"),
     }
-    sha = export_artifact(model, manifest, args.out, background, neighbours)
+    sha = export_artifact(model, manifest, args.out, background, refs)
     print(f"artifact     {args.out} (format_version {FORMAT_VERSION})\nsha256       {sha}")
     return 0
 

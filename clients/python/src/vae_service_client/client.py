@@ -72,8 +72,8 @@ JSON = "application/json"
 NPY = "application/x-npy"
 # .npy preferred for array answers; errors (and /anomaly-score) come back as JSON regardless.
 ACCEPT_NPY = f"{NPY}, {JSON};q=0.5"
-# Format-2 and format-3 scores: None from servers or artifacts without them.
-NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "ensemble")
+# Format-2 to format-4 scores: None from servers or artifacts without them.
+NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "rapp", "ensemble")
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
@@ -88,6 +88,7 @@ ScoreName = Literal[
     "likelihood_ratio",
     "dose",
     "latent_distance",
+    "rapp",
     "ensemble",
 ]
 
@@ -240,13 +241,17 @@ class ScorePercentiles:
     likelihood_ratio: Array | None = None
     dose: Array | None = None
     latent_distance: Array | None = None
+    rapp: Array | None = None
     ensemble: Array | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class AnomalyScores:
     """/anomaly-score's answer: each score (B,), their percentiles, and the decision; scores
-    the server did not compute (or an older server does not know) are None."""
+    the server did not compute (or an older server does not know) are None; a score that is
+    not finite (an input beyond what the model represents) is NaN, its percentile 1.0.
+    `uncalibrated` names the scores computed with another L or K than calibrated, and
+    `warnings` says, one sentence each, what the answer cannot promise."""
 
     kl_divergence: Array
     reconstruction_log_prob: Array
@@ -261,9 +266,12 @@ class AnomalyScores:
     likelihood_ratio: Array | None = None
     dose: Array | None = None
     latent_distance: Array | None = None
+    rapp: Array | None = None
     ensemble: Array | None = None
     attribution: Array | None = None  # (B, D) when asked for
     top_features: list[list[FeatureShare]] | None = None  # per instance, when asked for
+    uncalibrated: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -273,7 +281,7 @@ class FeatureShare:
 
     index: int
     feature: str | None
-    attribution: float
+    attribution: float | None  # None where it is not finite (ranked first)
 
 
 @dataclass(frozen=True)
@@ -411,6 +419,8 @@ def _read_scores(response: httpx.Response) -> AnomalyScores:
         threshold_percentile=float(body["threshold_percentile"]),
         samples=int(body["samples"]),
         log_likelihood_samples=body.get("log_likelihood_samples"),
+        uncalibrated=list(body.get("uncalibrated", [])),
+        warnings=list(body.get("warnings", [])),
     )
 
 
