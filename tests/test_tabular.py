@@ -265,10 +265,10 @@ def test_the_client_and_v2_send_records_too(
 
 def test_tables_read_from_a_directory_with_a_test_file_and_from_parquet(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 3))
+    x = rng.normal(size=(70, 3))
     header = ["a", "b", "c"]
-    write_csv(tmp_path / "train.csv", header, x[:40].tolist())
-    pq.write_table(pa.table({n: x[40:, i] for i, n in enumerate(header)}),
+    write_csv(tmp_path / "train.csv", header, x[:60].tolist())
+    pq.write_table(pa.table({n: x[60:, i] for i, n in enumerate(header)}),
                    tmp_path / "test.parquet")  # fmt: skip
     out = tmp_path / "vae.pt"
     assert main(["--data-dir", str(tmp_path), "--out", str(out), "--dry-run", "--val-min", "5",
@@ -276,7 +276,7 @@ def test_tables_read_from_a_directory_with_a_test_file_and_from_parquet(tmp_path
     m = manifest_of(out)
     assert m["features"]["names"] == header
     assert m["dataset"]["test_size"] == 10
-    np.testing.assert_allclose(m["features"]["mean"], x[:40].mean(0)[None].repeat(1, 0)[0],
+    np.testing.assert_allclose(m["features"]["mean"], x[:60].mean(0)[None].repeat(1, 0)[0],
                                rtol=1e-3, atol=1e-4)  # fmt: skip
 
 

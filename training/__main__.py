@@ -217,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":  # one GPU per rank; "cuda" then means this rank's
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        try:
-            return main(argv)
-        finally:
-            dist.destroy_process_group()
+        status = main(argv)  # after a failure no teardown: torchrun ends the other ranks
+        # The teardown is collective (torch.distributed's docs): every rank waits here until
+        # rank 0 has evaluated and exported, then all leave together. A rank that tore down
+        # alone while rank 0 still held the group could abort at exit.
+        dist.barrier()
+        dist.destroy_process_group()
+        return status
     rank = rank_and_world()[0]
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

@@ -67,7 +67,7 @@ class TrainConfig:
     # V + 1 rows is a whole row only from V = 99) resolve the 1% tail of the 0.99 threshold.
     val_fraction: float = option(0.1, "validation share of the training files")
     val_min: int = option(
-        100, "smallest validation split, where the rows allow it (at most 30% of them)"
+        100, "smallest validation split, where the rows allow it (at most 3 in 10 of them)"
     )
     val_max: int = option(2000, "largest validation split")
     # A fresh Bernoulli draw each time an image is shown (Burda et al. 2015); off, a Bernoulli
