@@ -33,6 +33,7 @@ from collections.abc import Awaitable
 import orjson
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.common import routed_path
@@ -188,7 +189,7 @@ class Guard:
                 raise
             detail = f"The request took longer than {timeout:g} s (VAE_REQUEST_TIMEOUT_S)."
             await _refuse(send, v2, 504, detail, [])
-        except ClientGoneError:
+        except (ClientGoneError, ClientDisconnect):  # hung up after the body, or during it
             scope.setdefault("state", {})["client_gone"] = True
 
 

@@ -302,6 +302,21 @@ def test_a_client_that_hangs_up_leaves_no_job_running(
     assert '"POST /encode 499' in server.log.read_text()
 
 
+def test_a_client_that_hangs_up_mid_body_is_logged_as_gone_not_as_a_failure(
+    start_server: StartServer, tiny_artifact: Path
+) -> None:
+    server = start_server({"VAE_MODEL_PATH": str(tiny_artifact)})
+    server.wait_ready()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n{\"instances\": [[0.0,")  # fmt: skip
+        wait_until(lambda: in_flight(server.url) == 1, "the request to get in")
+    wait_until(lambda: in_flight(server.url) == 0, "the server to notice")
+    wait_until(lambda: '"POST /encode 499' in server.log.read_text(), "the request's log line")
+    assert "unexpected" not in server.log.read_text()
+    assert httpx.post(f"{server.url}/encode", json={"instances": X}).status_code == 200
+
+
 # -- a failing batch fails only its own request -------------------------------------------------
 
 
