@@ -73,6 +73,27 @@ class ScoreCalibration:
         share = np.asarray(below if self.higher_is_anomalous else 1.0 - below, np.float32)
         return np.where(np.isfinite(values), share, 1.0).astype(np.float32)
 
+    def log_tail(self, values: Array) -> np.ndarray:
+        """-log(1 - p) for each value, p its percentile, the ensemble's input (format 4), with
+        the tail carried on beyond the most anomalous validation value: the rank stops there
+        (at ln(V + 1)), so one score far beyond all normal data would count no more than one
+        just past it, and the other two could outvote it. Beyond it, the tail of an exponential
+        fitted to the validation's top tenth (at least 10 values) grows linearly with the
+        distance. Infinite for a value that is not finite."""
+        x = np.asarray(values, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            tail = -np.log1p(-self.percentile(values).astype(np.float64))
+        if self.levels is not None or self.n < 10:  # no values to fit a tail to: the rank alone
+            return tail
+        k = max(10, self.n // 10)
+        top = self.points[-k:] if self.higher_is_anomalous else -self.points[:k][::-1]
+        scale = float(np.mean(top - top[0]))  # the exponential's mean excess over top[0]
+        beyond = (x if self.higher_is_anomalous else -x) - top[-1]
+        if scale <= 0.0:
+            return tail
+        extended = math.log(self.n + 1) + beyond / scale
+        return np.where(np.isfinite(x) & (beyond > 0), extended, tail)
+
     def threshold(self, q: float) -> float | None:
         """The score value beyond which an instance's percentile exceeds q, or None when no
         finite value does."""

@@ -317,8 +317,7 @@ class VAEService:
         if self.gaps is not None:
             scores["rapp"] = self.gaps.score(_numpy(self.module.hidden_gap(xt)))
         if "ensemble" in offered:
-            cal = self.calibration.scores
-            scores["ensemble"] = self.ensemble.score(scores, lambda n, v: cal[n].as_trained(v))
+            scores["ensemble"] = self.ensemble.score(scores, self.calibration.scores)
         if ratio and self.background is not None:
             scores["likelihood_ratio"] = recon - _numpy(
                 self.background.reconstruction_log_prob(xt, eps)

@@ -41,13 +41,14 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from app.calibration import ScoreCalibration
 from app.common import Array
 
 LN2 = math.log(2.0)
@@ -226,17 +227,18 @@ class Ensemble:
         return {"scores": list(self.scores), "combine": self.combine}
 
     def score(
-        self, scores: Mapping[str, Array], percentile: Callable[[str, Array], Array]
+        self, scores: Mapping[str, Array], calibration: Mapping[str, ScoreCalibration]
     ) -> Array:
-        """The ensemble of its scores (each (B,)), from their `percentile`s; higher is more
-        anomalous. Where one of them is not finite (an input beyond what the model represents)
-        the ensemble is infinite: beyond all normal data, whatever the others say."""
-        p = [np.asarray(percentile(n, scores[n]), dtype=np.float64) for n in self.scores]
+        """The ensemble of its scores (each (B,)) by their `calibration`s; higher is more
+        anomalous. `max` takes the percentiles as the artifact's trainer computed them
+        (ScoreCalibration.as_trained), `fisher` sums their tails (ScoreCalibration.log_tail).
+        Where one of them is not finite (an input beyond what the model represents) the
+        ensemble is infinite: beyond all normal data, whatever the others say."""
         if self.combine == "max":
-            combined = np.maximum.reduce(p)
+            parts = [calibration[n].as_trained(scores[n]).astype(np.float64) for n in self.scores]
+            combined = np.maximum.reduce(parts)
         else:
-            with np.errstate(divide="ignore"):
-                combined = np.sum([-np.log1p(-q) for q in p], axis=0)
+            combined = np.sum([calibration[n].log_tail(scores[n]) for n in self.scores], axis=0)
         beyond = ~np.all([np.isfinite(scores[n]) for n in self.scores], axis=0)
         return np.where(beyond, np.inf, combined).astype(np.float32)
 

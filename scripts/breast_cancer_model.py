@@ -7,8 +7,9 @@ column of `benign` or `malignant`) to data/breast_cancer.csv, the way the tabula
 writes it, then trains on it through the real CLI with its default flags (the seed alone is
 given), as the tabular benchmark does, so the shipped table model is one of the configurations
 docs/benchmarks/tables.md measures. Benign rows are normal; the trainer holds out a seeded 20%
-of them, and every malignant row, as the test set. Last, models/breast-cancer/manifest.json is written beside the artifact, as
-for models/default/. Needs the `dev` extra (scikit-learn); about half a minute on 2 CPU cores.
+of them, and every malignant row, as the test set. Last, models/breast-cancer/manifest.json is
+written beside the artifact, as for models/default/. Needs the `dev` extra (scikit-learn);
+about half a minute on 2 CPU cores.
 """
 
 from __future__ import annotations

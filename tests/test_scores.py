@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+from app.calibration import Calibration, ScoreCalibration
 from app.scores import (
     Density,
     Ensemble,
@@ -145,33 +146,52 @@ def test_the_reference_round_trips_through_npy_bytes() -> None:
         Neighbours.from_bytes(ref.to_bytes(), k=60, latent_dim=4)
 
 
-def as_percentiles(name: str, values: np.ndarray) -> np.ndarray:
-    return values  # the scores below are percentiles already
+def ranks(*names: str, n: int = 100) -> dict[str, ScoreCalibration]:
+    """Format-4 calibrations of these scores on the validation values 0, 1, ..., n - 1: a value
+    between k - 1 and k has the percentile k / (n + 1)."""
+    entry = {"anomalous_when": "higher", "samples": 0, "values": list(map(float, range(n)))}
+    cal = {"n": n, "scores": dict.fromkeys(names, entry)}
+    return Calibration.from_manifest({"calibration": cal}, "m").scores
 
 
 def test_the_format_3_ensemble_is_the_larger_percentile() -> None:
-    scores = {"dose": np.array([0.2, 0.995]), "latent_distance": np.array([0.7, 0.1])}
-    got = Ensemble().score(scores, as_percentiles)
-    assert got.tolist() == pytest.approx([0.7, 0.995])
+    scores = {"dose": np.array([19.5, 98.5]), "latent_distance": np.array([69.5, 9.5])}
+    got = Ensemble().score(scores, ranks("dose", "latent_distance"))
+    assert got.tolist() == pytest.approx([70 / 101, 99 / 101])
 
 
 def test_the_format_4_ensemble_sums_the_tails_and_is_infinite_beyond_normal_data() -> None:
     ensemble = Ensemble(("dose", "latent_distance", "rapp"), "fisher")
-    scores = {"dose": np.array([0.5, 0.9, 0.5]), "latent_distance": np.array([0.5, 0.9, np.nan]),
-              "rapp": np.array([0.5, 0.5, 0.5])}  # fmt: skip
-    got = ensemble.score(scores, as_percentiles)
-    assert got[:2].tolist() == pytest.approx([3 * np.log(2), 2 * np.log(10) + np.log(2)])
+    cal = ranks(*ensemble.scores)
+    scores = {"dose": np.array([49.5, 89.5, 49.5]), "latent_distance": np.array([49.5, 89.5, np.nan]),
+              "rapp": np.array([49.5, 49.5, 49.5])}  # fmt: skip
+    got = ensemble.score(scores, cal)
+    half, ninety = -np.log1p(-50 / 101), -np.log1p(-90 / 101)
+    assert got[:2].tolist() == pytest.approx([3 * half, 2 * ninety + half], rel=1e-6)
     assert got[2] == np.inf  # a score that is not finite: beyond all normal data
-    # One score very alarmed (0.99) against two somewhat alarmed (0.95 each): the largest
-    # percentile ranks the first higher, the summed tails the second.
-    rows = {"dose": np.array([0.99, 0.95]), "latent_distance": np.array([0.5, 0.95]),
-            "rapp": np.array([0.5, 0.5])}  # fmt: skip
-    one, two = ensemble.score(rows, as_percentiles)
+    # Two scores somewhat alarmed (p = 0.95) outweigh one alarmed a little more (p = 0.99).
+    rows = {"dose": np.array([98.5, 94.5]), "latent_distance": np.array([49.5, 94.5]),
+            "rapp": np.array([49.5, 49.5])}  # fmt: skip
+    one, two = ensemble.score(rows, cal)
     assert two > one
-    by_max = Ensemble(("dose", "latent_distance", "rapp"), "max").score(rows, as_percentiles)
+    by_max = Ensemble(("dose", "latent_distance", "rapp"), "max").score(rows, cal)
     assert by_max[0] > by_max[1]
     assert Ensemble.from_manifest({"ensemble": ensemble.to_manifest()}) == ensemble
     assert Ensemble.from_manifest({}) == Ensemble()  # format 3: the larger of two
+
+
+def test_one_score_far_beyond_all_normal_data_outweighs_two_at_its_edge() -> None:
+    """The rank stops at the last validation value (ln(V + 1) = 4.6 here); beyond it the tail
+    goes on growing, so one score far out cannot be outvoted by two that see nothing."""
+    ensemble = Ensemble(("dose", "latent_distance", "rapp"), "fisher")
+    cal = ranks(*ensemble.scores)
+    rows = {"dose": np.array([99.5, 400.0]), "latent_distance": np.array([99.5, 49.5]),
+            "rapp": np.array([99.5, 49.5])}  # fmt: skip
+    edge, far = ensemble.score(rows, cal)
+    assert far > edge
+    tails = cal["dose"].log_tail(np.array([98.5, 99.5, 150.0, 400.0], dtype=np.float32))
+    assert tails[0] < tails[1] < tails[2] < tails[3]  # one curve, on and beyond the values
+    assert tails[1] == pytest.approx(np.log(101) + 0.5 / 4.5, rel=1e-6)  # top tenth: mean 4.5
 
 
 def test_the_gap_projection_whitens_the_gaps_of_its_training_rows() -> None:

@@ -16,9 +16,8 @@ import pytest
 from app.model import VAEService
 from app.settings import Settings
 from tests.conftest import MNIST_DIR, REPO, Server
-from training.benchmark_anomaly import PATCH, paste, paste_patches, per_pixel_ceiling
-from training.data import binarize_fixed, load_data
-from training.pipeline import TEST_BINARIZATION_SEED
+from training.benchmark_anomaly import PATCH, changed_found, paste, paste_patches
+from training.data import load_data
 
 SHIPPED = REPO / "models" / "default"
 RESULTS = (REPO / "docs" / "results.md").read_text()
@@ -72,8 +71,7 @@ def shipped() -> VAEService:
 
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
-    x = load_data(MNIST_DIR).x_test[:1000]
-    return binarize_fixed(x, TEST_BINARIZATION_SEED)
+    return load_data(MNIST_DIR).x_test[:1000]  # grey, as callers send them
 
 
 def flagged(vae: VAEService, x: np.ndarray) -> np.ndarray:
@@ -92,28 +90,27 @@ def test_the_default_decision_flags_blank_and_noise_and_passes_digits(
     assert flagged(shipped, blank).tolist() == [True, True]  # all black, all white
     noise = np.random.default_rng(0).uniform(size=(1000, 784))
     assert flagged(shipped, noise).mean() >= 0.99
-    # Calibrated at the 0.99 percentile of normal validation digits: about 1% of normal test
-    # digits are flagged.
+    # Calibrated on grey validation digits at the 0.99 threshold: about 1% of the grey normal
+    # test digits are flagged (1.48% of all 10,000; 1,000 here).
     assert flagged(shipped, digits).mean() <= 0.03
 
 
 @pytest.mark.slow
 def test_attribution_points_at_a_pasted_patch(shipped: VAEService, digits: np.ndarray) -> None:
-    """Measured 0.629 on 100 digits (docs/anomaly.md), against 0.46 for format 2's average over
-    posterior samples: far above chance (64 of 784 pixels, 8%), below the 0.78 that ranking
-    exactly the pixels the patch changed would reach, where it overlaps the stroke."""
+    """Of the pixels the patch changed, the share among as many most-attributed ones: 0.66 on
+    the benchmark's 100 grey digits (docs/benchmarks/anomaly.md), far above chance (64 of 784
+    pixels, 8%), short of the 0.80 asked for."""
     patched, mask = paste_patches(digits[:100], seed=0)
     out = shipped.anomaly_scores(patched.astype(np.float32), 16, seed=0, attribution=True)
-    top = np.argsort(-out["attribution"], axis=1)[:, : PATCH * PATCH]
-    assert np.take_along_axis(mask, top, axis=1).mean() >= 0.55
-    # The issue's 80% is out of reach of any per-pixel map on these digits.
-    assert per_pixel_ceiling(digits[:100], patched, mask) < 0.80
+    order = np.argsort(-out["attribution"], axis=1)
+    assert np.take_along_axis(mask, order[:, : PATCH * PATCH], axis=1).mean() >= 0.55
+    assert changed_found(order, patched != digits[:100]) >= 0.55
 
 
 @pytest.mark.slow
 def test_attribution_points_at_a_thin_line(shipped: VAEService, digits: np.ndarray) -> None:
-    """A 1 x 12 white line, a scratch: measured 0.607 of the 12 top pixels on it (chance: 1.5%),
-    the thin anomaly that smoothing the map would lose (docs/anomaly.md)."""
+    """A 1 x 12 white line, a scratch: 0.70 of the changed pixels found on the benchmark's
+    grey digits (chance: 1.5%), the thin anomaly that smoothing the map would lose."""
     lined, mask = paste(digits[:100], 1, 12, seed=0)
     out = shipped.anomaly_scores(lined.astype(np.float32), 16, seed=0, attribution=True)
     top = np.argsort(-out["attribution"], axis=1)[:, :12]

@@ -71,10 +71,10 @@ def table_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
     return out, names, x[np.array(labels) == "malignant"]
 
 
-def test_a_table_of_249_normal_rows_trains_with_default_flags(
+def test_a_table_of_250_normal_rows_trains_with_default_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Breast cancer split 70/30: 249 benign rows to learn from and calibrate on."""
+    """Breast cancer split 70/30: 250 benign rows to learn from and calibrate on."""
     path, *_ = breast_cancer_csv(tmp_path / "breast_cancer.csv")
     out = tmp_path / "vae.pt"
     argv = ["--data", str(path), "--label-column", LABEL, "--normal-value", "benign",

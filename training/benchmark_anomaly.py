@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data_dir}: the benchmark needs label files.", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    result: dict[str, Any] = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    }
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.preset == "quick":  # what it trained for, not the --epochs it did not use
+        config["epochs"] = PRESETS["quick"].train["epochs"]
+    result: dict[str, Any] = {"config": config}
     if args.digits:
         per_digit: dict[int, dict[str, float]] = {}
         alarms: dict[str, dict[str, float]] = {}

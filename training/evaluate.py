@@ -154,7 +154,7 @@ def anomaly_scores(
     if references.gaps is not None:
         out["rapp"] = references.gaps.score(out["hidden_gap"])
     if calibration is not None and ensemble is not None and all(n in out for n in ensemble.scores):
-        out["ensemble"] = ensemble.score(out, calibration.percentile)
+        out["ensemble"] = ensemble.score(out, calibration.scores)
     return out
 
 

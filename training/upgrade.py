@@ -3,10 +3,12 @@
     python -m training.upgrade models/default/vae.pt --data-dir ../shared/datasets/mnist \
         --out models/default/vae.pt
 
-The format-3 scores need what only the training data gives: the training rows' latent means
-(the latent distance's reference) and the validation split's quantiles of the new scores. The
-split is rebuilt from the manifest's own settings (seed, validation share) and checked against
-the sizes the manifest recorded, so the calibration is on the same held-out rows as before.
+The newer scores need what only the training data gives: the training rows' latent means and
+hidden-space gaps (the latent distance's and RaPP's references) and the validation split's
+values of every score, as callers send the data (grey digits). The split is rebuilt from the
+manifest's own settings (seed, validation share) and checked against the sizes the manifest
+recorded, so the calibration is on the same held-out rows as before. The model is scripted
+afresh from its weights, so it gains the methods the current format needs (hidden_gap).
 The weights, the background model, the training record and the test metrics are kept; the
 manifest says what it was upgraded from. Tables are not upgraded here: retrain them.
 """
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.artifact}: already format_version {old['format_version']}.")
         return 0
     if "features" in old or old["format_version"] < 2:
-        print(f"error: {args.artifact}: only format-2 image and vector artifacts can be "
-              "upgraded; retrain this one with `python -m training`.", file=sys.stderr)  # fmt: skip
+        print(f"error: {args.artifact}: only format-2 and format-3 image and vector "
+              "artifacts can be upgraded; retrain this one with `python -m training`.",
+              file=sys.stderr)  # fmt: skip
         return 2
     model_cfg = ModelConfig.from_dict(old["model"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
