@@ -227,18 +227,29 @@ class Ensemble:
         return {"scores": list(self.scores), "combine": self.combine}
 
     def score(
-        self, scores: Mapping[str, Array], calibration: Mapping[str, ScoreCalibration]
+        self,
+        scores: Mapping[str, Array],
+        calibration: Mapping[str, ScoreCalibration],
+        held_out: bool = False,
     ) -> Array:
         """The ensemble of its scores (each (B,)) by their `calibration`s; higher is more
         anomalous. `max` takes the percentiles as the artifact's trainer computed them
-        (ScoreCalibration.as_trained), `fisher` sums their tails (ScoreCalibration.log_tail).
-        Where one of them is not finite (an input beyond what the model represents) the
-        ensemble is infinite: beyond all normal data, whatever the others say."""
+        (ScoreCalibration.as_trained), `fisher` sums their tails (ScoreCalibration.log_tail;
+        with `held_out`, the scores are the calibration's own validation values, each taken
+        against the others: ScoreCalibration.held_out_log_tails). Where one of them is not
+        finite (an input beyond what the model represents) the ensemble is infinite: beyond
+        all normal data, whatever the others say."""
         if self.combine == "max":
             parts = [calibration[n].as_trained(scores[n]).astype(np.float64) for n in self.scores]
             combined = np.maximum.reduce(parts)
         else:
-            combined = np.sum([calibration[n].log_tail(scores[n]) for n in self.scores], axis=0)
+            tails = [
+                calibration[n].held_out_log_tails(scores[n])
+                if held_out
+                else calibration[n].log_tail(scores[n])
+                for n in self.scores
+            ]
+            combined = np.sum(tails, axis=0)
         beyond = ~np.all([np.isfinite(scores[n]) for n in self.scores], axis=0)
         return np.where(beyond, np.inf, combined).astype(np.float32)
 

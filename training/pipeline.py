@@ -199,8 +199,8 @@ def calibration(
     send it, and what the newer scores need: the DoSE density fitted there (its own points
     scored leave-one-out), the attribution's per-feature statistics, the decision score and
     the ensemble's recipe (in the manifest), and the training rows' references (files of their
-    own). The ensemble is calibrated on percentiles taken from this same calibration, as the
-    service takes them."""
+    own). The ensemble is calibrated on tails taken from this same calibration, as the
+    service takes them, each validation row's against the other rows."""
     n_l, n_k = cfg.calibration_samples, cfg.calibration_ll_samples
     x_val = splits.val_served
     refs = references(model, splits, cfg)
@@ -218,11 +218,12 @@ def calibration(
         if name not in ("kl_divergence", "latent_distance", "rapp")
     }
     samples["log_likelihood"] = n_k
-    # The ensemble is of percentiles the service reads off the other scores' calibration, so
-    # it is calibrated after them, and its own values join theirs.
+    # The ensemble is of tails the service reads off the other scores' calibration, so it is
+    # calibrated after them, and its own values join theirs. Each validation row's tails are
+    # taken against the other rows, as a new row's are against all of them.
     calibrated = calibrate(scores, samples)
     parts = Calibration.from_manifest({"calibration": calibrated}, "calibration")
-    scores["ensemble"] = ENSEMBLE_4.score(scores, parts.scores)
+    scores["ensemble"] = ENSEMBLE_4.score(scores, parts.scores, held_out=True)
     calibrated["scores"] |= calibrate({"ensemble": scores["ensemble"]}, samples)["scores"]
     decision = DECISION_SCORE["bernoulli" if model.bernoulli else "gaussian"]
     assert refs.neighbours is not None
