@@ -85,7 +85,9 @@ def test_sanity_sets_score_a_served_model(mnist_artifact: Path, tmp_path: Path) 
     sanity = json.loads(out.read_text())["sanity"]
     kinds = {"uniform noise", "inverted", "blurred", "8x8 patch"}
     assert set(sanity["auroc"]) == kinds
-    assert set(sanity["flagged"]) == kinds | {"normal test digits", "all black", "all white"}
+    normal = {"normal test digits", "normal test digits, binarised"}
+    assert set(sanity["flagged"]) == kinds | normal | {"all black", "all white"}
+    assert all(0.0 <= sanity["flagged"][n] <= 1.0 for n in normal)
     assert sanity["auroc"]["uniform noise"][sanity["decision_score"]] > 0.9
     assert set(sanity["attribution"]) == set(ATTRIBUTION_SHAPES)
     for hits in sanity["attribution"].values():

@@ -27,6 +27,11 @@ def test_vae_service_and_pyod_are_scored_on_the_same_split(
     assert run["train_rows"] == 357 - 107
     # The CLI trained on those same rows, less its validation split.
     assert run["artifact_train_size"] == run["train_rows"] - 30
+    # The false alarms: a share of the 107 held-out benign rows, by the default decision at
+    # 0.99, which the 30 calibration rows cannot resolve (the threshold is lowered).
+    assert run["calibration_rows"] == 30
+    assert 0.0 <= run["false_alarms"] <= 1.0
+    assert run["false_alarms"] * 107 == pytest.approx(round(run["false_alarms"] * 107), abs=0.01)
     assert set(run["pyod"]) == {"IForest", "ECOD"}
     assert {"kl_divergence", "reconstruction_log_prob", "dose"} <= set(run["vae_service"])
     for metrics in [*run["pyod"].values(), *run["vae_service"].values()]:
