@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file, `app` and `scripts` are not on the path otherwise
 
-from app.common import SCORES  # noqa: E402
+from app.common import SCORES, listing  # noqa: E402
 from scripts.settings_doc import table  # noqa: E402
 
 if TYPE_CHECKING:
@@ -77,7 +77,23 @@ SHORT = dict(
     )
 )
 # Scores that a format adds to the calibration (app/common.py says the same of SCORES' order).
-FORMAT_SCORES = ((3, ("latent_distance", "ensemble")), (2, ("input_complexity", "dose")))
+# Format 4 first held the rank calibration alone; an artifact with `rapp` is of the format 4
+# whose ensemble combines three scores, the one the trainer writes now.
+FORMAT_SCORES = (
+    (4, ("rapp",)),
+    (3, ("latent_distance", "ensemble")),
+    (2, ("input_complexity", "dose")),
+)
+CURRENT_FORMAT = FORMAT_SCORES[0][0]
+# The shipped MNIST model's earlier artifacts, oldest first, each upgraded to the next with the
+# same weights: an upgraded manifest names only the artifact it was made from, and results
+# keyed to an older sha256 (the latent probe's) still describe these weights.
+SHIPPED_LINEAGE = (
+    ("c6ea81f747c890129b3a9d3e0d8ad92255a67d0e1603e40d6ba7387d4e52f99d", 2),
+    ("eae3ec8648d7dce5e2a15518dc88e2047fbd232de4c0aaa75800f1081d974f46", 3),
+)
+# The share of a pasted shape's changed pixels the attribution was asked to find.
+ATTRIBUTION_TARGET = 0.80
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -125,8 +141,22 @@ def megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def percent(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def default_threshold() -> float:
+    """The service's default VAE_ANOMALY_PERCENTILE, at which the benchmarks count false alarms."""
+    from app.settings import Settings
+
+    q: float = Settings.model_fields["anomaly_percentile"].default
+    return q
+
+
+def out_at(command: str, name: str) -> str:
+    """A recorded command with its --out where the committed file lies: the run wrote to the
+    measuring machine's scratch directory, and the file was copied here."""
+    return re.sub(r"--out \S+", f"--out docs/benchmark/{name}.json", command)
 
 
 def bold_best(cells: list[str], values: Sequence[float | None]) -> list[str]:
@@ -213,6 +243,7 @@ def shipped_model(page: Path) -> str:
             f"images: training / validation / test ({data['name']})",
             f"{data['train_size']:,} / {data['val_size']:,} / {data['test_size']:,}",
         ),
+        calibration_row(m["calibration"]),
         (
             "artifact: size, format, decision score",
             f"{megabytes(size)}, {m['format_version']}, `{m['decision_score']}`",
@@ -223,15 +254,34 @@ def shipped_model(page: Path) -> str:
     origin = m.get("upgraded_from")
     note = ""
     if origin is not None:
+        before = [
+            f", itself brought from format {fmt}, `{sha[:8]}…`"
+            for sha, fmt in reversed(SHIPPED_LINEAGE)
+            if fmt < origin["format_version"]
+        ][:1]
         note = (
             f"\nBrought to format {m['format_version']} from format {origin['format_version']} "
-            f"(sha256 `{origin['sha256'][:8]}…`, the same weights) by "
-            "`python -m training.upgrade`.\n"
+            f"(sha256 `{origin['sha256'][:8]}…`{''.join(before)}) by "
+            "`python -m training.upgrade`: the same weights throughout.\n"
         )
     return (
         f"sha256 `{summary['sha256']}`, from {link(page, SHIPPED / 'manifest.json')}:\n\n"
         + table(("", "value"), rows)
         + note
+    )
+
+
+def calibration_row(cal: dict[str, Any]) -> tuple[str, str]:
+    """The calibration's size, the smallest tail it resolves, and the threshold the service
+    applies at its default, lowered where the rows cannot resolve it."""
+    from app.calibration import Calibration
+
+    q = default_threshold()
+    applied = Calibration(cal["n"], {}).effective_threshold(q)
+    kept = f"keeps {q:g}" if applied == q else f"lowered to {applied:.4f}"
+    return (
+        f"calibration: validation rows, smallest tail resolved; the threshold at {q:g}",
+        f"{cal['n']:,}, {percent(cal['resolvable_tail'], 2)}; {kept}",
     )
 
 
@@ -249,6 +299,7 @@ def table_model(page: Path) -> str:
             f"rows: training / validation / test ({data['name']}, `{data['label_column']}`)",
             f"{data['train_size']:,} / {data['val_size']:,} / {data['test_size']:,}",
         ),
+        calibration_row(m["calibration"]),
         ("features", f"{m['input_dim']}, {m['likelihood']} decoder"),
         (
             "net",
@@ -302,23 +353,78 @@ def shipped_scoring(page: Path) -> str:
     m = shipped_manifest()
     k = m["training"]["calibration_samples"], m["training"]["calibration_ll_samples"]
     reference = m["latent_distance"]
-    return (
-        f"The shipped model was calibrated with L={k[0]} and K={k[1]}; its latent distance "
-        f"compares with the posterior means of {reference['n']:,} training images "
-        f"(k={reference['k']}), and DoSE sums over {m['dose']['n']:,} validation points.\n"
+    text = (
+        f"The shipped model was calibrated with L={k[0]} and K={k[1]} on "
+        f"{m['calibration']['n']:,} validation digits; its latent distance compares with the "
+        f"posterior means of {reference['n']:,} training images (k={reference['k']}), and DoSE "
+        f"sums over {m['dose']['n']:,} validation points."
     )
+    if "rapp" in m:
+        text += (
+            f" RaPP's projection is fitted on the hidden-space gaps of {m['rapp']['n']:,} "
+            "training images"
+        )
+        ensemble = m.get("ensemble")
+        if ensemble is not None and ensemble["combine"] == "fisher":
+            names = listing([f"`{n}`" for n in ensemble["scores"]])
+            text += f", and the ensemble sums the tails of {names} (Fisher's method)"
+        text += "."
+    return text + "\n"
+
+
+# The anomaly benchmark's runs, by the name of their JSON: one class (train on one digit, the
+# other nine are anomalies) and leave-one-digit-out, at 20 epochs and with the quick preset.
+ONECLASS, LODO, LODO_QUICK = "oneclass", "lodo-scores", "lodo-quick"
+
+
+def protocol(c: dict[str, Any]) -> str:
+    """A run's protocol as the pages name it; runs older than --protocol left one digit out."""
+    return "one class" if c.get("protocol") == "oneclass" else "leave one digit out"
+
+
+def recipe(c: dict[str, Any]) -> str:
+    """How a run's models trained: the quick preset, or the default recipe for --epochs."""
+    from training.config import PRESETS, TrainConfig
+
+    if c.get("preset") == "quick":
+        quick = PRESETS["quick"].train
+        warm = quick["kl_warmup_epochs"]
+        return f"{quick['epochs']} epochs, KL warm-up over {warm:g} (the quick preset)"
+    warmup = min(TrainConfig.kl_warmup_epochs, c["epochs"] / 2)
+    return f"{c['epochs']} epochs, KL warm-up over {warmup:g}"
+
+
+def worst_digit(r: dict[str, Any], score: str) -> str:
+    return min(r["auroc"], key=lambda d: r["auroc"][d][score])
 
 
 @block("lodo-headline")
 def lodo_headline(page: Path) -> str:
-    r = bench("lodo-scores")
-    best = r["best_score"]
-    worst = min(r["auroc"], key=lambda d: r["auroc"][d][best])
-    return (
-        f"In the leave-one-digit-out benchmark the `{best}` score reaches a mean AUROC of "
-        f"{r['mean_auroc'][best]:.3f}, its worst held-out digit the {worst} "
-        f"({r['auroc'][worst][best]:.3f}).\n"
+    def figures(r: dict[str, Any]) -> tuple[str, str, str, str]:
+        score = r.get("decision_score") or r["best_score"]
+        worst = worst_digit(r, score)
+        return (score, f"{r['mean_auroc'][score]:.3f}", worst, f"{r['auroc'][worst][score]:.3f}")
+
+    lodo, one = bench(LODO), bench(ONECLASS)
+    score, mean, worst, low = figures(lodo)
+    text = (
+        f"In the leave-one-digit-out benchmark the default decision, `{score}`, reaches a mean "
+        f"AUROC of {mean}, its worst held-out digit the {worst} ({low})"
     )
+    one_score, mean, worst, low = figures(one)
+    named = "it" if one_score == score else f"`{one_score}`"
+    text += (
+        f"; trained on one digit alone, with the other nine as anomalies, {named} reaches "
+        f"{mean}, its worst digit the {worst} ({low})."
+    )
+    alarms = [r.get("mean_false_alarms", {}).get("grey") for r in (lodo, one)]
+    if all(a is not None for a in alarms):
+        text += (
+            f" At the default {default_threshold():g} threshold it flagged "
+            f"{percent(alarms[0], 2)} and {percent(alarms[1], 2)} of the normal test digits "
+            "respectively (grey, as callers send them)."
+        )
+    return text + "\n"
 
 
 def anomaly_command(name: str) -> str:
@@ -330,35 +436,148 @@ def anomaly_command(name: str) -> str:
     if c.get("artifact"):
         flags += ["--digits", f"--artifact {c['artifact']}", f"--test-images {c['test_images']}"]
     else:
-        flags += [f"--epochs {c['epochs']}", f"--latent-dim {c['latent_dim']}"]
+        if c.get("protocol", "lodo") != "lodo":
+            flags.append(f"--protocol {c['protocol']}")
+        if c.get("preset", "benchmark") != "benchmark":
+            flags.append(f"--preset {c['preset']}")  # the preset sets the epochs
+        else:
+            flags.append(f"--epochs {c['epochs']}")
+        flags.append(f"--latent-dim {c['latent_dim']}")
     return (
         f"python -m training.benchmark_anomaly {' '.join(flags)} --out docs/benchmark/{name}.json"
     )
 
 
-@block("lodo-setup")
-def lodo_setup(page: Path) -> str:
-    c = bench("lodo-scores")["config"]
+def anomaly_setup(page: Path, name: str) -> str:
+    r = bench(name)
+    c = r["config"]
+    learns = (
+        "that digit's training images alone, the other nine digits the anomalies"
+        if c.get("protocol") == "oneclass"
+        else "the training images of the other nine digits, the held-out digit the anomaly"
+    )
+    # Runs with a --protocol score the test images grey, as callers send them; older ones
+    # scored them binarised.
+    served = "grey, as callers send them" if "protocol" in c else "binarised"
+    images = "all the" if c["test_images"] is None else f"{c['test_images']:,}"
     return (
-        "```bash\n" + anomaly_command("lodo-scores") + "\n```\n\n"
-        f"Per held-out digit: a {'-'.join(map(str, c['hidden_dims']))} net, Z={c['latent_dim']}, "
-        f"{c['epochs']} epochs, seed {c['seed']}, background noise {c['background_noise']:g}; "
-        f"scored with L={c['samples']}, K={c['ll_samples']} on "
-        f"{'all the' if c['test_images'] is None else c['test_images']} test images; "
-        f"{bench('lodo-scores')['seconds'] / 60:.0f} minutes in all on the CPU "
-        f"(raw: {link(page, RESULTS / 'lodo-scores.json')}).\n"
+        "```bash\n" + anomaly_command(name) + "\n```\n\n"
+        f"Per digit, a VAE and its background model trained on {learns}: a "
+        f"{'-'.join(map(str, c['hidden_dims']))} net, Z={c['latent_dim']}, {recipe(c)}, seed "
+        f"{c['seed']}, background noise {c['background_noise']:g}; scored with L={c['samples']}, "
+        f"K={c['ll_samples']} on {images} test images ({served}); "
+        f"{r['seconds'] / 60:.0f} minutes in all on the CPU "
+        f"(raw: {link(page, RESULTS / f'{name}.json')}).\n"
     )
 
 
-@block("lodo-table")
-def lodo_table(page: Path) -> str:
-    r = bench("lodo-scores")
+def anomaly_table(name: str) -> str:
+    """AUROC per digit and score, the mean and the worst digit below; the best of each row in
+    bold, the default decision's column marked."""
+    r = bench(name)
     scores = [s for s in SCORES if s in r["mean_auroc"]]
+    decision = r.get("decision_score")
     rows = []
     for label, values in [*r["auroc"].items(), ("**mean**", r["mean_auroc"])]:
         cells = bold_best([f"{values[s]:.3f}" for s in scores], [values[s] for s in scores])
         rows.append((label, *cells))
-    return table(("held-out digit", *(SHORT[s] for s in scores)), rows)
+    worst = {s: worst_digit(r, s) for s in scores}
+    lows = [r["auroc"][worst[s]][s] for s in scores]
+    cells = [f"{v:.3f} ({worst[s]})" for s, v in zip(scores, lows, strict=True)]
+    rows.append(("**worst digit**", *bold_best(cells, lows)))
+    digit = "normal digit" if r["config"].get("protocol") == "oneclass" else "held-out digit"
+    head = (digit, *(SHORT[s] + (" (default)" if s == decision else "") for s in scores))
+    return table(head, rows)
+
+
+@block("oneclass-setup")
+def oneclass_setup(page: Path) -> str:
+    return anomaly_setup(page, ONECLASS)
+
+
+@block("oneclass-table")
+def oneclass_table(page: Path) -> str:
+    return anomaly_table(ONECLASS)
+
+
+@block("lodo-setup")
+def lodo_setup(page: Path) -> str:
+    return anomaly_setup(page, LODO)
+
+
+@block("lodo-table")
+def lodo_table(page: Path) -> str:
+    return anomaly_table(LODO)
+
+
+@block("lodo-quick-setup")
+def lodo_quick_setup(page: Path) -> str:
+    return anomaly_setup(page, LODO_QUICK)
+
+
+@block("lodo-quick-table")
+def lodo_quick_table(page: Path) -> str:
+    return anomaly_table(LODO_QUICK)
+
+
+@block("ensemble-parts")
+def ensemble_parts(page: Path) -> str:
+    """Each run's ensemble beside the scores it combines: the mean AUROC over digits, and the
+    worst digit's, the best worst case in bold."""
+    # The scores the ensemble combines, as the shipped model's manifest names them.
+    parts = [*shipped_manifest()["ensemble"]["scores"], "ensemble"]
+    rows = []
+    for name in (ONECLASS, LODO, LODO_QUICK):
+        r = bench(name)
+        worst = {s: worst_digit(r, s) for s in parts}
+        lows = [r["auroc"][worst[s]][s] for s in parts]
+        cells = [
+            f"{r['mean_auroc'][s]:.3f} / {low:.3f} ({worst[s]})"
+            for s, low in zip(parts, lows, strict=True)
+        ]
+        beaten = [
+            d for d, per in r["auroc"].items() if max(per[s] for s in parts[:-1]) > per["ensemble"]
+        ]
+        rows.append(
+            (
+                f"{protocol(r['config'])}, {recipe(r['config'])}",
+                *bold_best(cells, lows),
+                f"{len(beaten)} of {len(r['auroc'])}"
+                + (f" ({', '.join(beaten)})" if beaten else ""),
+            )
+        )
+    head = (
+        "run",
+        *(f"{SHORT[s]}: mean / worst digit" for s in parts),
+        "digits where one of its scores beats it",
+    )
+    return table(head, rows)
+
+
+@block("false-alarms")
+def false_alarms(page: Path) -> str:
+    """The default decision's false alarms on each run's normal test digits, grey and binarised."""
+    rows = []
+    for name in (ONECLASS, LODO_QUICK, LODO):
+        r = bench(name)
+        c, per = r["config"], r["false_alarms"]
+        cells = []
+        for kind in ("grey", "binarised"):
+            worst = max(per, key=lambda d: per[d][kind])
+            cells.append(
+                f"{percent(r['mean_false_alarms'][kind], 2)} "
+                f"({percent(per[worst][kind], 2)}, digit {worst})"
+            )
+        raw = link(page, RESULTS / f"{name}.json", "raw")
+        rows.append((f"{protocol(c)}, {recipe(c)}", f"`{r['decision_score']}`", *cells, raw))
+    head = (
+        "run",
+        "decision",
+        "grey, as served: mean (the worst digit's model)",
+        "binarised: mean (the worst)",
+        "",
+    )
+    return table(head, rows)
 
 
 @block("lodo-latent-size")
@@ -380,6 +599,7 @@ def lodo_latent_size(page: Path) -> str:
 # The sanity sets' names in the JSON are short keys; the table spells out what each set is.
 SANITY_SETS = {
     "normal test digits": "normal test digits themselves",
+    "normal test digits, binarised": "the same digits, binarised (each pixel drawn 0 or 1)",
     "uniform noise": "uniform noise",
     "all black": "all-black image",
     "all white": "all-white image",
@@ -392,11 +612,26 @@ SANITY_SETS = {
 @block("sanity-setup")
 def sanity_setup(page: Path) -> str:
     c = bench("sanity")["config"]
+    served = "grey, as callers send them" if "protocol" in c else "binarised"
     return (
         "```bash\n" + anomaly_command("sanity") + "\n```\n\n"
-        f"scores `{c['artifact']}` through the service's own code: {c['test_images']:,} binarised "
-        f"normal test digits against each set, L={c['samples']}, K={c['ll_samples']} "
+        f"scores `{c['artifact']}` through the service's own code: {c['test_images']:,} normal "
+        f"test digits ({served}) against each set, L={c['samples']}, K={c['ll_samples']} "
         f"(raw: {link(page, RESULTS / 'sanity.json')}).\n"
+    )
+
+
+@block("shipped-false-alarms")
+def shipped_false_alarms(page: Path) -> str:
+    """The shipped model's false alarms on normal test digits, grey (as served) and binarised."""
+    r = bench("sanity")
+    c, flags = r["config"], r["sanity"]["flagged"]
+    return (
+        f"At the default {default_threshold():g} threshold the shipped model flags "
+        f"{percent(flags['normal test digits'], 2)} of {c['test_images']:,} grey MNIST test "
+        f"digits, and {percent(flags['normal test digits, binarised'], 2)} of the same digits "
+        f"binarised (each pixel drawn 0 or 1), which it does not calibrate on (scored by the "
+        f"service's own code: {link(page, RESULTS / 'sanity.json', 'raw')}).\n"
     )
 
 
@@ -408,13 +643,13 @@ def sanity_table(page: Path) -> str:
     for key, share in s["flagged"].items():
         per = s["auroc"].get(key)
         # The reference set and single images have no AUROC; a single image is flagged or not.
-        single = per is None and key != "normal test digits"
+        single = per is None and not key.startswith("normal test digits")
         cells = [f"{per[n]:.3f}" if per else "" for n in scores]
         rows.append(
             (
                 SANITY_SETS.get(key, key),
                 *cells,
-                ("yes" if share else "no") if single else percent(share),
+                ("yes" if share else "no") if single else percent(share, 2),
             )
         )
     head = (
@@ -435,11 +670,27 @@ def sanity_costs(page: Path) -> str:
 
 @block("sanity-attribution")
 def sanity_attribution(page: Path) -> str:
-    rows = [
-        (shape, percent(v["in_shape"]), percent(v["per_pixel_ceiling"]))
-        for shape, v in bench("sanity")["sanity"]["attribution"].items()
-    ]
-    return table(("pasted shape", "top pixels inside it", "per-pixel ceiling"), rows)
+    rows = []
+    for shape, v in bench("sanity")["sanity"]["attribution"].items():
+        found = v.get("changed_found")
+        verdict = "" if found is None else ("met" if found >= ATTRIBUTION_TARGET else "missed")
+        rows.append(
+            (
+                shape,
+                percent(v["in_shape"]),
+                "" if found is None else percent(found),
+                percent(v["per_pixel_ceiling"]),
+                f"{percent(ATTRIBUTION_TARGET, 0)} ({verdict})" if verdict else "",
+            )
+        )
+    head = (
+        "pasted shape",
+        "top pixels inside it",
+        "changed pixels found",
+        "per-pixel ceiling",
+        "target",
+    )
+    return table(head, rows)
 
 
 @block("anomaly-http")
@@ -488,19 +739,33 @@ def net(train_args: str) -> str:
 TABULAR = ("tabular", "tabular_latent2")
 
 
+def tabular_format(r: dict[str, Any]) -> int:
+    """The artifact format a tabular run trained, from the scores it reports."""
+    methods = next(iter(r["datasets"].values()))["summary"]
+    return artifact_format(m.partition(": ")[2] for m in methods if not m.startswith("PyOD"))
+
+
+def tabular_decisions(r: dict[str, Any]) -> set[str]:
+    """The decision scores a tabular run's artifacts recommended."""
+    return {run["decision_score"] for d in r["datasets"].values() for run in d["runs"]}
+
+
 def tabular_methods() -> list[tuple[str, dict[str, Any]]]:
-    """(label, {dataset: summary}) per method: each net's scores in SCORES' order, then PyOD's
-    detectors, once: every run fits them on the same splits."""
+    """(label, {dataset: summary}) per method: each net's scores in SCORES' order, the
+    artifacts' default decision marked, then PyOD's detectors, once: every run fits them on the
+    same splits."""
     ours: list[tuple[int, int, str, dict[str, Any]]] = []
     pyod: list[tuple[str, dict[str, Any]]] = []
     for run, name in enumerate(TABULAR):
         r = bench(name)
         summaries = {d: v["summary"] for d, v in r["datasets"].items()}
+        fmt, decisions = tabular_format(r), tabular_decisions(r)
         for method in next(iter(summaries.values())):
             per_dataset = {d: summary[method] for d, summary in summaries.items()}
             kind, _, what = method.partition(": ")
             if kind != "PyOD":
-                label = f"vae-service ({net(r['train_args'])}): `{what}`"
+                label = f"vae-service ({net(r['train_args'])}, format {fmt}): `{what}`"
+                label += " (default)" if what in decisions else ""
                 rank = SCORES.index(what) if what in SCORES else len(SCORES)
                 ours.append((run, rank, label, per_dataset))
             elif run == 0:
@@ -508,10 +773,10 @@ def tabular_methods() -> list[tuple[str, dict[str, Any]]]:
     return [(label, data) for _, _, label, data in sorted(ours, key=lambda m: m[:2])] + pyod
 
 
-def tabular_command(r: dict[str, Any]) -> str:
+def tabular_command(r: dict[str, Any], name: str) -> str:
     """The run's command, quoted so it runs: the JSON records its words joined by spaces."""
     command, _, given = str(r["command"]).partition(" --train-args=")
-    return command + (f' "--train-args={r["train_args"]}"' if given else "")
+    return out_at(command, name) + (f' "--train-args={r["train_args"]}"' if given else "")
 
 
 @block("tabular-setup")
@@ -520,12 +785,20 @@ def tabular_setup(page: Path) -> str:
     lines = []
     for name, r in zip(TABULAR, runs, strict=True):
         seeds = {d: len(v["runs"]) for d, v in r["datasets"].items()}
-        lines.append(
-            f"- {link(page, RESULTS / f'{name}.json')}: the trainer's flags `{r['train_args']}`, "
-            f"{r['test_fraction']:.0%} of the normal rows held out, "
-            f"{', '.join(f'{n} seeds of {d}' for d, n in seeds.items())}."
+        flags = f"flags `{r['train_args']}`" if r["train_args"] else "default flags"
+        fmt = tabular_format(r)
+        older = (
+            f" Format-{fmt} artifacts, from an earlier trainer: no RaPP, format {fmt}'s ensemble, "
+            "scored with the interpolated percentiles of earlier releases."
+            if fmt < CURRENT_FORMAT
+            else ""
         )
-    commands = "\n".join(tabular_command(r) for r in runs)
+        lines.append(
+            f"- {link(page, RESULTS / f'{name}.json')}: the trainer's {flags}, "
+            f"{r['test_fraction']:.0%} of the normal rows held out, "
+            f"{', '.join(f'{n} seeds of {d}' for d, n in seeds.items())}.{older}"
+        )
+    commands = "\n".join(tabular_command(r, name) for r, name in zip(runs, TABULAR, strict=True))
     machine = describe_machine(runs[0]["machine"])
     return f"```bash\n{commands}\n```\n\n" + "\n".join(lines) + f"\n\nBoth ran on {machine}.\n"
 
@@ -543,6 +816,42 @@ def tabular_table(page: Path) -> str:
             columns.append(cells)
     rows = [(label, *(col[i] for col in columns)) for i, (label, _) in enumerate(methods)]
     head = ("method", *(f"{d} {h}" for d in datasets for h in ("AUROC", "AP")))
+    return table(head, rows)
+
+
+def span(counts: Sequence[int]) -> str:
+    """A count over runs: one number where they agree, else the lowest and highest."""
+    low, high = min(counts), max(counts)
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+
+
+@block("tabular-false-alarms")
+def tabular_false_alarms(page: Path) -> str:
+    """The default decision's false alarms on each table's held-out normal rows, per seed."""
+    r = bench("tabular")
+    rows = []
+    for d, v in r["datasets"].items():
+        runs = v["runs"]
+        normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
+        shares = [run["false_alarms"] for run in runs]
+        rows.append(
+            (
+                d,
+                f"`{listing(sorted(tabular_decisions({'datasets': {d: v}})))}`",
+                span([run["calibration_rows"] for run in runs]),
+                span(normal),
+                percent(float(sum(shares) / len(shares)), 2),
+                ", ".join(percent(x, 1) for x in shares),
+            )
+        )
+    head = (
+        "table",
+        "decision",
+        "validation rows",
+        "held-out normal rows",
+        f"flagged at {default_threshold():g}: mean",
+        "per seed",
+    )
     return table(head, rows)
 
 
@@ -573,9 +882,13 @@ def latent_setup(page: Path) -> str:
     r = load(RESULTS / "latent_features.json")
     c = r["config"]
     origin = shipped_manifest().get("upgraded_from") or {}
+    earlier = dict(SHIPPED_LINEAGE)
+    if origin:
+        earlier[origin["sha256"]] = origin["format_version"]
+    fmt = earlier.get(r["artifact_sha256"])
     same = (
-        " (the shipped model's format-2 original: the same weights, so the same encoder)"
-        if r["artifact_sha256"] == origin.get("sha256")
+        f" (the shipped model's format-{fmt} original: the same weights, so the same encoder)"
+        if fmt is not None
         else ""
     )
     return (
@@ -670,7 +983,7 @@ def bench_command() -> str:
     # The first word is the measuring machine's interpreter; name the project's venv instead.
     words = list(r["command"])
     words[0] = ".venv/bin/python" if words[0].endswith("python") else words[0]
-    return " ".join(words)
+    return out_at(" ".join(words), "bench")
 
 
 @block("throughput-setup")
@@ -905,26 +1218,52 @@ def draw_throughput() -> Figure:
     return fig
 
 
-@plot("lodo", IMG / "lodo.png", RESULTS / "lodo-scores.json")
-def draw_lodo() -> Figure:
-    r = bench("lodo-scores")
+def auroc_grid(fig: Figure, ax: Axes, name: str, title: str) -> None:
+    """One run's AUROC per digit and score, the mean below, the default decision boxed."""
+    from matplotlib.patches import Rectangle
+
+    r = bench(name)
     scores = [s for s in SCORES if s in r["mean_auroc"]]
     digits = list(r["auroc"])
     grid = [[r["auroc"][d][s] for s in scores] for d in digits] + [
         [r["mean_auroc"][s] for s in scores]
     ]
-    fig = figure(8, 4.8)
-    ax = fig.subplots()
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(scores)), [SHORT[s] for s in scores], rotation=30, ha="right")
-    ax.set_yticks(range(len(grid)), [*digits, "mean"])
+    decision = r.get("decision_score")
+    labels = [SHORT[s] + (" (default)" if s == decision else "") for s in scores]
+    ax.set_xticks(range(len(scores)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(grid)), [*digits, "mean"], fontsize=8)
     ax.axhline(len(digits) - 0.5, color="black", linewidth=1)
+    if decision in scores:
+        j = scores.index(decision)
+        ax.add_patch(Rectangle((j - 0.5, -0.5), 1, len(grid), fill=False, linewidth=1.6))
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_ylabel("held-out digit")
+    held = "normal digit" if r["config"].get("protocol") == "oneclass" else "held-out digit"
+    ax.set_ylabel(held)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="AUROC (0.5: chance)")
-    ax.set_title("Leave one digit out: AUROC of each score per held-out digit", fontsize=10)
+
+
+@plot("lodo", IMG / "lodo.png", RESULTS / f"{LODO}.json", RESULTS / f"{LODO_QUICK}.json")
+def draw_lodo() -> Figure:
+    fig = figure(13, 4.8)
+    left, right = fig.subplots(1, 2)
+    auroc_grid(fig, left, LODO, f"{recipe(bench(LODO)['config'])}")
+    auroc_grid(fig, right, LODO_QUICK, f"{recipe(bench(LODO_QUICK)['config'])}")
+    fig.suptitle("Leave one digit out: AUROC of each score per held-out digit", fontsize=10)
+    return fig
+
+
+@plot("oneclass", IMG / "oneclass.png", RESULTS / f"{ONECLASS}.json")
+def draw_oneclass() -> Figure:
+    fig = figure(8, 4.8)
+    auroc_grid(fig, fig.subplots(), ONECLASS, recipe(bench(ONECLASS)["config"]))
+    fig.suptitle(
+        "One class: AUROC of each score, trained on one digit, the other nine the anomalies",
+        fontsize=10,
+    )
     return fig
 
 
