@@ -471,7 +471,7 @@ def anomaly_setup(page: Path, name: str) -> str:
     )
 
 
-def anomaly_table(name: str) -> str:
+def anomaly_table(page: Path, name: str) -> str:
     """AUROC per digit and score, the mean and the worst digit below; the best of each row in
     bold, the default decision's column marked."""
     r = bench(name)
@@ -490,34 +490,10 @@ def anomaly_table(name: str) -> str:
     return table(head, rows)
 
 
-@block("oneclass-setup")
-def oneclass_setup(page: Path) -> str:
-    return anomaly_setup(page, ONECLASS)
-
-
-@block("oneclass-table")
-def oneclass_table(page: Path) -> str:
-    return anomaly_table(ONECLASS)
-
-
-@block("lodo-setup")
-def lodo_setup(page: Path) -> str:
-    return anomaly_setup(page, LODO)
-
-
-@block("lodo-table")
-def lodo_table(page: Path) -> str:
-    return anomaly_table(LODO)
-
-
-@block("lodo-quick-setup")
-def lodo_quick_setup(page: Path) -> str:
-    return anomaly_setup(page, LODO_QUICK)
-
-
-@block("lodo-quick-table")
-def lodo_quick_table(page: Path) -> str:
-    return anomaly_table(LODO_QUICK)
+# Each anomaly run's two blocks: its command and setup, and its table of AUROCs.
+for _prefix, _run in (("oneclass", ONECLASS), ("lodo", LODO), ("lodo-quick", LODO_QUICK)):
+    block(f"{_prefix}-setup")(functools.partial(anomaly_setup, name=_run))
+    block(f"{_prefix}-table")(functools.partial(anomaly_table, name=_run))
 
 
 @block("ensemble-parts")
