@@ -177,10 +177,6 @@ class RayCluster:
         logs = (self.temp_dir / "session_latest" / "logs").glob(f"worker-*-{pid}.err")
         return "".join(p.read_text(errors="replace") for p in logs)
 
-    def proxy_log(self) -> str:
-        logs = (self.temp_dir / "session_latest" / "logs" / "serve").glob("proxy_*.log")
-        return "".join(p.read_text(errors="replace") for p in logs)
-
     def pids(self) -> list[int]:
         """Every process of this cluster: the sessions of our `ray start`s and all their
         descendants (the workers, which raylets fork into process groups of their own)."""
