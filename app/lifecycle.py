@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,12 @@ async def _reload(app: FastAPI, expected_sha256: str | None) -> Reloaded:
     app.openapi_schema = None  # its examples are sized to the model
     if app.state.siblings is not None:
         app.state.siblings.record(new.sha256)
-    del old  # requests still in flight hold their own reference
     # Loading and warming up ran on a pool thread, whose malloc arena keeps what torch freed
-    # there; hand it back to the OS, or each reload would leave RSS a step higher.
+    # there; hand it back to the OS, or each reload would leave RSS a step higher. Requests
+    # still in flight hold the old model, which is freed only when the last of them ends:
+    # hand its memory back then too (in whichever thread drops it; malloc_trim is safe there).
+    weakref.finalize(old, _trim_heap)
+    del old
     gc.collect()
     _trim_heap()
     log.info("reloaded %s: sha256 %s (was %s)", settings.model_path, new.sha256, previous)
