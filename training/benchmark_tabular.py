@@ -44,6 +44,7 @@ import numpy.typing as npt
 
 from app.model import VAEService
 from training.__main__ import main as train_main
+from training.benchmark_anomaly import flagged
 from training.benchmark_latent import machine
 from training.evaluate import signed
 from training.tables import TableOptions, load_table
@@ -52,7 +53,6 @@ log = logging.getLogger("training")
 
 LABEL = "label"
 DETECTORS = ("IForest", "OCSVM", "LOF", "KNN", "ECOD", "AutoEncoder", "VAE")
-THRESHOLD = 0.99  # the service's default VAE_ANOMALY_PERCENTILE
 
 
 @dataclass(frozen=True)
@@ -202,14 +202,12 @@ def run_vae(
     out = {}
     for name, values in scores.items():
         out[name] = ranking_metrics(data.test_is_anomaly, signed(name, values))
-    # The false alarms: the share of the held-out normal rows the default decision flags at
-    # the service's default threshold, lowered as the service lowers it for a small calibration.
+    # The false alarms: the share of the held-out normal rows the default decision flags.
     decision, cal = vae.decision_score, vae.calibration
-    percentiles = cal.percentile(decision, scores[decision][~data.test_is_anomaly])
-    flagged = percentiles > cal.effective_threshold(THRESHOLD)
+    alarms = flagged(cal, decision, scores[decision][~data.test_is_anomaly])
     info = {"train_seconds": round(seconds, 1), "decision_score": decision,
             "artifact_train_size": vae.manifest["dataset"]["train_size"],
-            "calibration_rows": cal.n, "false_alarms": round(float(flagged.mean()), 4)}  # fmt: skip
+            "calibration_rows": cal.n, "false_alarms": round(alarms, 4)}  # fmt: skip
     return out, info
 
 
