@@ -16,7 +16,7 @@ from app import __version__
 from app.batching import Batcher
 from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
-from app.lifecycle import Lifecycle, install_signal_handlers, load_model
+from app.lifecycle import Lifecycle, fix_mmap_threshold, install_signal_handlers, load_model
 from app.middleware import Guard
 from app.observability import Metrics, Observe, configure_logging, startup_summary
 from app.openapi import DESCRIPTION, install_openapi
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 torch.set_num_interop_threads(settings.torch_interop_threads)
             except RuntimeError:  # torch allows it once per process, before any parallel work
                 log.warning("torch inter-op threads were already set; keeping them")
+        fix_mmap_threshold()  # before the first model is loaded
         try:
             vae = await run_in_threadpool(load_model, settings)
         except ModelLoadError as e:

@@ -73,6 +73,7 @@ def _phase(**overrides: int) -> dict[str, Any]:
 CLEAN: dict[str, Any] = {
     "warmup": _phase(),
     "load": _phase(),
+    "warmup_reload": {"sha_changed": True, "answers_changed": True},
     "reload": {"sha_changed": True, "answers_changed": True},
     "rss": {"after_warmup": 300 * 2**20, "end": 320 * 2**20, "ratio": 320 / 300},
     "ready_at_end": True,
@@ -105,7 +106,12 @@ def _with(path: str, value: object) -> dict[str, Any]:
         (
             "reload.answers_changed",
             False,
-            "reload: the same seeded /encode answered the same after the reload",
+            "reload: the same seeded /encode answered the same after it",
+        ),
+        (
+            "warmup_reload",
+            {"sha_changed": False, "answers_changed": True, "problem": "reload answered 500"},
+            "warmup reload: /model's sha256 did not change: reload answered 500",
         ),
         ("rss.ratio", 1.11, "RSS grew 1.110x after warm-up (300.0 -> 320.0 MB), over 1.1x"),
         ("ready_at_end", False, "the server was not ready at the end"),
@@ -120,6 +126,12 @@ def test_verdict_counts_a_5xx_once() -> None:
     summary = _with("warmup.totals.errors", 1)
     summary["warmup"]["totals"]["5xx_not_backpressure"] = 1
     assert verdict(summary) == ["warmup: 1 answers were 5xx"]
+
+
+def test_a_soak_without_warm_up_has_no_warm_up_reload_to_check() -> None:
+    summary = copy.deepcopy(CLEAN)
+    summary["warmup_reload"] = None
+    assert verdict(summary) == []
 
 
 def test_rss_at_the_limit_passes() -> None:
