@@ -155,9 +155,10 @@ def fix_mmap_threshold() -> None:
     its first free of one: glibc then raises the threshold to the freed size (up to 32 MiB), and
     from there on a model's weights and the warm-up's tensors come from the malloc arenas,
     where a reload's frees leave holes that the next load only partly reuses (docs/operations.md
-    has the figures: CI's soak went from 1.09-1.10 times its base RSS to 1.04). Requests' tensors (a 64-row batch is 200 KB) stay below
-    it, in the arenas, where they are cheap to allocate. An operator's MALLOC_MMAP_THRESHOLD_
-    wins: glibc read it at start-up, so we leave it be."""
+    has the figures: CI's soak went from 1.09-1.10 times its base RSS to 1.04). Requests'
+    tensors (a 64-row batch is 200 KB) stay below it, in the arenas, where they are cheap to
+    allocate. An operator's MALLOC_MMAP_THRESHOLD_ wins: glibc read it at start-up, so we
+    leave it be."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's policy
