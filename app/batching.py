@@ -13,13 +13,17 @@ its turn is dropped unrun, so a backlog of abandoned work cannot keep the thread
 a batch raises stops the thread: a model error goes to the requests (each job of a merged
 batch then runs alone, so one bad request fails only itself), anything else is logged.
 
-Cheap work runs where it arrives. A job whose estimated cost is at most `inline_max_s`, when
-it is the server's only request and the inference thread is idle, runs at once on the event
-loop: for a one-instance `encode` (tens of microseconds of model time) the hand-off to the
-thread and back costs more than the work, and the two threads' turns on the GIL kept a process
-near 1.3 cores. It runs alone, as a seeded job does, so seeded answers stay byte-identical; and
-it is short by construction, so the loop is held no longer than the threshold. Anything costlier, or
-arriving beside other requests, goes to the thread as before, where concurrent jobs merge.
+Cheap work runs where it arrives: on the event loop, in batches formed there. A job whose
+estimated cost is at most `inline_max_s` joins the loop's gathering, and the first such job of
+a loop iteration schedules one flush with `call_soon`: it runs after the callbacks already
+ready, so every request parsed in the same iteration joins it, and none waits for company
+that is not already there. The flush runs each key's jobs as one forward pass (seeded jobs
+alone) when their summed cost is within `inline_max_s`; a group costlier than that goes to the
+thread, merged. For a one-instance `encode` (tens of microseconds of model time) the hand-off
+to the thread and back (100 to 200 microseconds in CPython) costs more than the work, and the
+two threads took turns on the GIL. Costly work, such as an `/anomaly-score` with many samples,
+goes to the thread as before, so the loop is held no longer than the threshold and /health
+answers at once beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ log = logging.getLogger(__name__)
 
 Outputs = dict[str, Array]  # every array has one row per instance
 Op = Callable[[Array], Outputs]
+Cost = Callable[[int], float]  # estimated seconds of one forward pass over so many rows
+# Turns of the event loop a flush lets pass at most while requests keep joining (_flush).
+FLUSH_MAX_TURNS = 8
 
 
 @dataclass
@@ -54,6 +61,7 @@ class _Job:
     op: Op
     future: asyncio.Future[Outputs]
     loop: asyncio.AbstractEventLoop
+    cost: Cost
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -65,16 +73,14 @@ class Batcher:
         name: str = "inference",
         on_batch: Callable[[str, int, float, list[float], bool], None] | None = None,
         inline_max_s: float = 0.0,
-        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         # A batching window (max_delay_s > 0) asks jobs to wait for company: none runs inline.
         self.inline_max_s = inline_max_s if max_delay_s == 0 else -1.0
-        # Requests the server holds (the Guard counts them): inline only for the only one.
-        self.in_flight = in_flight or (lambda: 1)
         # (operation, rows, seconds, each job's wait, ran inline): the metrics
         self.on_batch = on_batch
+        self._gathering: list[_Job] = []  # cheap jobs of this loop iteration, for the flush
         self._busy = False  # the inference thread is running a batch
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._held: collections.deque[_Job | None] = collections.deque()  # taken, not yet run
@@ -89,37 +95,64 @@ class Batcher:
         self._thread.join(timeout)
 
     async def submit(
-        self, key: Hashable | None, x: Array, op: Op, name: str, cost_s: float = math.inf
+        self, key: Hashable | None, x: Array, op: Op, name: str, cost: Cost | None = None
     ) -> Outputs:
         """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None;
-        inline, alone, when its estimated `cost_s` is within `inline_max_s` and `idle()`.
+        on the event loop when its estimated `cost` (seconds for a pass over so many rows; none:
+        infinite) is within `inline_max_s` (module doc).
         `name` labels the job's metrics (the operation: encode, decode, ...)."""
-        if cost_s <= self.inline_max_s:
-            # One turn of the loop first: requests already read get to the Guard and count as
-            # in flight, so a lone request runs inline and a crowd goes to the thread to merge.
-            await asyncio.sleep(0)
-            if self.idle():
-                return self._inline(x, op, name)
         loop = asyncio.get_running_loop()
-        job = _Job(key, name, x, op, loop.create_future(), loop)
-        self._queue.put(job)
+        job = _Job(key, name, x, op, loop.create_future(), loop, cost or _unknown)
+        if job.cost(len(x)) <= self.inline_max_s:
+            if not self._gathering:
+                loop.call_soon(self._flush, 0, 0)
+            self._gathering.append(job)
+        else:
+            self._queue.put(job)
         return await job.future
 
-    def idle(self) -> bool:
-        """No other request in flight, and nothing queued, held or running (read across
-        threads: a job that slips in between runs beside an inline one, which is safe, merely
-        not merged). With company, jobs go to the thread, where they merge: run one by one
-        inline, sixteen concurrent one-instance requests lost a fifth of their throughput
-        (docs/performance.md)."""
-        return self.in_flight() <= 1 and not self._busy and not self._held and self._queue.empty()
+    def _flush(self, turns: int, seen: int) -> None:
+        """Run what the loop gathered: per key, in order of arrival, batches of at most
+        `max_batch_size` rows, on the loop while their summed cost is within `inline_max_s`,
+        else merged on the thread. Seeded jobs (no key) run alone.
 
-    def _inline(self, x: Array, op: Op, name: str) -> Outputs:
-        start = time.perf_counter()
-        out = op(x)
-        self.batch_sizes[len(x)] += 1
-        if self.on_batch is not None:
-            self.on_batch(name, len(x), time.perf_counter() - start, [0.0], True)
-        return out
+        It first lets the loop go round: one turn polls the sockets, the next runs the
+        requests found there up to `submit`, so requests that had arrived, only not yet read,
+        join the batch. It goes round again while the last turns brought more (at most
+        FLUSH_MAX_TURNS). No turn waits for anything: with callbacks ready, the loop polls
+        the sockets without blocking."""
+        n = len(self._gathering)
+        if turns < FLUSH_MAX_TURNS and (turns < 2 or n > seen) and n < self.max_batch_size:
+            asyncio.get_running_loop().call_soon(self._flush, turns + 1, n if turns else 0)
+            return
+        jobs, self._gathering = self._gathering, []
+        groups: dict[Hashable, list[_Job]] = {}
+        for i, job in enumerate(jobs):
+            if not job.future.cancelled():
+                groups.setdefault(job.key if job.key is not None else (None, i), []).append(job)
+        for group in groups.values():
+            batch: list[_Job] = []
+            rows = 0
+            for job in group:
+                if batch and rows + len(job.x) > self.max_batch_size:
+                    self._run_gathered(batch, rows)
+                    batch, rows = [], 0
+                batch.append(job)
+                rows += len(job.x)
+            self._run_gathered(batch, rows)
+
+    def _run_gathered(self, batch: list[_Job], rows: int) -> None:
+        # One key, so one operation with one set of options: the first job's cost is theirs.
+        if batch[0].cost(rows) <= self.inline_max_s:
+            try:
+                self._execute(batch, inline=True)
+            except Exception as e:  # ours, not the model's: the requests fail, the loop goes on
+                log.exception("an inline batch failed outside the model")
+                for job in batch:
+                    _set_exception(job.future, e)
+        else:  # consecutive in the queue with one key: the thread merges them again
+            for job in batch:
+                self._queue.put(job)
 
     # -- the inference thread ------------------------------------------------------------------
 
@@ -161,9 +194,11 @@ class Batcher:
                 break
         return batch
 
-    def _execute(self, batch: list[_Job]) -> None:
-        """One forward pass for the batch, each job's rows delivered to it. When a merged
-        pass fails, each job runs again alone, so one bad request fails only itself."""
+    def _execute(self, batch: list[_Job], inline: bool = False) -> None:
+        """One forward pass for the batch, each job's rows delivered to it, on the inference
+        thread or (`inline`) the event loop. When a merged pass fails, each job runs again
+        alone, so one bad request fails only itself."""
+        deliver = _deliver_here if inline else _deliver
         xs = [job.x for job in batch]
         start = time.perf_counter()
         try:
@@ -174,26 +209,36 @@ class Batcher:
             if len(batch) > 1:
                 for job in batch:
                     if not job.future.cancelled():
-                        self._execute([job])
+                        self._execute([job], inline)
                 return
-            _deliver(batch[0], _set_exception, e)
+            deliver(batch[0], _set_exception, e)
             return
         n_rows = sum(len(x) for x in xs)
         self.batch_sizes[n_rows] += 1
         if self.on_batch is not None:
             waits = [start - job.queued_at for job in batch]
             try:
-                self.on_batch(batch[0].name, n_rows, time.perf_counter() - start, waits, False)
+                self.on_batch(batch[0].name, n_rows, time.perf_counter() - start, waits, inline)
             except Exception:  # the metrics must never cost a request its answer
                 log.exception("recording a batch's metrics failed")
         for i, job in enumerate(batch):
-            _deliver(job, _set_result, {name: parts[name][i] for name in out})
+            deliver(job, _set_result, {name: parts[name][i] for name in out})
 
 
 def _deliver(job: _Job, setter: Callable[[asyncio.Future[Outputs], Any], None], value: Any) -> None:
     # RuntimeError: the event loop has closed (shutdown), so nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
         job.loop.call_soon_threadsafe(setter, job.future, value)
+
+
+def _unknown(rows: int) -> float:
+    return math.inf
+
+
+def _deliver_here(
+    job: _Job, setter: Callable[[asyncio.Future[Outputs], Any], None], value: Any
+) -> None:
+    setter(job.future, value)  # on the loop already
 
 
 def _set_result(future: asyncio.Future[Outputs], value: Outputs) -> None:

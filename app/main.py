@@ -16,6 +16,7 @@ from app import __version__
 from app.batching import Batcher
 from app.docs import install_docs
 from app.errors import ModelLoadError, install_error_handlers
+from app.hot_path import ServiceApp
 from app.lifecycle import Lifecycle, fix_mmap_threshold, install_signal_handlers, load_model
 from app.middleware import Guard
 from app.observability import Metrics, Observe, configure_logging, startup_summary
@@ -37,8 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        # The process's setting while the app runs, and back after (tests run apps in-process).
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(settings.intra_op_threads())
         if settings.torch_interop_threads:
             try:
                 torch.set_num_interop_threads(settings.torch_interop_threads)
@@ -59,7 +61,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_batch_delay_ms / 1000,
             on_batch=metrics.observe_batch,
             inline_max_s=settings.inline_max_ms / 1000,
-            in_flight=lambda: app.state.lifecycle.in_flight,
         )
         batcher.start()
         app.state.vae, app.state.batcher = vae, batcher
@@ -75,8 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher.stop()
         if siblings is not None:
             siblings.leave()
+        torch.set_num_threads(torch_threads)
 
-    app = FastAPI(
+    app = ServiceApp(
         title="vae-service",
         version=__version__,
         description=DESCRIPTION,

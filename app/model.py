@@ -179,7 +179,8 @@ class VAEService:
                 )
             self.feature_index = {name: i for i, name in enumerate(self.feature_names)}
         # Measured by warm_up; until then every job's cost is infinite: none runs inline.
-        self.encode_row_s = self.score_fixed_s = self.score_sample_s = math.inf
+        self.call_s = self.encode_row_s = math.inf
+        self.score_call_s = self.score_row_s = self.score_sample_s = math.inf
         # The score the artifact recommends deciding with; format 1 predates the choice.
         self.decision_score: str = manifest.get("decision_score", "reconstruction_log_prob")
 
@@ -352,10 +353,11 @@ class VAEService:
         self._measure_costs()
 
     def _measure_costs(self, repeats: int = 21) -> None:
-        """The per-row costs that `cost_s` scales, timed on one row (median of `repeats`):
-        an encode, and the scores' fixed part (the encoder, the compressed length, DoSE's
-        density) and cost per posterior sample, from their times with 1 and 9 samples."""
+        """The costs that `cost_s` adds up, each the median of `repeats` timings: a call's
+        fixed part and a row's share, from an encode of 1 and of 16 rows; the same for the
+        scores, whose rows also pay per posterior sample, from 1 row with 1 and 9 samples."""
         x = np.full((1, self.input_dim), 0.5, dtype=np.float32)
+        x16 = np.full((16, self.input_dim), 0.5, dtype=np.float32)
 
         def median(call: Callable[[], object]) -> float:
             times = []
@@ -365,24 +367,32 @@ class VAEService:
                 times.append(time.perf_counter() - start)
             return float(np.median(times))
 
-        self.encode_row_s = median(lambda: self.encode(x))
+        one, sixteen = median(lambda: self.encode(x)), median(lambda: self.encode(x16))
+        self.encode_row_s = max((sixteen - one) / 15, 0.0)
+        self.call_s = max(one - self.encode_row_s, 0.0)
         one = median(lambda: self.anomaly_scores(x, 1, 0))
         nine = median(lambda: self.anomaly_scores(x, 9, 0))
+        sixteen = median(lambda: self.anomaly_scores(x16, 1, 0))
         self.score_sample_s = max((nine - one) / 8, 0.0)
-        self.score_fixed_s = max(one - self.score_sample_s, 0.0)
+        per_row = max((sixteen - one) / 15, 0.0)  # a row's fixed part and its one sample
+        self.score_row_s = max(per_row - self.score_sample_s, 0.0)
+        self.score_call_s = max(one - per_row, 0.0)
 
     def cost_s(
         self, op: str, rows: int, samples: int = 1, ll_samples: int = 0, passes: int = 1
     ) -> float:
-        """Estimated model time of a job, from the per-row costs measured at warm-up: rows x
-        an encode for encode, decode and sample (a decoder is about as costly); for the
-        scores, rows x (their fixed part + the cost per sample x (samples x `passes` (the
-        background model, the attribution) + K)). Before warm-up, infinite: nothing runs
+        """Estimated model time of a forward pass over `rows`, from the costs measured at
+        warm-up: a call's fixed part plus rows x a row's share. For encode, decode and sample
+        those of an encode (a decoder is about as costly); for the scores, a row's share is
+        its fixed part (the encoder, the compressed length, DoSE's density) plus the cost
+        per sample x (samples x `passes` (the background model, the attribution) + K). A
+        call's fixed part is most of a one-row pass (dispatch, small matrices), so a merged
+        batch costs far less than its jobs apart. Before warm-up, infinite: nothing runs
         inline."""
         if op != "anomaly":
-            return rows * self.encode_row_s
+            return self.call_s + rows * self.encode_row_s
         per_sample = self.score_sample_s * (samples * passes + ll_samples)
-        return rows * (self.score_fixed_s + per_sample)
+        return self.score_call_s + rows * (self.score_row_s + per_sample)
 
     def attribution_passes(self, samples: int) -> int:
         """The attribution's cost in units of the scores' L decoder passes, for `cost_s`: one

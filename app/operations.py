@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -50,7 +51,7 @@ async def encode(
         out = {"mean": enc.mean, "std": enc.std}
         return out if enc.samples is None else out | {"samples": enc.samples}
 
-    return await batcher.submit(key, x, run, "encode", vae.cost_s("encode", len(x)))
+    return await batcher.submit(key, x, run, "encode", partial(vae.cost_s, "encode"))
 
 
 async def decode(
@@ -64,7 +65,7 @@ async def decode(
     mode = params.output == "mode"
     return await batcher.submit(
         (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}, "decode",
-        vae.cost_s("decode", len(z)),
+        partial(vae.cost_s, "decode"),
     )  # fmt: skip
 
 
@@ -79,7 +80,7 @@ async def sample(
 
     # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
     empty = np.empty((params.n, 0), dtype=np.float32)
-    return await batcher.submit(None, empty, run, "sample", vae.cost_s("sample", params.n))
+    return await batcher.submit(None, empty, run, "sample", partial(vae.cost_s, "sample"))
 
 
 async def score(
@@ -103,7 +104,10 @@ async def score(
 
     # The background model's L passes; the attribution's, or its projection's many steps.
     passes = 1 + plan.ratio + plan.attribution * vae.attribution_passes(plan.samples)
-    cost = vae.cost_s("anomaly", len(x), plan.samples, plan.ll_samples, passes)
+
+    def cost(rows: int) -> float:
+        return vae.cost_s("anomaly", rows, plan.samples, plan.ll_samples, passes)
+
     scores = await batcher.submit(key, x, run, "anomaly", cost)
     attribution = scores.pop("attribution", None)
     # A score that is not finite (an input beyond what the model's arithmetic holds) gets the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -55,6 +56,17 @@ class Settings(BaseSettings):
     def event_loop(self) -> str:
         return self.loop or ("asyncio" if self.workers == 1 else "uvloop")
 
+    def intra_op_threads(self) -> int:
+        """VAE_TORCH_THREADS, or a core for the event loop and the rest for torch: with torch's
+        own default (every core) the inference thread's helpers took the core the event loop
+        needed, and /anomaly-score x1 at 16 connections served 837 req/s against 1,119 with
+        one thread on 2 cores (docs/benchmarks/throughput.md)."""
+        if self.torch_threads:
+            return self.torch_threads
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        cores = len(usable) if usable is not None else (os.cpu_count() or 1)
+        return max(1, cores // self.workers - 1)
+
     http: Literal["auto", "h11", "httptools"] = Field(
         "auto", description="uvicorn HTTP parser for `python -m app` (auto = httptools)."
     )
@@ -93,6 +105,12 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         0.0, ge=0.0, le=1000.0, description="How long the batcher waits for more requests "
         "before a forward pass; 0 merges only what is already queued.",
+    )  # fmt: skip
+    hot_path: bool = Field(
+        True, description="Serve the common model requests (/encode, /decode, /anomaly-score "
+        "with a JSON or .npy body, V2 infer) without FastAPI's router and dependency solver, "
+        "calling the same handlers: the same answers, a fraction of the overhead. false sends "
+        "every request through FastAPI.",
     )  # fmt: skip
     inline_max_ms: float = Field(
         0.5, ge=0.0, le=100.0, description="Run a job on the event loop, skipping the hand-off "
@@ -142,8 +160,10 @@ class Settings(BaseSettings):
         "https://app.example.com, or *); empty turns CORS off.",
     )  # fmt: skip
     torch_threads: int | None = Field(
-        None, ge=1, le=256, description="torch intra-op threads (default: torch's own choice)."
-    )
+        None, ge=1, le=256, description="torch intra-op threads per worker (default: the cores "
+        "this process may use, shared among VAE_WORKERS, less one for the event loop; at least "
+        "1).",
+    )  # fmt: skip
     torch_interop_threads: int | None = Field(
         None, ge=1, le=256, description="torch inter-op threads (default: torch's own choice)."
     )

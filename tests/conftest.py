@@ -34,7 +34,11 @@ MNIST_DIR = REPO / "tests" / "data" / "mnist"
 
 # Every test runs on the CPU, whatever the machine has, so no verdict depends on a GPU being
 # there; the CUDA path has tests of its own (tests/test_cuda.py), run only where CUDA exists.
-TEST_DEVICE = {"VAE_DEVICE": "cpu"}
+# TEST_HOT_PATH=off runs every test on FastAPI's path alone (app/hot_path.py off), so the
+# suite shows that both paths keep the same promises.
+TEST_DEVICE = {"VAE_DEVICE": "cpu"} | (
+    {"VAE_HOT_PATH": "false"} if os.environ.get("TEST_HOT_PATH") == "off" else {}
+)
 
 
 @pytest.fixture(autouse=True)

@@ -76,15 +76,25 @@ class V2Route(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except VAEServiceError as e:
-                status = 400 if e.status_code == 422 else e.status_code
-                return error_response(e.detail, status)
-            except RequestValidationError as e:
-                return error_response(describe_validation_error(e), 400)
-            except HTTPException as e:  # e.g. a limit enforced by a shared dependency
-                return error_response(str(e.detail), e.status_code, e.headers)
+            except Exception as e:
+                answer = v2_error_response(e)
+                if answer is None:
+                    raise
+                return answer
 
         return handle
+
+
+def v2_error_response(e: Exception) -> Response | None:
+    """The V2 answer to an error a handler or dependency raised; None for one that is not the
+    request's fault (Starlette's outermost layer answers it, 500)."""
+    if isinstance(e, VAEServiceError):
+        return error_response(e.detail, 400 if e.status_code == 422 else e.status_code)
+    if isinstance(e, RequestValidationError):
+        return error_response(describe_validation_error(e), 400)
+    if isinstance(e, HTTPException):  # e.g. a limit enforced by a shared dependency
+        return error_response(str(e.detail), e.status_code, e.headers)
+    return None
 
 
 V2_ERRORS = error_responses(

@@ -1,0 +1,201 @@
+"""The hot path: the model routes' common requests, served in front of FastAPI's own stack.
+
+Most traffic is a handful of requests: `/encode`, `/decode` and `/anomaly-score` with a JSON
+or `.npy` body, and V2 `infer`. For them FastAPI's layers (its error and telemetry
+middleware, the router, which tries each route's pattern in turn, the dependency solver, the
+exception middleware) cost more than the model does on one instance. `ServiceApp` puts
+`HotPath` in front of all of them: it recognises those requests by method, path and media
+type and sends them through the service's own middleware (CORS when on, Observe, the Guard:
+the same classes, built the same way, so keys, limits, drain, timeout, metrics and logs are
+unchanged) to `_Handlers`, which calls the very route function FastAPI would, with the same
+dependencies. Validation, error sentences and answers are the same bytes by construction
+(tests/test_hot_path.py compares them, path against path).
+
+Everything else goes to FastAPI: other routes, multipart uploads, unknown media types.
+FastAPI's own OpenTelemetry hooks therefore see only those; VAE_HOT_PATH=false sends every
+request through FastAPI.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.batching import Batcher
+from app.common import JSON, NPY, routed_path
+from app.deps import get_batcher, get_metrics, get_settings, get_vae
+from app.model import VAEService
+from app.routes import decode_latents, encode_instances, model_router, score_anomalies
+from app.settings import Settings
+from app.v2.protocol import HEADER_LENGTH
+from app.v2.routes import get_v2_model, infer_v2, v2_error_response
+from app.v2.routes import router as v2_router
+
+Serve = Callable[[Request], Awaitable[Response]]
+V2_MODELS, V2_INFER = "/v2/models/", "/infer"
+
+
+class ServiceApp(FastAPI):
+    """FastAPI, with the hot path in front of its middleware stack when VAE_HOT_PATH is on."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        settings: Settings = self.state.settings
+        if not settings.hot_path:
+            return stack
+        hot: ASGIApp = _Handlers()
+        # The service's own middleware, innermost last, as Starlette wraps them.
+        for cls, args, kwargs in reversed(self.user_middleware):
+            hot = cls(hot, *args, **kwargs)
+        return HotPath(stack, hot, self)
+
+
+@dataclass(frozen=True)
+class _Hot:
+    route: APIRoute  # what Observe labels the request with, as the router would set it
+    serve: Serve
+    v2: bool
+
+
+async def _encode(request: Request) -> Response:
+    vae, batcher, settings = await _deps(request)
+    return await encode_instances(request, vae, batcher, settings)
+
+
+async def _decode(request: Request) -> Response:
+    vae, batcher, settings = await _deps(request)
+    return await decode_latents(request, vae, batcher, settings)
+
+
+async def _score(request: Request) -> Response:
+    vae, batcher, settings = await _deps(request)
+    return await score_anomalies(request, vae, batcher, settings, await get_metrics(request))
+
+
+async def _infer(request: Request) -> Response:
+    # In the order FastAPI resolves them: an unknown model is a 404 even while the model loads.
+    model = await get_v2_model(request.path_params["model_name"])
+    vae, batcher, settings = await _deps(request)
+    header_length = request.headers.get(HEADER_LENGTH)
+    return await infer_v2(
+        model, vae, request, batcher, settings, await get_metrics(request), header_length
+    )
+
+
+async def _deps(request: Request) -> tuple[VAEService, Batcher, Settings]:
+    return await get_vae(request), await get_batcher(request), await get_settings(request)
+
+
+_ROUTES = {r.path: r for r in [*model_router.routes, *v2_router.routes] if isinstance(r, APIRoute)}
+_REST = {
+    path: _Hot(_ROUTES[path], serve, v2=False)
+    for path, serve in (("/encode", _encode), ("/decode", _decode), ("/anomaly-score", _score))
+}
+_INFER = _Hot(_ROUTES["/v2/models/{model_name}/infer"], _infer, v2=True)
+
+
+class HotPath:
+    """Sends the hot requests to `hot` (the service's middleware around `_Handlers`), the rest
+    to FastAPI's `stack`; answers a hot request's unexpected error as FastAPI's outermost
+    layer does."""
+
+    def __init__(self, stack: ASGIApp, hot: ASGIApp, app: FastAPI) -> None:
+        self.stack = stack
+        self.hot = hot
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hot = _match(scope) if scope["type"] == "http" else None
+        if hot is None:
+            await self.stack(scope, receive, send)
+            return
+        scope["route"] = hot.route
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.hot(scope, receive, tracked_send)
+        except Exception as e:
+            # Starlette's ServerErrorMiddleware: the app's handler for Exception answers 500
+            # (in the protocol's shape, with the request id), and the error goes on to the
+            # server's log.
+            handler = self.app.exception_handlers.get(Exception)
+            if handler is not None and not started:
+                response = await _call(handler, Request(scope), e)
+                await response(scope, receive, send)
+            raise
+
+
+class _Handlers:
+    """The innermost ASGI app of the hot path: the route function, and the answer FastAPI's
+    exception handlers would give to what it raises."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hot = _REST.get(scope["route"].path, _INFER)
+        request = Request(scope, receive)
+        try:
+            response = await hot.serve(request)
+        except Exception as e:
+            response = await _error_answer(request, e, hot.v2)
+        await response(scope, receive, send)
+
+
+def _match(scope: Scope) -> _Hot | None:
+    if scope["method"] != "POST":
+        return None
+    path = routed_path(scope)
+    hot = _REST.get(path)
+    if hot is not None:
+        media = _media(scope)
+        plain = media in ("", JSON, NPY) or (
+            media.startswith("application/") and media.endswith("+json")
+        )
+        return hot if plain else None
+    if path.startswith(V2_MODELS) and path.endswith(V2_INFER):
+        name = path[len(V2_MODELS) : -len(V2_INFER)]
+        if name and "/" not in name:
+            scope["path_params"] = {"model_name": name}
+            return _INFER
+    return None
+
+
+def _media(scope: Scope) -> str:
+    value: bytes
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            return value.split(b";")[0].strip().lower().decode("latin-1")
+    return ""
+
+
+async def _error_answer(request: Request, e: Exception, v2: bool) -> Response:
+    """What FastAPI answers for the same error: V2's route class for V2, else the app's
+    exception handlers. Anything else (a fault of ours) goes up to HotPath's 500."""
+    if v2:
+        answer = v2_error_response(e)
+        if answer is not None:
+            return answer
+        raise e
+    handlers = request.app.exception_handlers
+    for cls in type(e).__mro__:
+        if cls is Exception:
+            break
+        handler = handlers.get(cls)
+        if handler is not None:
+            return await _call(handler, request, e)
+    raise e
+
+
+async def _call(handler: Callable[..., object], request: Request, e: Exception) -> Response:
+    answer = handler(request, e)
+    response = await answer if inspect.isawaitable(answer) else answer
+    assert isinstance(response, Response)
+    return response
