@@ -10,8 +10,9 @@ request, and it can answer before the body is read. Its order of checks is the o
    size (chunked) is counted as it arrives and cut off at the limit;
 3. for model requests (every POST outside /admin): draining (503 once SIGTERM arrived), then
    the in-flight bound (503 with Retry-After), then the timeout (504). Once such a request's
-   body is read, the Guard listens for the client hanging up and cancels the request's work:
-   its job leaves the batcher's queue unrun, so a client's timeout does not leave work behind.
+   body is read and it has run for WATCH_AFTER_S, the Guard listens for the client hanging up
+   and cancels the request's work: its job leaves the batcher's queue unrun, so a client's
+   timeout does not leave work behind.
 
 Paths are matched as the router matches them, after the root path (uvicorn --root-path, a Ray
 route_prefix), which ASGI puts in front of `path`: a prefix must neither open /admin nor close
@@ -24,7 +25,6 @@ Every refusal is one sentence in the shape of the protocol asked: `{"detail": ..
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import math
@@ -47,6 +47,7 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "
 OPEN_PREFIXES = ("/docs/static/",)
 ADMIN_PREFIX = "/admin/"
 RETRY_AFTER_S = 1
+WATCH_AFTER_S = 0.005  # a model request still running this long gets a hang-up watcher
 KEY_REQUIRED = "A valid API key is required: send Authorization: Bearer <key> or X-API-Key."
 ADMIN_KEY_REQUIRED = "An admin key is required: send Authorization: Bearer <key> or X-API-Key."
 Refusal = tuple[int, str, list[tuple[bytes, bytes]]]
@@ -200,9 +201,15 @@ class ClientGoneError(Exception):
 async def _until_gone(
     call: Awaitable[None], receive: Receive, body_read: asyncio.Event, gone: asyncio.Event
 ) -> None:
-    """Run the app's `call` until it answers, or cancel it when the client disconnects once the
-    body is read (ClientGoneError). Only this watcher reads `receive` after the body."""
-    task = asyncio.ensure_future(call)
+    """Run the app's `call` in this task until it answers, or cancel it when the client
+    disconnects once the body is read (ClientGoneError). Only the watcher reads `receive`
+    after the body, and only a request still running after WATCH_AFTER_S gets one: a task
+    per request cost more than most requests' model time, and work that ends within a few
+    milliseconds is not worth cancelling."""
+    task = asyncio.current_task()
+    assert task is not None  # an ASGI app always runs in a task
+    loop = asyncio.get_running_loop()
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         await body_read.wait()
@@ -211,20 +218,22 @@ async def _until_gone(
         gone.set()
         task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watching)
     try:
-        await task
+        await call
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if gone.is_set() and (current is None or not current.cancelling()):
+        # Ours alone (not the server's, not the timeout's): the client went away.
+        if gone.is_set() and task.uncancel() == 0:
             raise ClientGoneError from None
         raise
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 class BodyTooLarge(HTTPException):

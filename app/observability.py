@@ -12,12 +12,13 @@ one), echoes it, and logs one line without bodies, keys or query strings.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from prometheus_client import (
@@ -62,6 +63,7 @@ class Metrics:
             "vae_request_duration_seconds", "Time from request to answer, by route template.",
             ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self._request_children: dict[tuple[str, str, int], Histogram] = {}
         self.inference_duration = Histogram(
             "vae_inference_duration_seconds", "Model time of one forward pass (one batch).",
             ["op"], buckets=LATENCY_BUCKETS, registry=r,
@@ -122,6 +124,16 @@ class Metrics:
         PlatformCollector(registry=registry)
         return generate_latest(registry)
 
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        # A label set's child, looked up once: `labels()` takes a lock and builds a tuple.
+        key = (route, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.request_duration.labels(
+                route, method, str(status)
+            )
+        child.observe(seconds)
+
     def observe_batch(
         self, op: str, rows: int, seconds: float, waits: list[float], inline: bool = False
     ) -> None:
@@ -140,6 +152,22 @@ class Metrics:
                 hist.observe(value)
 
 
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's X-Request-ID when it is well-formed, else a new one: this process's random
+    prefix and a count, unique without a system call per request (uuid4 reads urandom)."""
+    for key, value in headers:
+        if key == b"x-request-id":
+            given = value.decode("latin-1")
+            if _REQUEST_ID.match(given):
+                return given
+            break
+    return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
+
+
+_ID_PREFIX = secrets.token_hex(8)  # a new one in every process, workers included
+_ID_COUNT = itertools.count()
+
+
 class Observe:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -150,8 +178,7 @@ class Observe:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = _request_id(scope["headers"])
         status = 500  # what the client sees if the app fails before answering
 
         async def send_with_id(message: Message) -> None:
@@ -172,13 +199,14 @@ class Observe:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.request_duration.labels(route, method, str(status)).observe(seconds)
-            log.info(
-                "%s %s %d %.1f ms", method, route, status, seconds * 1000,
-                extra={"request_id": request_id, "route": route, "method": method,
-                       "status": status, "duration_ms": round(seconds * 1000, 3),
-                       "instances": scope.get("state", {}).get("instances")},
-            )  # fmt: skip
+            self.metrics.observe_request(route, method, status, seconds)
+            if log.isEnabledFor(logging.INFO):  # else the line's fields are not even built
+                log.info(
+                    "%s %s %d %.1f ms", method, route, status, seconds * 1000,
+                    extra={"request_id": request_id, "route": route, "method": method,
+                           "status": status, "duration_ms": round(seconds * 1000, 3),
+                           "instances": scope.get("state", {}).get("instances")},
+                )  # fmt: skip
 
 
 # -- logging ------------------------------------------------------------------------------------

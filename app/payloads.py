@@ -97,6 +97,8 @@ async def read_json_request(request: Request, model: type[P], own_query: tuple[s
 def query_options(request: Request, own_query: tuple[str, ...]) -> dict[str, str]:
     """The query string's options, each given once, without those the caller reads itself."""
     query: dict[str, str] = {}
+    if not request.scope.get("query_string"):  # the common case: skip parsing nothing
+        return query
     for key, value in request.query_params.multi_items():
         if key in query:
             raise InvalidInputError(f"The query gives the option '{key}' more than once.")
