@@ -100,6 +100,16 @@ def ratios(
         "service_encode_c16_over_ceiling_c16_rps": _ratio(
             rps("service.encode.x1@16"), rps("ceiling.sink@16")
         ),
+        "service_encode_c16_over_bare_c16_rps": _ratio(
+            rps("service.encode.x1@16"), rps("bare.sink@16")
+        ),
+        "ceiling_c16_over_bare_c16_rps": _ratio(rps("ceiling.sink@16"), rps("bare.sink@16")),
+        "service_encode_c16_over_baseline_c16_rps": _ratio(
+            rps("service.encode.x1@16"), rps("baseline.encode.x1@16")
+        ),
+        "service_anomaly_c16_over_baseline_c16_rps": _ratio(
+            rps("service.anomaly.x1"), rps("baseline.anomaly.x1")
+        ),
         "service_encode_c16_over_naive_c16_rps": _ratio(
             rps("service.encode.x1@16"), rps("naive.encode.x1@16")
         ),
@@ -125,6 +135,12 @@ def ratios(
 
 _RATIO_LABELS = {
     "service_encode_c16_over_ceiling_c16_rps": "service /encode x1 @16 vs ceiling @16 (req/s)",
+    "service_encode_c16_over_bare_c16_rps": "service /encode x1 @16 vs bare ASGI @16 (req/s)",
+    "ceiling_c16_over_bare_c16_rps": "ceiling @16 vs bare ASGI @16 (req/s)",
+    "service_encode_c16_over_baseline_c16_rps": "service /encode x1 @16 vs the baseline "
+    "commit's (req/s)",
+    "service_anomaly_c16_over_baseline_c16_rps": "service /anomaly-score x1 @16 vs the "
+    "baseline commit's (req/s)",
     "service_encode_c16_over_naive_c16_rps": "service /encode x1 @16 vs naive @16 (req/s)",
     "service_encode_c16_over_litserve_best_c16_rps": "service /encode x1 @16 vs LitServe's "
     "best @16 (req/s)",

@@ -13,6 +13,7 @@ how many cores the server, wrk and everything else used while it ran ("other" sh
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import math
@@ -49,7 +50,8 @@ WRK_THREADS = 1
 # Other processes' CPU (in cores) during a measurement above which the report warns.
 OTHER_CORES_WARN = 0.25
 # One at a time, in this order.
-SERVERS = ("ceiling", "naive", "litserve", "litserve-batch", "service", "service-2w")
+SERVERS = ("bare", "ceiling", "naive", "litserve", "litserve-batch", "service", "service-2w",
+           "baseline")  # fmt: skip
 # The service answers these when it cannot take a body format: report "unsupported".
 UNSUPPORTED = (415, 422)
 NPY = "application/x-npy"
@@ -122,6 +124,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure only these servers (the ratios that need the others print n/a)",
     )
     p.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also measure the service as it was at this commit (a git worktree), for the "
+        "ratios against it",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: --duration 3, --skip-memory, ceiling and naive at 16 connections only",
@@ -151,7 +159,9 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     # The ratios need the ceiling and naive at 16 connections; the full run adds 1 and 64 so
     # the tails compare too.
     peer_levels = (HEADLINE_LEVEL,) if args.quick else SINGLE_LEVELS
-    out = [
+    out = [Scenario("bare.sink@16", "bare ASGI POST (x1 body)", "bare", "/sink", "single", 1,
+                    HEADLINE_LEVEL)]  # fmt: skip
+    out += [
         Scenario(
             f"ceiling.sink@{c}", "ceiling POST /sink (x1 body)", "ceiling", "/sink", "single", 1, c
         )
@@ -185,6 +195,14 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario("service-2w.encode.x1@16", "service /encode x1 json, 2 workers", "service-2w",
                  "/encode", "single", 1, HEADLINE_LEVEL),
     ]  # fmt: skip
+    if args.baseline:
+        out += [
+            Scenario("baseline.encode.x1@16", f"service at {args.baseline} /encode x1 json",
+                     "baseline", "/encode", "single", 1, HEADLINE_LEVEL),
+            Scenario("baseline.anomaly.x1", f"service at {args.baseline} /anomaly-score x1 "
+                     f"L={ANOMALY_SAMPLES}", "baseline", "/anomaly-score", "anomaly", 1,
+                     HEADLINE_LEVEL),
+        ]  # fmt: skip
     bc = args.batch_concurrency
     out += [
         Scenario(
@@ -233,6 +251,7 @@ class Bench:
         self.notes: list[str] = []
         self.bodies: Bodies | None = None
         self.body_files: dict[str, Path] = {}
+        self.baseline_dir = work / "baseline"
 
     def set_bodies(self, bodies: Bodies) -> None:
         self.bodies = bodies
@@ -249,6 +268,13 @@ class Bench:
                    "--port", str(port), *batching]  # fmt: skip
             return Server(name, "", self.stack, port=port, ready_path="/health", env={},
                           log_dir=self.log_dir, cmd=cmd, whole_session=True)  # fmt: skip
+        if name == "baseline":  # the same service, from an older commit's worktree
+            env = {**self.service_env(artifact, port), "PYTHONPATH": str(self.baseline_dir)}
+            cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+                   "--host", "127.0.0.1", "--port", str(port), *self.stack.uvicorn_args(),
+                   "--log-level", "warning", "--no-access-log"]  # fmt: skip
+            return Server(name, "", self.stack, port=port, ready_path="/ready", env=env,
+                          log_dir=self.log_dir, cmd=cmd, cwd=self.baseline_dir)  # fmt: skip
         if name == "service-2w":
             # Two workers the way operators run them: `python -m app` (app/workers.py).
             env = {**self.service_env(artifact, port), "VAE_WORKERS": "2"}
@@ -256,6 +282,7 @@ class Bench:
             return Server(name, "", stack, port=port, ready_path="/ready", env=env,
                           log_dir=self.log_dir, cmd=[sys.executable, "-m", "app"])  # fmt: skip
         factory = {
+            "bare": "bench.bare:create_app",
             "ceiling": "bench.ceiling:create_app",
             "naive": "bench.naive:create_app",
             "service": "app.main:create_app",
@@ -268,10 +295,22 @@ class Bench:
             factory,
             self.stack,
             port=port,
-            ready_path="/ready" if name == "service" else "/health",
+            ready_path="/ready" if name == "service" else "/health",  # bare answers any path
             env=env,
             log_dir=self.log_dir,
         )
+
+    def check_out_baseline(self, ref: str) -> dict[str, str]:
+        """The service at `ref`, in a worktree of this repository (removed again at exit)."""
+        git = ["git", "-C", str(REPO)]
+        found = subprocess.run([*git, "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        commit = found.stdout.strip()
+        subprocess.run([*git, "worktree", "add", "--detach", str(self.baseline_dir), commit],
+                       capture_output=True, check=True)  # fmt: skip
+        atexit.register(subprocess.run, [*git, "worktree", "remove", "--force",
+                                         str(self.baseline_dir)], capture_output=True)  # fmt: skip
+        return {"ref": ref, "commit": commit}
 
     def service_env(self, artifact: Path, port: int) -> dict[str, str]:
         """What the service reads (app/settings.py). HOST and PORT bind `python -m app`; under
@@ -576,14 +615,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = scenarios(args)
         checks: dict[str, Any] = {}
         server_info: dict[str, Any] = {}
+        if args.baseline:
+            machine["baseline"] = bench.check_out_baseline(args.baseline)
         for name in args.servers:
+            if name == "baseline" and not args.baseline:
+                continue
             print(f"{name}:", flush=True)
             with bench.server(name, artifact) as server:
                 info: dict[str, Any] = {
                     "startup_s": server.startup_s,
                     "rss_ready_bytes": server.rss_bytes(),
                 }
-                if name != "ceiling":
+                if name not in ("bare", "ceiling"):
                     path = "/predict" if name.startswith("litserve") else "/encode"
                     checks[f"{name}_encode_vs_inprocess"] = check_encode(
                         server.url + path, bench.bodies, module

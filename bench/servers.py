@@ -56,9 +56,17 @@ class Process:
     everything it started. bench's `Server` and the tests' servers both build on it."""
 
     def __init__(
-        self, cmd: list[str], *, port: int, env: dict[str, str], log: Path, name: str = "server"
+        self,
+        cmd: list[str],
+        *,
+        port: int,
+        env: dict[str, str],
+        log: Path,
+        name: str = "server",
+        cwd: Path = REPO,
     ) -> None:
         self.name = name
+        self.cwd = cwd
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -82,7 +90,7 @@ class Process:
             # A session of its own: stop() can then kill the workers too, and only them.
             self._proc = subprocess.Popen(
                 self._cmd,
-                cwd=REPO,
+                cwd=self.cwd,
                 env=self._env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,6 +147,7 @@ class Server(Process):
         log_dir: Path,
         cmd: list[str] | None = None,
         whole_session: bool = False,
+        cwd: Path = REPO,
     ) -> None:
         """`factory` runs under the uvicorn CLI with `stack`; or `cmd` runs as it is (a server
         that starts its own processes: LitServe, `python -m app` with workers), with `stack`
@@ -165,7 +174,7 @@ class Server(Process):
             "5",
         ]
         # Nothing from the caller's VAE_* environment may change what is measured.
-        super().__init__(cmd, port=port, env=env, log=log_dir / f"{name}.log", name=name)
+        super().__init__(cmd, port=port, env=env, log=log_dir / f"{name}.log", name=name, cwd=cwd)
         self.stack = stack
         self.ready_path = ready_path
         self.startup_s = 0.0
