@@ -41,18 +41,23 @@ V2_MODELS, V2_INFER = "/v2/models/", "/infer"
 
 
 class ServiceApp(FastAPI):
-    """FastAPI, with the hot path in front of its middleware stack when VAE_HOT_PATH is on."""
+    """FastAPI, with the hot path in front of all of it when VAE_HOT_PATH is on: a hot request
+    never enters FastAPI's `__call__` (whose telemetry check alone reads the environment on
+    every request)."""
 
-    def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        settings: Settings = self.state.settings
-        if not settings.hot_path:
-            return stack
-        hot: ASGIApp = _Handlers()
-        # The service's own middleware, innermost last, as Starlette wraps them.
-        for cls, args, kwargs in reversed(self.user_middleware):
-            hot = cls(hot, *args, **kwargs)
-        return HotPath(stack, hot, self)
+    _hot_path: HotPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.root_path:  # as FastAPI's own __call__ does first
+            scope["root_path"] = self.root_path
+        hot = _match(scope) if scope["type"] == "http" and self.state.settings.hot_path else None
+        if hot is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self  # as Starlette's __call__ does
+        if self._hot_path is None:
+            self._hot_path = HotPath(self)
+        await self._hot_path(hot, scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -100,20 +105,17 @@ _INFER = _Hot(_ROUTES["/v2/models/{model_name}/infer"], _infer, v2=True)
 
 
 class HotPath:
-    """Sends the hot requests to `hot` (the service's middleware around `_Handlers`), the rest
-    to FastAPI's `stack`; answers a hot request's unexpected error as FastAPI's outermost
-    layer does."""
+    """A hot request through the service's own middleware (CORS when on, Observe, the Guard:
+    built from the app's list as Starlette builds its stack) to `_Handlers`; an unexpected
+    error is answered as FastAPI's outermost layer answers it."""
 
-    def __init__(self, stack: ASGIApp, hot: ASGIApp, app: FastAPI) -> None:
-        self.stack = stack
-        self.hot = hot
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
+        self.stack: ASGIApp = _Handlers()
+        for cls, args, kwargs in reversed(app.user_middleware):  # the last added is outermost
+            self.stack = cls(self.stack, *args, **kwargs)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hot = _match(scope) if scope["type"] == "http" else None
-        if hot is None:
-            await self.stack(scope, receive, send)
-            return
+    async def __call__(self, hot: _Hot, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = hot.route
         started = False
 
@@ -123,7 +125,7 @@ class HotPath:
             await send(message)
 
         try:
-            await self.hot(scope, receive, tracked_send)
+            await self.stack(scope, receive, tracked_send)
         except Exception as e:
             # Starlette's ServerErrorMiddleware: the app's handler for Exception answers 500
             # (in the protocol's shape, with the request id), and the error goes on to the

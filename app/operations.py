@@ -25,6 +25,7 @@ from app.settings import Settings
 from app.validation import ScorePlan, check_samples, instances_array, latents_array, plan_scores
 
 Rows = Sequence[object] | np.ndarray
+PERCENTILE = "percentile:"  # the batched pass's outputs that are a score's percentiles
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,20 @@ async def score(
     key = None if params.seed is not None else (vae, "anomaly", *options)
 
     def run(xb: Array) -> Arrays:
-        return vae.anomaly_scores(
+        out = vae.anomaly_scores(
             xb, plan.samples, params.seed, plan.ll_samples,
             ratio=plan.ratio, attribution=plan.attribution,
         )  # fmt: skip
+        # The percentiles too, and their metrics: once per pass rather than once per request.
+        # A score that is not finite (an input beyond what the model's arithmetic holds) gets
+        # the percentile 1.0, so it is flagged: never a null decision.
+        percentiles = {
+            name: vae.calibration.percentile(name, v)
+            for name, v in out.items()
+            if name != "attribution"
+        }
+        metrics.observe_percentiles(percentiles)
+        return out | {PERCENTILE + name: p for name, p in percentiles.items()}
 
     # The background model's L passes; the attribution's, or its projection's many steps.
     passes = 1 + plan.ratio + plan.attribution * vae.attribution_passes(plan.samples)
@@ -110,10 +121,9 @@ async def score(
 
     scores = await batcher.submit(key, x, run, "anomaly", cost)
     attribution = scores.pop("attribution", None)
-    # A score that is not finite (an input beyond what the model's arithmetic holds) gets the
-    # percentile 1.0, so it is flagged: never a null decision.
-    percentiles = {name: vae.calibration.percentile(name, v) for name, v in scores.items()}
-    metrics.observe_percentiles(percentiles)
+    percentiles = {
+        n[len(PERCENTILE) :]: scores.pop(n) for n in list(scores) if n.startswith(PERCENTILE)
+    }
     decided = percentiles[plan.decision_score] > plan.threshold
     uncalibrated = off_calibration(vae, plan, scores)
     notes = [note] if (note := tail_sentence(vae.calibration, plan.asked)) else []
@@ -154,6 +164,8 @@ def uncalibrated_sentence(vae: VAEService, plan: ScorePlan, names: list[str]) ->
 
 def non_finite_sentences(scores: Arrays) -> list[str]:
     """Per instance with a score that is not finite, one sentence naming them."""
+    if all(np.isfinite(v).all() for v in scores.values()):  # the common case, cheaply
+        return []
     bad = {name: ~np.isfinite(v) for name, v in scores.items()}
     rows = np.flatnonzero(np.any(np.stack(list(bad.values())), axis=0))
     out = []

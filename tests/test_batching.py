@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -325,3 +326,42 @@ def test_a_real_server_runs_small_requests_inline_and_large_ones_batched(
     b = httpx.post(f"{off.url}/anomaly-score", json={"instances": x, "seed": 3}).content
     assert inline_jobs(off.url) == {}
     assert a == b  # a seeded answer is the same wherever it ran
+
+
+def post_raw(port: int, path: str, body: bytes) -> socket.socket:
+    """A request written whole to the server's socket before this returns: it is then at the
+    server, whether or not the server has read it yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def status_of(sock: socket.socket) -> int:
+    with sock:
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.server
+def test_a_real_server_merges_requests_waiting_at_its_socket_into_one_pass_on_the_loop(
+    tiny_artifact: Path, start_gated: GatedStart
+) -> None:
+    """While a first cheap job holds the event loop (closed gate, on purpose), eight more
+    requests arrive whole at the socket. Once it ends, the loop reads them, and the flush runs
+    them as one forward pass: no request waited for anything that had not already arrived."""
+    env = {"VAE_MODEL_PATH": str(tiny_artifact), "TEST_ROW_COST_S": "1e-6",
+           "VAE_INLINE_MAX_MS": "1"}  # fmt: skip
+    server, gate = start_gated(env)
+    body = b'{"instances": [[1.0, 0.0, 0.0, 1.0]]}'
+    gate.close()
+    first = post_raw(server.port, "/encode", body)
+    gate.wait_for_calls(1)  # the loop is now held inside the first pass
+    waiting = [post_raw(server.port, "/encode", body) for _ in range(8)]
+    gate.open()
+    assert [status_of(s) for s in [first, *waiting]] == [200] * 9
+    assert gate.calls() == ["encode 1", "encode 8"]
+    assert inline_jobs(server.url) == {"encode": 2.0}
