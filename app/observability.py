@@ -78,8 +78,9 @@ class Metrics:
             ["op"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inline_jobs = Counter(
-            "vae_inline_jobs_total", "Jobs cheap enough to run on the event loop, skipping the "
-            "inference thread (VAE_INLINE_MAX_MS).", ["op"], registry=r,
+            "vae_inline_jobs_total", "Forward passes run on the event loop, over cheap jobs "
+            "gathered there, skipping the inference thread (VAE_INLINE_MAX_MS).", ["op"],
+            registry=r,
         )  # fmt: skip
         self.in_flight = Gauge(
             "vae_requests_in_flight", "Model requests accepted and not yet answered.",
