@@ -14,16 +14,16 @@ a batch raises stops the thread: a model error goes to the requests (each job of
 batch then runs alone, so one bad request fails only itself), anything else is logged.
 
 Cheap work runs where it arrives: on the event loop, in batches formed there. A job whose
-estimated cost is at most `inline_max_s` joins the loop's gathering, and the first such job of
-a loop iteration schedules one flush with `call_soon`: it runs after the callbacks already
-ready, so every request parsed in the same iteration joins it, and none waits for company
-that is not already there. The flush runs each key's jobs as one forward pass (seeded jobs
-alone) when their summed cost is within `inline_max_s`; a group costlier than that goes to the
-thread, merged. For a one-instance `encode` (tens of microseconds of model time) the hand-off
-to the thread and back (100 to 200 microseconds in CPython) costs more than the work, and the
-two threads took turns on the GIL. Costly work, such as an `/anomaly-score` with many samples,
-goes to the thread as before, so the loop is held no longer than the threshold and /health
-answers at once beside it.
+estimated cost is at most `inline_max_s` joins the loop's gathering, and the first such job
+schedules one flush with `call_soon`. The flush lets the loop turn while requests already at
+the socket are read and join it (see `_flush`), so none waits for company that is not already
+there. It runs each key's jobs as one forward pass (seeded jobs alone) when that pass's
+estimated cost is within `inline_max_s`; a costlier batch goes to the thread, merged. For a
+one-instance `encode` (tens of microseconds of model time) the hand-off to the thread and back
+(100 to 200 microseconds in CPython) costs more than the work, and the two threads took turns
+on the GIL. Costly work, such as an `/anomaly-score` with many samples, goes to the thread as
+before, so the loop is held no longer than the threshold and /health answers at once beside
+it.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class Batcher:
 
     def _flush(self, turns: int, seen: int) -> None:
         """Run what the loop gathered: per key, in order of arrival, batches of at most
-        `max_batch_size` rows, on the loop while their summed cost is within `inline_max_s`,
-        else merged on the thread. Seeded jobs (no key) run alone.
+        `max_batch_size` rows, on the loop when a batch's estimated cost is within
+        `inline_max_s`, else merged on the thread. Seeded jobs (no key) run alone.
 
         It first lets the loop go round: one turn polls the sockets, the next runs the
         requests found there up to `submit`, so requests that had arrived, only not yet read,
@@ -123,7 +123,7 @@ class Batcher:
         the sockets without blocking."""
         n = len(self._gathering)
         if turns < FLUSH_MAX_TURNS and (turns < 2 or n > seen) and n < self.max_batch_size:
-            asyncio.get_running_loop().call_soon(self._flush, turns + 1, n if turns else 0)
+            asyncio.get_running_loop().call_soon(self._flush, turns + 1, n)
             return
         jobs, self._gathering = self._gathering, []
         groups: dict[Hashable, list[_Job]] = {}
