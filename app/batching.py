@@ -56,7 +56,7 @@ FLUSH_MAX_TURNS = 8
 @dataclass
 class _Job:
     key: Hashable | None  # None: run alone
-    name: str  # the operation, for the metrics
+    name: Any  # what labels its metrics (the operation, the model, its version), passed as is
     x: Array
     op: Op
     future: asyncio.Future[Outputs]
@@ -71,7 +71,7 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         name: str = "inference",
-        on_batch: Callable[[str, int, float, list[float], bool], None] | None = None,
+        on_batch: Callable[[Any, int, float, list[float], bool], None] | None = None,
         inline_max_s: float = 0.0,
     ) -> None:
         self.max_batch_size = max_batch_size
@@ -95,12 +95,13 @@ class Batcher:
         self._thread.join(timeout)
 
     async def submit(
-        self, key: Hashable | None, x: Array, op: Op, name: str, cost: Cost | None = None
+        self, key: Hashable | None, x: Array, op: Op, name: Any, cost: Cost | None = None
     ) -> Outputs:
         """Run `op` on `x` (B, ...), merged with other jobs of the same `key` when not None;
         on the event loop when its estimated `cost` (seconds for a pass over so many rows; none:
         infinite) is within `inline_max_s` (module doc).
-        `name` labels the job's metrics (the operation: encode, decode, ...)."""
+        `name` labels the job's metrics, handed to `on_batch` as given (the service's: the
+        operation, the model and its version)."""
         loop = asyncio.get_running_loop()
         job = _Job(key, name, x, op, loop.create_future(), loop, cost or _unknown)
         if job.cost(len(x)) <= self.inline_max_s:

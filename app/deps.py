@@ -14,15 +14,20 @@ from app.batching import Batcher
 from app.errors import NotReadyError
 from app.model import VAEService
 from app.observability import Metrics
+from app.repository import NOT_READY, ModelRepository, parse_version
 from app.settings import Settings
-
-NOT_READY = "The model is not loaded yet; try again shortly."
 
 
 async def get_vae(request: Request) -> VAEService:
-    vae: VAEService | None = request.app.state.vae
-    if vae is None or not request.app.state.ready:
-        raise NotReadyError(NOT_READY)
+    """The model this request runs on, taken once: the one its path names
+    (/models/{model_name}[/versions/{model_version}]/...), else the default one."""
+    models: ModelRepository = request.app.state.models
+    params = request.path_params
+    version = params.get("model_version")
+    vae = models.serving(
+        params.get("model_name"), None if version is None else parse_version(version)
+    )
+    request.state.model = vae  # for the metrics and the log line (Observe)
     return vae
 
 

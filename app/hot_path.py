@@ -50,13 +50,16 @@ class ServiceApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.root_path:  # as FastAPI's own __call__ does first
             scope["root_path"] = self.root_path
-        hot = _match(scope) if scope["type"] == "http" and self.state.settings.hot_path else None
+        if scope["type"] != "http" or not self.state.settings.hot_path:
+            await super().__call__(scope, receive, send)
+            return
+        if self._hot_path is None:
+            self._hot_path = HotPath(self)
+        hot = self._hot_path.match(scope)
         if hot is None:
             await super().__call__(scope, receive, send)
             return
         scope["app"] = self  # as Starlette's __call__ does
-        if self._hot_path is None:
-            self._hot_path = HotPath(self)
         await self._hot_path(hot, scope, receive, send)
 
 
@@ -84,11 +87,11 @@ async def _score(request: Request) -> Response:
 
 async def _infer(request: Request) -> Response:
     # In the order FastAPI resolves them: an unknown model is a 404 even while the model loads.
-    model = await get_v2_model(request.path_params["model_name"])
-    vae, batcher, settings = await _deps(request)
+    target = await get_v2_model(request, request.path_params["model_name"])
+    batcher, settings = await get_batcher(request), await get_settings(request)
     header_length = request.headers.get(HEADER_LENGTH)
     return await infer_v2(
-        model, vae, request, batcher, settings, await get_metrics(request), header_length
+        target, request, batcher, settings, await get_metrics(request), header_length
     )
 
 
@@ -96,12 +99,11 @@ async def _deps(request: Request) -> tuple[VAEService, Batcher, Settings]:
     return await get_vae(request), await get_batcher(request), await get_settings(request)
 
 
-_ROUTES = {r.path: r for r in [*model_router.routes, *v2_router.routes] if isinstance(r, APIRoute)}
-_REST = {
-    path: _Hot(_ROUTES[path], serve, v2=False)
-    for path, serve in (("/encode", _encode), ("/decode", _decode), ("/anomaly-score", _score))
-}
-_INFER = _Hot(_ROUTES["/v2/models/{model_name}/infer"], _infer, v2=True)
+SERVE = {"encode": _encode, "decode": _decode, "anomaly-score": _score}
+MODELS_PREFIX, VERSIONS = "/models/", "/versions/"
+# The model routes are served under each model's name and version too (app/main.py).
+NAMED = "/models/{model_name}"
+VERSIONED = NAMED + "/versions/{model_version}"
 
 
 class HotPath:
@@ -114,9 +116,69 @@ class HotPath:
         self.stack: ASGIApp = _Handlers()
         for cls, args, kwargs in reversed(app.user_middleware):  # the last added is outermost
             self.stack = cls(self.stack, *args, **kwargs)
+        # The routes FastAPI's router puts in the scope for these requests, for Observe's
+        # labels: a model route included under a prefix (/models/{model_name}/...) is still
+        # its original route, /encode, there.
+        routes = {r.path: r for r in [*model_router.routes, *v2_router.routes]
+                  if isinstance(r, APIRoute)}  # fmt: skip
+        self.rest = {
+            op: {
+                prefix: _Hot(routes["/" + op], serve, v2=False) for prefix in ("", NAMED, VERSIONED)
+            }
+            for op, serve in SERVE.items()
+        }
+        self.infer = _Hot(routes["/v2/models/{model_name}/infer"], _infer, v2=True)
+        self.infer_version = _Hot(
+            routes["/v2/models/{model_name}/versions/{model_version}/infer"], _infer, v2=True
+        )
+
+    def match(self, scope: Scope) -> _Hot | None:
+        """The hot request's route, with its path parameters set; None for the rest."""
+        if scope["method"] != "POST":
+            return None
+        path = routed_path(scope)
+        if path.startswith(V2_MODELS):
+            return self._match_infer(scope, path)
+        head, _, op = path.rpartition("/")
+        routes = self.rest.get(op)
+        if routes is None:
+            return None
+        if head == "":
+            hot = routes[""]
+        elif head.startswith(MODELS_PREFIX):
+            name, _, version = head[len(MODELS_PREFIX) :].partition(VERSIONS)
+            if not name or "/" in name or (version and not version.isdigit()):
+                return None
+            if version:
+                hot = routes[VERSIONED]
+                scope["path_params"] = {"model_name": name, "model_version": version}
+            elif head[len(MODELS_PREFIX) :] == name:
+                hot = routes[NAMED]
+                scope["path_params"] = {"model_name": name}
+            else:
+                return None
+        else:
+            return None
+        media = _media(scope)
+        plain = media in ("", JSON, NPY) or (
+            media.startswith("application/") and media.endswith("+json")
+        )
+        return hot if plain else None
+
+    def _match_infer(self, scope: Scope, path: str) -> _Hot | None:
+        if not path.endswith(V2_INFER):
+            return None
+        name, _, version = path[len(V2_MODELS) : -len(V2_INFER)].partition(VERSIONS)
+        if not name or "/" in name or "/" in version or (VERSIONS in path and not version):
+            return None
+        if version:
+            scope["path_params"] = {"model_name": name, "model_version": version}
+            return self.infer_version
+        scope["path_params"] = {"model_name": name}
+        return self.infer
 
     async def __call__(self, hot: _Hot, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["route"] = hot.route
+        scope["route"], scope["hot"] = hot.route, hot
         started = False
 
         async def tracked_send(message: Message) -> None:
@@ -142,32 +204,13 @@ class _Handlers:
     exception handlers would give to what it raises."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hot = _REST.get(scope["route"].path, _INFER)
+        hot: _Hot = scope["hot"]
         request = Request(scope, receive)
         try:
             response = await hot.serve(request)
         except Exception as e:
             response = await _error_answer(request, e, hot.v2)
         await response(scope, receive, send)
-
-
-def _match(scope: Scope) -> _Hot | None:
-    if scope["method"] != "POST":
-        return None
-    path = routed_path(scope)
-    hot = _REST.get(path)
-    if hot is not None:
-        media = _media(scope)
-        plain = media in ("", JSON, NPY) or (
-            media.startswith("application/") and media.endswith("+json")
-        )
-        return hot if plain else None
-    if path.startswith(V2_MODELS) and path.endswith(V2_INFER):
-        name = path[len(V2_MODELS) : -len(V2_INFER)]
-        if name and "/" not in name:
-            scope["path_params"] = {"model_name": name}
-            return _INFER
-    return None
 
 
 def _media(scope: Scope) -> str:

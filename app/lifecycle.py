@@ -1,8 +1,9 @@
 """The process's serving life: load (and reload) the model, drain on SIGTERM, reload on SIGHUP.
 
-Reload swaps `app.state.vae` in one assignment. A request takes its model once, at its start
-(the `get_vae` dependency), and the batcher keys jobs by model too, so requests in flight
-finish on the model they started with while new ones get the new model.
+Reload swaps the default model's versions in the repository (app/repository.py) in one
+assignment. A request takes its model once, at its start (the `get_vae` dependency), and the
+batcher keys jobs by model too, so requests in flight finish on the model they started with
+while new ones get the new model.
 
 Drain: uvicorn on its own would stop listening at SIGTERM, so a request arriving then would
 find the port closed. We first keep serving, answer new model requests with 503 (callers and
@@ -15,24 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
-import hashlib
 import logging
 import os
 import signal
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 
-from app.errors import ModelLoadError
-from app.model import VAEService
+from app.errors import ModelLoadError, VAEServiceError
+from app.repository import ModelRepository
 from app.settings import Settings
 from app.workers import Siblings
 
@@ -47,7 +43,6 @@ class Lifecycle:
 
     in_flight: int = 0  # model requests accepted and not yet answered
     draining: bool = False
-    reloading: asyncio.Future[Reloaded] | None = None  # the reload in progress, if any
 
 
 @dataclass(frozen=True)
@@ -62,65 +57,17 @@ def uvicorn_grace_s(settings: Settings) -> int:
     return max(1, min(2, round(settings.shutdown_timeout_s / 10)))
 
 
-def load_model(settings: Settings, expected_sha256: str | None = None) -> VAEService:
-    """Load, check the pin (or the sha256 a sibling worker loaded), and warm up every batch
-    size, before anyone is served by it."""
-    pin = expected_sha256 or settings.model_sha256
-    vae = VAEService.load(settings.model_path, settings.device, pin)
-    vae.warm_up(settings.max_batch_size)
-    return vae
-
-
 async def reload_model(app: FastAPI, expected_sha256: str | None = None) -> Reloaded:
-    """Load VAE_MODEL_PATH again and swap it in; a ModelLoadError leaves the old one serving.
-
-    Reloads coalesce: one asked while another runs gets that one's outcome (ask again after it
-    to pick up a file replaced meanwhile), so a burst of reloads costs one load. A file whose
-    sha256 is the one serving returns at once, without a load or a warm-up."""
-    lifecycle: Lifecycle = app.state.lifecycle
-    if lifecycle.reloading is None:
-        lifecycle.reloading = asyncio.ensure_future(_reload(app, expected_sha256))
-        lifecycle.reloading.add_done_callback(lambda _: setattr(lifecycle, "reloading", None))
-    # Shielded: a caller that goes away does not cancel the reload the others wait for.
-    return await asyncio.shield(lifecycle.reloading)
-
-
-async def _reload(app: FastAPI, expected_sha256: str | None) -> Reloaded:
-    settings: Settings = app.state.settings
-    old: VAEService = app.state.vae
-    previous = old.sha256
-    current = await run_in_threadpool(file_sha256, settings.model_path)
-    if current == previous and expected_sha256 in (None, current):
-        log.info("reload: %s is unchanged (sha256 %s)", settings.model_path, current)
-        return Reloaded(current, previous)
-    new = await run_in_threadpool(load_model, settings, expected_sha256)
-    app.state.vae = new
-    app.state.metrics.set_model(new)
-    app.openapi_schema = None  # its examples are sized to the model
+    """Load the default model again (VAE_MODEL_PATH, or its versions in the repository) and
+    swap it in; a refusal leaves the old one serving. Reloads coalesce, and a file whose sha256
+    is the one serving returns at once (app/repository.py)."""
+    models: ModelRepository = app.state.models
+    if models.default is None:
+        raise ModelLoadError("this server has no default model to reload (VAE_DEFAULT_MODEL)")
+    swap = await models.load(models.default, expected_sha256, one_worker=False)
     if app.state.siblings is not None:
-        app.state.siblings.record(new.sha256)
-    # Loading and warming up ran on a pool thread, whose malloc arena keeps what torch freed
-    # there; hand it back to the OS, or each reload would leave RSS a step higher. Requests
-    # still in flight hold the old model, which is freed only when the last of them ends:
-    # hand its memory back then too (in whichever thread drops it; malloc_trim is safe there).
-    weakref.finalize(old, _trim_heap)
-    del old
-    gc.collect()
-    _trim_heap()
-    log.info("reloaded %s: sha256 %s (was %s)", settings.model_path, new.sha256, previous)
-    return Reloaded(new.sha256, previous)
-
-
-def file_sha256(path: Path) -> str | None:
-    """The file's sha256, or None when it cannot be read (the load then says why)."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
+        app.state.siblings.record(swap.sha256)
+    return Reloaded(swap.sha256, swap.previous_sha256 or swap.sha256)
 
 
 async def reload_siblings(
@@ -163,11 +110,6 @@ def fix_mmap_threshold() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's policy
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-def _trim_heap() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def install_signal_handlers(app: FastAPI) -> None:
@@ -218,5 +160,5 @@ async def _reload_on_signal(app: FastAPI) -> None:
     expected = siblings.expected_sha256() if siblings is not None else None
     try:
         await reload_model(app, expected)
-    except ModelLoadError as e:
+    except (ModelLoadError, VAEServiceError) as e:
         log.error("SIGHUP reload refused, the old model keeps serving: %s", e)

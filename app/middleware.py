@@ -4,15 +4,15 @@ and clients that hang up.
 A pure ASGI middleware, not Starlette's `BaseHTTPMiddleware`: it adds no task or stream per
 request, and it can answer before the body is read. Its order of checks is the order of cost:
 
-1. the key (401, or 403 on /admin for a key that is not an admin key), so an unauthenticated
-   caller gets nothing else;
+1. the key (401, or 403 on the admin routes, /admin and /v2/repository, for a key that is not
+   an admin key), so an unauthenticated caller gets nothing else;
 2. the declared body size (413), before a byte of the body is read; a body without a declared
    size (chunked) is counted as it arrives and cut off at the limit;
-3. for model requests (every POST outside /admin): draining (503 once SIGTERM arrived), then
-   the in-flight bound (503 with Retry-After), then the timeout (504). Once such a request's
-   body is read and it has run for WATCH_AFTER_S, the Guard listens for the client hanging up
-   and cancels the request's work: its job leaves the batcher's queue unrun, so a client's
-   timeout does not leave work behind.
+3. for model requests (every POST outside the admin routes): draining (503 once SIGTERM
+   arrived), then the in-flight bound (503 with Retry-After), then the timeout (504). Once
+   such a request's body is read and it has run for WATCH_AFTER_S, the Guard listens for the
+   client hanging up and cancels the request's work: its job leaves the batcher's queue
+   unrun, so a client's timeout does not leave work behind.
 
 Paths are matched as the router matches them, after the root path (uvicorn --root-path, a Ray
 route_prefix), which ASGI puts in front of `path`: a prefix must neither open /admin nor close
@@ -45,7 +45,8 @@ from app.settings import Settings
 OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
                         "/openapi.json", "/v2/health/live", "/v2/health/ready"})  # fmt: skip
 OPEN_PREFIXES = ("/docs/static/",)
-ADMIN_PREFIX = "/admin/"
+# Admin routes: the service's own, and V2's model repository extension (load, unload, index).
+ADMIN_PREFIXES = ("/admin/", "/v2/repository/")
 RETRY_AFTER_S = 1
 WATCH_AFTER_S = 0.005  # a model request still running this long gets a hang-up watcher
 KEY_REQUIRED = "A valid API key is required: send Authorization: Bearer <key> or X-API-Key."
@@ -91,7 +92,7 @@ class Guard:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _refuse(send, v2, 413, _too_large(limit), [(b"connection", b"close")])
             return
-        if scope["method"] != "POST" or path.startswith(ADMIN_PREFIX):
+        if scope["method"] != "POST" or path.startswith(ADMIN_PREFIXES):
             await self._call(scope, receive, send, limit, v2)
             return
         lifecycle: Lifecycle = scope["app"].state.lifecycle
@@ -120,14 +121,15 @@ class Guard:
     def _check_key(self, path: str, method: str, headers: dict[bytes, bytes]) -> Refusal | None:
         challenge = [(b"www-authenticate", b'Bearer realm="vae-service"')]
         # Admin routes are all POST; a GET there gets the router's 405 and changes nothing.
-        if path.startswith(ADMIN_PREFIX) and method == "POST":
+        if path.startswith(ADMIN_PREFIXES) and method == "POST":
             if not self._admin:  # never open: an admin route changes what every caller gets
                 return 403, "Admin routes are off: set VAE_ADMIN_KEYS or VAE_ADMIN_KEYS_FILE.", []
             key = _presented_key(headers)
             if _matches(key, self._admin):
                 return None
             if _matches(key, self._digests):
-                return 403, "This key may not use /admin; send an admin key (VAE_ADMIN_KEYS).", []
+                where = "/admin" if path.startswith(ADMIN_PREFIXES[0]) else "/v2/repository"
+                return 403, f"This key may not use {where}; send an admin key (VAE_ADMIN_KEYS).", []
             return 401, ADMIN_KEY_REQUIRED, challenge
         if path in self._open or path.startswith(OPEN_PREFIXES) or not self._digests:
             return None

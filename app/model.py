@@ -138,6 +138,9 @@ class VAEService:
         references: References | None = None,
     ) -> None:
         self.module = module
+        # Where the repository holds it (app/repository.py): the labels of its metrics.
+        self.name, self.version = "default", 1
+        self.artifact = "vae.pt"  # its file, as /model shows it (never where it lies)
         self.manifest = manifest
         self.sha256 = sha256
         self.device = device
@@ -186,7 +189,11 @@ class VAEService:
 
     @classmethod
     def load(
-        cls, path: Path, device: str = "auto", expected_sha256: str | None = None
+        cls,
+        path: Path,
+        device: str = "auto",
+        expected_sha256: str | None = None,
+        pinned_by: str = "VAE_MODEL_SHA256",
     ) -> VAEService:
         """Load and check an artifact; every failure is a ModelLoadError naming the file.
 
@@ -205,7 +212,7 @@ class VAEService:
         sha256 = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None and sha256 != expected_sha256.lower():
             raise ModelLoadError(
-                f"{path}: its sha256 is {sha256}, but VAE_MODEL_SHA256 pins "
+                f"{path}: its sha256 is {sha256}, but {pinned_by} pins "
                 f"{expected_sha256.lower()}; refusing to serve it."
             )
         extra: dict[str, Any] = dict.fromkeys(

@@ -12,6 +12,7 @@ one), echoes it, and logs one line without bodies, keys or query strings.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -19,7 +20,7 @@ import os
 import re
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,11 +38,16 @@ from app.common import CLIENT_GONE, Array
 from app.model import VAEService
 from app.workers import PROMETHEUS_ENV
 
+if TYPE_CHECKING:
+    from app.repository import ModelRepository
+
 log = logging.getLogger("app.access")
 
 # From 1 ms to 30 s: an encode of one image is about a millisecond, a big K a few seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0)  # fmt: skip
+OP_LABELS = ["op", "model", "version"]
+Labels = tuple[str, str, str]
 PERCENTILE_BUCKETS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.99, 0.999)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -60,26 +66,28 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         r = self.registry
         self.request_duration = Histogram(
-            "vae_request_duration_seconds", "Time from request to answer, by route template.",
-            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+            "vae_request_duration_seconds", "Time from request to answer, by route template "
+            "and the model it ran on (empty for other routes).",
+            ["route", "method", "status", "model", "version"], buckets=LATENCY_BUCKETS,
+            registry=r,
         )  # fmt: skip
-        self._request_children: dict[tuple[str, str, int], Histogram] = {}
+        self._request_children: dict[tuple[str, str, int, str, str], Histogram] = {}
         self.inference_duration = Histogram(
             "vae_inference_duration_seconds", "Model time of one forward pass (one batch).",
-            ["op"], buckets=LATENCY_BUCKETS, registry=r,
+            OP_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         sizes = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
         self.batch_size = Histogram(
             "vae_batch_size", "Instances per forward pass, after merging requests.",
-            ["op"], buckets=sizes, registry=r,
+            OP_LABELS, buckets=sizes, registry=r,
         )  # fmt: skip
         self.queue_duration = Histogram(
             "vae_queue_duration_seconds", "Time a request waited for the inference thread.",
-            ["op"], buckets=LATENCY_BUCKETS, registry=r,
+            OP_LABELS, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inline_jobs = Counter(
             "vae_inline_jobs_total", "Forward passes run on the event loop, over cheap jobs "
-            "gathered there, skipping the inference thread (VAE_INLINE_MAX_MS).", ["op"],
+            "gathered there, skipping the inference thread (VAE_INLINE_MAX_MS).", OP_LABELS,
             registry=r,
         )  # fmt: skip
         self.in_flight = Gauge(
@@ -91,30 +99,31 @@ class Metrics:
         self.anomaly_score = Histogram(
             "vae_anomaly_score", "Anomaly scores, as the share of normal validation data "
             "scored less anomalous (0 to 1).",
-            ["score"], buckets=PERCENTILE_BUCKETS, registry=r,
+            ["score", "model", "version"], buckets=PERCENTILE_BUCKETS, registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
-            "vae_model_info", "The artifact being served (value 1).",
-            ["sha256", "format_version", "likelihood", "input_shape", "latent_dim", "device"],
+            "vae_model_info", "The artifacts being served, one series per model version "
+            "(value 1).",
+            ["model", "version", "sha256", "format_version", "likelihood", "input_shape",
+             "latent_dim", "device"],
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
-        self._model_labels: dict[str, str] | None = None
 
-    def set_model(self, vae: VAEService) -> None:
-        # One artifact at a time, also after a reload. Workers' values live in files that
-        # clear() cannot reach: there the old series drops to 0 instead.
-        if self.multiprocess and self._model_labels is not None:
-            self.model_info.labels(**self._model_labels).set(0)
-        self.model_info.clear()
-        self._model_labels = {
-            "sha256": vae.sha256,
-            "format_version": str(vae.manifest["format_version"]),
-            "likelihood": vae.likelihood,
-            "input_shape": "x".join(map(str, vae.input_shape)),
-            "latent_dim": str(vae.latent_dim),
-            "device": str(vae.device),
-        }
-        self.model_info.labels(**self._model_labels).set(1)
+    def set_versions(
+        self, name: str, before: dict[int, VAEService], after: dict[int, VAEService]
+    ) -> None:
+        """A model's versions changed (a load, reload or unload): one series per version
+        serving. Workers' values live in files that remove() cannot reach: there a series
+        that ends drops to 0 instead."""
+        for vae in before.values():
+            labels = _info_labels(vae)
+            if self.multiprocess:
+                self.model_info.labels(*labels).set(0)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.model_info.remove(*labels)
+        for vae in after.values():
+            self.model_info.labels(*_info_labels(vae)).set(1)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this process's metrics, or every worker's added up."""
@@ -125,30 +134,33 @@ class Metrics:
         PlatformCollector(registry=registry)
         return generate_latest(registry)
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, route: str, method: str, status: int, seconds: float, model: str, version: str
+    ) -> None:
         # A label set's child, looked up once: `labels()` takes a lock and builds a tuple.
-        key = (route, method, status)
+        key = (route, method, status, model, version)
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.request_duration.labels(
-                route, method, str(status)
+                route, method, str(status), model, version
             )
         child.observe(seconds)
 
     def observe_batch(
-        self, op: str, rows: int, seconds: float, waits: list[float], inline: bool = False
+        self, op: Labels, rows: int, seconds: float, waits: list[float], inline: bool = False
     ) -> None:
+        """`op`: the operation, the model and its version (`op_labels`)."""
         if inline:
-            self.inline_jobs.labels(op).inc()
-        self.inference_duration.labels(op).observe(seconds)
-        self.batch_size.labels(op).observe(rows)
-        queue = self.queue_duration.labels(op)
+            self.inline_jobs.labels(*op).inc()
+        self.inference_duration.labels(*op).observe(seconds)
+        self.batch_size.labels(*op).observe(rows)
+        queue = self.queue_duration.labels(*op)
         for wait in waits:
             queue.observe(wait)
 
-    def observe_percentiles(self, percentiles: dict[str, Array]) -> None:
+    def observe_percentiles(self, percentiles: dict[str, Array], vae: VAEService) -> None:
         for name, values in percentiles.items():
-            hist = self.anomaly_score.labels(name)
+            hist = self.anomaly_score.labels(name, vae.name, str(vae.version))
             for value in values.tolist():
                 hist.observe(value)
 
@@ -200,12 +212,15 @@ class Observe:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.observe_request(route, method, status, seconds)
+            vae = scope["state"].get("model")
+            model, version = ("", "") if vae is None else (vae.name, str(vae.version))
+            self.metrics.observe_request(route, method, status, seconds, model, version)
             if log.isEnabledFor(logging.INFO):  # else the line's fields are not even built
                 log.info(
                     "%s %s %d %.1f ms", method, route, status, seconds * 1000,
                     extra={"request_id": request_id, "route": route, "method": method,
                            "status": status, "duration_ms": round(seconds * 1000, 3),
+                           "model": model or None, "version": version or None,
                            "instances": scope.get("state", {}).get("instances")},
                 )  # fmt: skip
 
@@ -249,8 +264,22 @@ def configure_logging(level: str, fmt: str) -> None:
         logging.getLogger(name).propagate = True
 
 
-def startup_summary(vae: VAEService) -> dict[str, Any]:
-    """What an operator wants in the start-up log: which artifact, trained on what, how good."""
+def op_labels(op: str, vae: VAEService) -> Labels:
+    """The labels of a forward pass's metrics: the operation, the model and its version."""
+    return (op, vae.name, str(vae.version))
+
+
+def startup_summary(models: ModelRepository) -> dict[str, Any]:
+    """What an operator wants in the start-up log: the models loaded, and for the default
+    one which artifact, trained on what, how good."""
+    loaded = {name: sorted(versions) for name, versions in models.loaded().items()}
+    summary: dict[str, Any] = {"models": loaded, "default_model": models.default}
+    if models.default in loaded:
+        summary |= model_summary(models.serving())
+    return summary
+
+
+def model_summary(vae: VAEService) -> dict[str, Any]:
     m = vae.manifest
     metrics = m.get("metrics", {})
     return {
@@ -265,3 +294,16 @@ def startup_summary(vae: VAEService) -> dict[str, Any]:
         "test_log_likelihood": metrics.get("test_log_likelihood"),
         "created_at": m.get("created_at"),
     }
+
+
+def _info_labels(vae: VAEService) -> tuple[str, ...]:
+    return (
+        vae.name,
+        str(vae.version),
+        vae.sha256,
+        str(vae.manifest["format_version"]),
+        vae.likelihood,
+        "x".join(map(str, vae.input_shape)),
+        str(vae.latent_dim),
+        str(vae.device),
+    )

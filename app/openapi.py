@@ -22,6 +22,7 @@ from app.errors import ErrorResponse
 from app.middleware import open_paths
 from app.model import VAEService
 from app.payloads import UPLOAD_FIELD
+from app.repository import ModelRepository
 from app.schemas import AnomalyScoreRequest, DecodeRequest, EncodeRequest, SampleRequest
 from app.settings import Settings
 
@@ -203,9 +204,15 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(model_schema.pop("$defs", {}))
         comps[model.__name__] = model_schema
-    vae: VAEService | None = app.state.vae
-    if vae is None:  # before the model loads: keep the static examples, don't cache
+    models: ModelRepository = app.state.models
+    if not models.started:  # before the models load: keep the static examples, don't cache
         return schema
+    loaded = models.loaded()
+    if len(loaded) != 1 or sum(map(len, loaded.values())) != 1:
+        # Several models share these request schemas: sizes and limits fit no one of them.
+        app.openapi_schema = schema
+        return schema
+    vae = models.serving(*next((n, v) for n, versions in loaded.items() for v in versions))
     for name in ("EncodeRequest", "AnomalyScoreRequest"):
         _inputs_schema(comps[name], vae, settings.max_instances)
     latents = comps["DecodeRequest"]["properties"]["latents"]

@@ -19,7 +19,7 @@ from app.batching import Batcher
 from app.calibration import tail_sentence
 from app.common import SCORES, Array, Arrays, listing
 from app.model import VAEService
-from app.observability import Metrics
+from app.observability import Metrics, op_labels
 from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams, SampleRequest
 from app.settings import Settings
 from app.validation import ScorePlan, check_samples, instances_array, latents_array, plan_scores
@@ -52,7 +52,9 @@ async def encode(
         out = {"mean": enc.mean, "std": enc.std}
         return out if enc.samples is None else out | {"samples": enc.samples}
 
-    return await batcher.submit(key, x, run, "encode", partial(vae.cost_s, "encode"))
+    return await batcher.submit(
+        key, x, run, op_labels("encode", vae), partial(vae.cost_s, "encode")
+    )
 
 
 async def decode(
@@ -65,7 +67,8 @@ async def decode(
     z = latents_array(latents, vae, settings)
     mode = params.output == "mode"
     return await batcher.submit(
-        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)}, "decode",
+        (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)},
+        op_labels("decode", vae),
         partial(vae.cost_s, "decode"),
     )  # fmt: skip
 
@@ -81,7 +84,9 @@ async def sample(
 
     # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
     empty = np.empty((params.n, 0), dtype=np.float32)
-    return await batcher.submit(None, empty, run, "sample", partial(vae.cost_s, "sample"))
+    return await batcher.submit(
+        None, empty, run, op_labels("sample", vae), partial(vae.cost_s, "sample")
+    )
 
 
 async def score(
@@ -110,7 +115,7 @@ async def score(
             for name, v in out.items()
             if name != "attribution"
         }
-        metrics.observe_percentiles(percentiles)
+        metrics.observe_percentiles(percentiles, vae)
         return out | {PERCENTILE + name: p for name, p in percentiles.items()}
 
     # The background model's L passes; the attribution's, or its projection's many steps.
@@ -119,7 +124,7 @@ async def score(
     def cost(rows: int) -> float:
         return vae.cost_s("anomaly", rows, plan.samples, plan.ll_samples, passes)
 
-    scores = await batcher.submit(key, x, run, "anomaly", cost)
+    scores = await batcher.submit(key, x, run, op_labels("anomaly", vae), cost)
     attribution = scores.pop("attribution", None)
     percentiles = {
         n[len(PERCENTILE) :]: scores.pop(n) for n in list(scores) if n.startswith(PERCENTILE)

@@ -7,7 +7,10 @@ pool. So /health answers at once while a long /anomaly-score runs.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -16,6 +19,7 @@ from app.common import SCORES
 from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep
 from app.errors import ErrorResponse, ModelLoadError, NotReadyError, ReloadRefusedError
 from app.lifecycle import Lifecycle, reload_model, reload_siblings
+from app.model import VAEService
 from app.openapi import (
     AUTH_RESPONSES,
     HEAT_MAP_OUT,
@@ -40,6 +44,13 @@ from app.payloads import (
     read_instances_request,
     read_json_request,
 )
+from app.repository import (
+    NOT_READY,
+    LoadRefusedError,
+    ModelEntry,
+    ModelRepository,
+    parse_version,
+)
 from app.schemas import (
     AnomalyScoreParams,
     AnomalyScoreRequest,
@@ -52,17 +63,26 @@ from app.schemas import (
     EncodeResponse,
     FeatureInfo,
     HealthResponse,
+    ModelEntryResponse,
     ModelResponse,
+    ModelsResponse,
     ReloadResponse,
     SampleRequest,
     SampleResponse,
+    VersionInfo,
 )
 
 # The query parameters of a PNG answer, read by png_scale, beside the operation's own options.
 PNG_QUERY = tuple(images.PngOptions.model_fields)
 
+MISSING_MODEL = error_responses(
+    ErrorResponse, {404: "No default model, or the model named is not loaded."}
+)
 router = APIRouter()
-model_router = APIRouter(responses=VALIDATION_RESPONSES)
+models_router = APIRouter(tags=["models"])
+# A model route may also answer 404: no default model (several in the repository, none named
+# by VAE_DEFAULT_MODEL), or the one it names is not loaded.
+model_router = APIRouter(responses=VALIDATION_RESPONSES | MISSING_MODEL)
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
 
 
@@ -195,11 +215,14 @@ def get_health() -> HealthResponse:
 
 
 @router.get("/ready", tags=["ops"], responses={503: {"model": ErrorResponse}})
-async def get_ready(request: Request, vae: VaeDep) -> HealthResponse:
-    """Readiness: 200 once the model is loaded and warmed up; 503 before, and while draining."""
+async def get_ready(request: Request) -> HealthResponse:
+    """Readiness: 200 once every model the server was asked to serve is loaded and warmed
+    up; 503 before, and while draining."""
     lifecycle: Lifecycle = request.app.state.lifecycle
     if lifecycle.draining:
         raise NotReadyError("The server is shutting down.")
+    if not request.app.state.models.all_ready():
+        raise NotReadyError(NOT_READY)
     return HealthResponse()
 
 
@@ -216,10 +239,18 @@ async def get_metrics(metrics: MetricsDep) -> Response:
 
 
 @router.get("/model", tags=["ops"], responses={**AUTH_RESPONSES, 503: {"model": ErrorResponse}})
-def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
-    """The artifact being served: its sha256 and the public part of its manifest."""
+def get_model(request: Request, vae: VaeDep) -> ModelResponse:
+    """The artifact the routes without a model name serve: its sha256 and the public part of
+    its manifest."""
+    return describe(vae, request.app.state.models)
+
+
+def describe(vae: VAEService, models: ModelRepository) -> ModelResponse:
     features = vae.manifest.get("features")
     return ModelResponse(
+        name=vae.name,
+        version=vae.version,
+        versions=[VersionInfo(**asdict(v)) for v in models.entry(vae.name).versions],
         features=None
         if features is None
         else [
@@ -227,10 +258,105 @@ def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
             for n, m, sd in zip(features["names"], features["mean"], features["std"], strict=True)
         ],
         sha256=vae.sha256,
-        artifact=settings.model_path.name,
+        artifact=vae.artifact,
         device=str(vae.device),
         manifest=vae.public_manifest(),
     )
+
+
+def entry_response(entry: ModelEntry, models: ModelRepository) -> ModelEntryResponse:
+    return ModelEntryResponse(
+        name=entry.name,
+        state=entry.state,
+        versions=[VersionInfo(**asdict(v)) for v in entry.versions],
+        default=entry.name == models.default,
+    )
+
+
+# -- the repository: every model by name ---------------------------------------------------------
+
+NAME_PARAM = Path(
+    description="A model in the repository (docs/models.md); a name matches "
+    "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}.",
+    examples=["default"],
+)
+VERSION_PARAM = Path(description="One version of the model, a positive integer.", examples=[1])
+ModelName = Annotated[str, NAME_PARAM]
+ModelVersion = Annotated[int, VERSION_PARAM]
+# What a route under /models/{model_name} may answer beyond its own responses.
+NOT_FOUND: dict[int | str, dict[str, Any]] = error_responses(
+    ErrorResponse,
+    {
+        400: "The name is not a model name, or the version not a version.",
+        404: "No such model or version, or not loaded.",
+        422: "The request is not valid.",
+    },
+)
+
+
+async def named_model(model_name: ModelName) -> None:
+    """Declares the path's model name for FastAPI and the docs; `get_vae` reads it."""
+
+
+async def versioned_model(model_name: ModelName, model_version: ModelVersion) -> None:
+    """Declares the path's model name and version; `get_vae` reads them."""
+
+
+@models_router.get("/models", responses=AUTH_RESPONSES)
+async def list_models(request: Request) -> ModelsResponse:
+    """Every model in the repository, loaded or not, with each version's state."""
+    models: ModelRepository = request.app.state.models
+    return ModelsResponse(
+        default=models.default,
+        models=[entry_response(e, models) for e in models.index()],
+    )
+
+
+@models_router.get("/models/{model_name}", responses={**AUTH_RESPONSES, **NOT_FOUND})
+def get_named_model(request: Request, model_name: ModelName, vae: VaeDep) -> ModelResponse:
+    """One model: its highest ready version's sha256 and manifest, and every version's
+    state."""
+    return describe(vae, request.app.state.models)
+
+
+@models_router.get(
+    "/models/{model_name}/versions/{model_version}", responses={**AUTH_RESPONSES, **NOT_FOUND}
+)
+def get_model_version(
+    request: Request, model_name: ModelName, model_version: ModelVersion, vae: VaeDep
+) -> ModelResponse:
+    """One version of a model: its sha256 and manifest."""
+    return describe(vae, request.app.state.models)
+
+
+@models_router.get(
+    "/models/{model_name}/ready", responses={503: {"model": ErrorResponse}, **NOT_FOUND}
+)
+async def get_model_ready(request: Request, model_name: ModelName) -> HealthResponse:
+    """A model's readiness: 200 once a version of it serves; 503 while it first loads, and
+    while the server drains; 404 when it is not loaded."""
+    return _ready(request)
+
+
+@models_router.get(
+    "/models/{model_name}/versions/{model_version}/ready",
+    responses={503: {"model": ErrorResponse}, **NOT_FOUND},
+)
+async def get_version_ready(
+    request: Request, model_name: ModelName, model_version: ModelVersion
+) -> HealthResponse:
+    """One version's readiness, as for the model."""
+    return _ready(request)
+
+
+def _ready(request: Request) -> HealthResponse:
+    if request.app.state.lifecycle.draining:
+        raise NotReadyError("The server is shutting down.")
+    params = request.path_params
+    version = params.get("model_version")
+    models: ModelRepository = request.app.state.models
+    models.serving(params["model_name"], None if version is None else parse_version(version))
+    return HealthResponse()
 
 
 @admin_router.post(
@@ -246,14 +372,15 @@ def get_model(vae: VaeDep, settings: SettingsDep) -> ModelResponse:
     ),
 )
 async def reload(request: Request, vae: VaeDep) -> ReloadResponse:
-    """Load the artifact at VAE_MODEL_PATH again and swap it in; requests in flight finish on
-    the old one. A bad artifact is refused (409) and the old one keeps serving; an unchanged
-    one returns at once, and concurrent reloads share one. Needs an admin key (VAE_ADMIN_KEYS).
-    SIGHUP does the same."""
+    """Load the default model's artifact (VAE_MODEL_PATH, or its versions in the repository)
+    again and swap it in; requests in flight finish on the old one. A bad artifact is refused
+    (409) and the old one keeps serving; an unchanged one returns at once, and concurrent
+    reloads share one. Needs an admin key (VAE_ADMIN_KEYS). SIGHUP does the same."""
     try:
         done = await reload_model(request.app)
-    except ModelLoadError as e:
-        raise ReloadRefusedError(f"Reload refused, the old model keeps serving: {e}") from None
+    except (ModelLoadError, LoadRefusedError) as e:
+        detail = e.reason if isinstance(e, LoadRefusedError) else str(e)
+        raise ReloadRefusedError(f"Reload refused, the old model keeps serving: {detail}") from None
     changed = done.sha256 != done.previous_sha256
     serving, total = await reload_siblings(request.app, done.sha256, ask=changed)
     return ReloadResponse(
@@ -263,3 +390,35 @@ async def reload(request: Request, vae: VaeDep) -> ReloadResponse:
         workers=total,
         workers_serving=serving,
     )
+
+
+ADMIN_ERRORS = error_responses(
+    ErrorResponse,
+    {
+        400: "The name is not a model name.",
+        401: "A valid admin key is required.",
+        403: "No admin key is configured, or the key sent is not an admin key.",
+        404: "No such model in the repository.",
+        409: "Refused: the artifact cannot be served, VAE_MAX_MODELS would be exceeded, or "
+        "the server runs several workers.",
+    },
+)
+
+
+@admin_router.post("/models/{model_name}/load", responses=ADMIN_ERRORS)
+async def load_model(request: Request, model_name: ModelName) -> ModelEntryResponse:
+    """Load every version of a repository model, or load it again: each is checked and
+    warmed up before it serves, and versions whose file is unchanged keep serving as they
+    are. A refused load changes nothing. Needs an admin key."""
+    models: ModelRepository = request.app.state.models
+    await models.load(model_name)
+    return entry_response(models.entry(model_name), models)
+
+
+@admin_router.post("/models/{model_name}/unload", responses=ADMIN_ERRORS)
+async def unload_model(request: Request, model_name: ModelName) -> ModelEntryResponse:
+    """Stop serving a model: requests in flight finish on it, later ones get 404. Needs an
+    admin key."""
+    models: ModelRepository = request.app.state.models
+    await models.unload(model_name)
+    return entry_response(models.entry(model_name), models)

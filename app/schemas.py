@@ -395,7 +395,43 @@ class FeatureInfo(BaseModel):
     std: float = Field(description="Its standard deviation over the training rows.")
 
 
+class VersionInfo(BaseModel):
+    version: int = Field(description="A positive integer: the folder DIR/<name>/<version>.")
+    state: Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADED"] = Field(
+        description="READY serves; LOADING is being read and warmed up; UNAVAILABLE was "
+        "refused by its last load (`reason` says why); UNLOADED is on disk, not loaded."
+    )
+    reason: str | None = Field(None, description="Why it is not READY.")
+    sha256: str | None = Field(None, description="SHA-256 of the artifact serving it.")
+
+
+class ModelEntryResponse(BaseModel):
+    name: str = Field(examples=["default"])
+    state: Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADED"] = Field(
+        description="READY while a version serves."
+    )
+    versions: list[VersionInfo]
+    default: bool = Field(
+        False, description="Whether the routes without a model name serve this model."
+    )
+
+
+class ModelsResponse(BaseModel):
+    default: str | None = Field(
+        description="The model the routes without a name serve (VAE_DEFAULT_MODEL, or the "
+        "only one); null when there is none."
+    )
+    models: list[ModelEntryResponse] = Field(
+        description="Every model in the repository, loaded or not, by name."
+    )
+
+
 class ModelResponse(BaseModel):
+    name: str = Field("default", description="The model's name in the repository.")
+    version: int = Field(1, description="The version this answer describes.")
+    versions: list[VersionInfo] = Field(
+        default_factory=list, description="Every version of the model and its state."
+    )
     features: list[FeatureInfo] | None = Field(
         None,
         description="A table model's features, in input order: the keys of `records`.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,6 +14,7 @@ from app.common import ScoreName
 
 # A comma-separated environment variable, read as a list (not as JSON).
 CommaList = Annotated[list[str], NoDecode]
+_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/[1-9][0-9]{0,8})?=[0-9a-fA-F]{64}$")
 SecretList = Annotated[list[SecretStr], NoDecode]  # never shown in a repr or a log
 
 
@@ -27,6 +29,32 @@ class Settings(BaseSettings):
     model_sha256: str | None = Field(
         None, pattern=r"^[0-9a-fA-F]{64}$", description="Pins the artifact: start-up and "
         "reload refuse a file whose sha256 differs.",
+    )  # fmt: skip
+    model_repository: Path | None = Field(
+        None, description="A model repository to serve instead of VAE_MODEL_PATH, in Triton's "
+        "layout: DIR/<name>/<version>/vae.pt (the version a positive integer); DIR/<name>/vae.pt "
+        "or DIR/<name>.pt is version 1 (docs/models.md; `models` serves both shipped models). "
+        "Nothing outside DIR is read, symlinks included.",
+    )  # fmt: skip
+    model_control: Literal["all", "explicit"] = Field(
+        "all", description="`all`: load every model in the repository at start; `explicit`: "
+        "load only VAE_DEFAULT_MODEL (if set) at start, the others when asked (POST "
+        "/v2/repository/models/{name}/load or /admin/models/{name}/load). Load and unload "
+        "need an admin key in both modes.",
+    )  # fmt: skip
+    default_model: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="The repository model "
+        "that the routes without a model name (/encode, ..., V2's `vae`) serve. Unset: the only "
+        "model when the repository holds one, else none (those routes answer 404).",
+    )  # fmt: skip
+    max_models: int = Field(
+        16, ge=1, le=4096, description="Most model versions held loaded at once; a load beyond "
+        "it is refused (409) before anything is read, never an out-of-memory.",
+    )  # fmt: skip
+    model_pins: CommaList = Field(
+        default_factory=list, description="sha256 pins for repository models, comma-separated "
+        "`name=sha256` (every version) or `name/version=sha256`: a load refuses a file that "
+        "hashes otherwise. VAE_MODEL_SHA256 pins VAE_MODEL_PATH's model.",
     )  # fmt: skip
     device: str = Field(
         "auto",
@@ -179,12 +207,24 @@ class Settings(BaseSettings):
         "Prometheus scrapers); false puts it behind the keys like the model routes.",
     )  # fmt: skip
 
-    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "model_pins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("model_pins")
+    @classmethod
+    def _check_pins(cls, value: list[str]) -> list[str]:
+        for pin in value:
+            if not _PIN.match(pin):
+                raise ValueError(f"'{pin}' is not a pin: write name=sha256 or name/version=sha256")
+        return value
+
+    def pins(self) -> dict[str, str]:
+        """VAE_MODEL_PINS as `name` or `name/version` -> lower-case sha256."""
+        return dict((k, v.lower()) for k, v in (pin.split("=", 1) for pin in self.model_pins))
 
     def load_api_keys(self) -> list[SecretStr]:
         """The keys from VAE_API_KEYS and VAE_API_KEYS_FILE, read once at start-up."""

@@ -5,8 +5,10 @@ other. `protocol.py` holds the protocol's objects, `codec.py` turns bodies into 
 back, `routes.py` the endpoints.
 
 Endpoints: `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2` (server metadata),
-`GET /v2/models/{name}` (model metadata), `GET /v2/models/{name}/ready` and
-`POST /v2/models/{name}/infer`, with JSON tensors and the binary tensor data extension.
+`GET /v2/models/{name}[/versions/{v}]` (model metadata), `GET .../ready` and `POST .../infer`,
+with JSON tensors and the binary tensor data extension; and the model repository extension,
+`POST /v2/repository/index` and `POST /v2/repository/models/{name}/load` and `/unload`, behind
+the admin key (docs/models.md).
 
 Design decisions:
 
@@ -16,7 +18,9 @@ Design decisions:
   operations take different inputs (x of length D, or z of length Z) and give different
   outputs, so a single model switched by an `operation` parameter could only advertise a
   signature that is wrong for two of the three. `vae` is the encoder because the
-  representation q(z|x) is the model's primary output, and the issue names `/v2/models/vae`.
+  representation q(z|x) is the model's primary output. A repository model `m` is `m`,
+  `m-decode` and `m-anomaly` the same way; `vae`, `vae-decode` and `vae-anomaly` are the
+  default model's.
 * **Options are request `parameters`**, validated by the very models the REST routes use
   (`EncodeParams`, `DecodeParams`, `AnomalyScoreParams`), so `seed`, `samples` and the rest
   mean and are bounded the same; `binary_data_output` is V2's own. Unknown parameters are
@@ -29,7 +33,8 @@ Design decisions:
   [-1, D], the one shape every artifact has. Data is flat or nested to the shape.
 * **Outputs**: FP32 tensors (BOOL for `is_anomaly`); JSON `data` is flat, row-major. The
   anomaly model's scalars (decision score, threshold, L and K) come back as response
-  `parameters`. No versioning: metadata lists no versions, answers carry no `model_version`.
+  `parameters`. Versions as Triton has them: `/versions/{v}` in the path picks one (else the
+  highest loaded), metadata lists the loaded ones, and answers carry `model_version`.
 * **Errors** are `{"error": "<one sentence>"}`. Bad input is a 400, the spec's "typically
   400", also for the checks REST answers with 422; an unknown model or endpoint is a 404, a
   wrong method a 405, a compressed body a 415. Not ready is a 503 (the spec says 4xx for

@@ -333,6 +333,7 @@ def check_output_names(req: V2InferenceRequest, model: V2Model, vae: VAEService)
 
 def infer_response(
     model_name: str,
+    model_version: int,
     request_id: str | None,
     arrays: Arrays,
     wanted: list[tuple[str, bool]],
@@ -356,7 +357,7 @@ def infer_response(
         else:
             entry["data"] = arr.reshape(-1)
         outputs.append(entry)
-    body: dict[str, Any] = {"model_name": model_name}
+    body: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version)}
     if request_id is not None:
         body["id"] = request_id
     if parameters:

@@ -16,7 +16,11 @@ from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams, Strict
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 PLATFORM = "pytorch_torchscript"  # the spec's platform name for TorchScript models
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+# A repository model `m` is three V2 models: `m` encodes, `m-decode` decodes, `m-anomaly`
+# scores. `vae`, `vae-decode` and `vae-anomaly` are the default model's (as before models had
+# names), unless the repository has a model named `vae`.
+SUFFIXES = {"": "vae", "-decode": "vae-decode", "-anomaly": "vae-anomaly"}
 
 # The spec's datatypes this server takes, as little-endian numpy types (the binary
 # extension's byte order); each becomes float32 before the model sees it.
@@ -187,6 +191,7 @@ class V2ResponseOutput(BaseModel):
 
 class V2InferenceResponse(BaseModel):
     model_name: str
+    model_version: str | None = Field(None, description="The version that answered.")
     id: str | None = None
     parameters: dict[str, Any] | None = Field(
         None, description="vae-anomaly: decision_score, threshold_percentile, samples (L) and "
@@ -203,6 +208,7 @@ class V2TensorMetadata(BaseModel):
 
 class V2ModelMetadata(BaseModel):
     name: str
+    versions: list[str] = Field(description="The versions loaded, as the spec writes them.")
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
@@ -218,4 +224,21 @@ class V2ErrorResponse(BaseModel):
     error: str = Field(
         description="One sentence saying what was wrong.",
         examples=["Model 'vae' has no input 'x'; its input is 'instances'."],
+    )
+
+
+class V2IndexRequest(Strict):
+    ready: StrictBool | None = Field(None, description="true: list only the ready models.")
+
+
+class V2RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, LOADING, UNAVAILABLE or UNLOADED.")
+    reason: str = ""
+
+
+class V2LoadRequest(Strict):
+    parameters: dict[str, Any] | None = Field(
+        None, description="Accepted and ignored (tritonclient sends `unload_dependents`)."
     )

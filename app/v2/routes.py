@@ -1,20 +1,25 @@
-"""The V2 routes: health, metadata and inference, answering failures in V2's error shape."""
+"""The V2 routes: health, metadata, inference and the model repository extension, answering
+failures in V2's error shape."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.routing import Match
 
 from app import __version__, operations
 from app.common import JSON, OCTET, listing
-from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep, get_vae
+from app.deps import BatcherDep, MetricsDep, SettingsDep
 from app.errors import NotReadyError, VAEServiceError, describe_validation_error
+from app.model import VAEService
 from app.openapi import error_responses, inline_schema
+from app.repository import NAME_RULE, ModelRepository, check_name, parse_version
 from app.v2.codec import (
     anomaly,
     check_output_names,
@@ -32,38 +37,89 @@ from app.v2.protocol import (
     HEADER_LENGTH,
     MODELS,
     PLATFORM,
+    SUFFIXES,
+    ProtocolError,
     UnknownModelError,
     UnsupportedEncodingError,
     V2ErrorResponse,
+    V2IndexRequest,
     V2InferenceRequest,
     V2InferenceResponse,
+    V2LoadRequest,
     V2Model,
     V2ModelMetadata,
+    V2RepositoryModel,
     V2ServerMetadata,
     V2TensorMetadata,
 )
 
-
-async def get_v2_model(
-    model_name: Annotated[
-        str,
-        Path(
-            description=" ".join(f"`{m.name}`: {m.description}" for m in MODELS.values()),
-            examples=["vae"],
-        ),
-    ],
-) -> V2Model:
-    model = MODELS.get(model_name)
-    if model is None:
-        raise UnknownModelError(
-            f"Model '{model_name}' is not served here; the models are {listing(list(MODELS))}."
-        )
-    return model
+MODEL_NAME = Path(
+    description="A repository model's name `m` encodes, `m-decode` decodes, `m-anomaly` "
+    "scores; "
+    + " ".join(f"`{m.name}`: {m.description}" for m in MODELS.values())
+    + " (the default model's).",
+    examples=["vae"],
+)
+MODEL_VERSION = Path(description="One version of the model, a positive integer.", examples=["1"])
 
 
-# Declared before VaeDep in each handler, and FastAPI resolves dependencies in order: an
-# unknown model is a 404 even while the model loads.
-ModelDep = Annotated[V2Model, Depends(get_v2_model)]
+async def declare_version(model_version: Annotated[str, MODEL_VERSION]) -> None:
+    """Declares the path's version for FastAPI and the docs; `get_v2_vae` reads it."""
+
+
+@dataclass(frozen=True)
+class V2Target:
+    """What a V2 model name means here: an operation, on a repository model (None: the
+    default one), under the name the request used."""
+
+    model: V2Model
+    name: str | None
+
+
+async def get_v2_model(request: Request, model_name: Annotated[str, MODEL_NAME]) -> V2Target:
+    return v2_target(request.app.state.models, model_name)
+
+
+def v2_target(models: ModelRepository, v2_name: str) -> V2Target:
+    """`m`, `m-decode` and `m-anomaly` for a model `m` held (loaded or loading); the default
+    model's `vae` names; else a 404 that says what there is."""
+    held = models.held()
+    for suffix, base in SUFFIXES.items():
+        name = v2_name[: len(v2_name) - len(suffix)] if suffix else v2_name
+        if v2_name.endswith(suffix) and name in held:
+            return V2Target(replace(MODELS[base], name=v2_name), name)
+    if v2_name in MODELS:
+        return V2Target(MODELS[v2_name], None)
+    for suffix in SUFFIXES:
+        name = v2_name[: len(v2_name) - len(suffix)] if suffix else v2_name
+        if v2_name.endswith(suffix) and name and name in models.on_disk():
+            raise UnknownModelError(
+                f"Model '{name}' is not loaded; load it with POST "
+                f"/v2/repository/models/{name}/load."
+            )
+    # The default model's `vae` names first; VAE_MODEL_PATH's model, `default`, only by them.
+    names = list(MODELS) if models.default is not None else []
+    names += [n + suffix for n in sorted(held) if models.root is not None for suffix in SUFFIXES]
+    served = f"the models are {listing(names)}" if names else "no model is loaded"
+    raise UnknownModelError(f"Model '{_shown(v2_name)}' is not served here; {served}.")
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 80 and name.isprintable() else repr(name[:80])
+
+
+async def get_v2_vae(request: Request, target: V2Target) -> VAEService:
+    """The model version a V2 request runs on, taken once (as REST's `get_vae`)."""
+    version = request.path_params.get("model_version")
+    models: ModelRepository = request.app.state.models
+    vae = models.serving(target.name, None if version is None else parse_version(version))
+    request.state.model = vae
+    return vae
+
+
+# Resolved before the model version in each handler: an unknown model is a 404 even while
+# the server starts.
+ModelDep = Annotated[V2Target, Depends(get_v2_model)]
 
 
 class V2Route(APIRoute):
@@ -97,6 +153,9 @@ def v2_error_response(e: Exception) -> Response | None:
     return None
 
 
+M = TypeVar("M", bound=BaseModel)
+REPOSITORY_NAME = Path(description=f"A model in the repository: {NAME_RULE}.", examples=["default"])
+
 V2_ERRORS = error_responses(
     V2ErrorResponse,
     {
@@ -112,12 +171,16 @@ router = APIRouter(route_class=V2Route, tags=["v2"])
 # -- health and metadata -----------------------------------------------------------------------
 
 
-async def _is_ready(request: Request) -> bool:
-    """Loaded, warmed up, and not draining: what REST's /ready says too."""
+async def _is_ready(request: Request, target: V2Target | None = None) -> bool:
+    """Not draining, and the model (or every model asked for, without one) ready: what
+    REST's /ready and /models/{name}/ready say too."""
     if request.app.state.lifecycle.draining:
         return False
+    models: ModelRepository = request.app.state.models
+    if target is None:
+        return models.all_ready()
     try:
-        await get_vae(request)
+        await get_v2_vae(request, target)
     except NotReadyError:
         return False
     return True
@@ -141,8 +204,8 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/v2/health/ready", response_class=Response, responses=READY_RESPONSES)
 async def get_v2_ready(request: Request) -> Response:
-    """Server ready: 200 once the model is loaded and warmed up, 503 before and while
-    draining."""
+    """Server ready: 200 once every model asked for is loaded and warmed up, 503 before and
+    while draining."""
     return Response(status_code=200 if await _is_ready(request) else 503)
 
 
@@ -154,11 +217,21 @@ async def get_v2_server_metadata() -> V2ServerMetadata:
 
 
 @router.get("/v2/models/{model_name}", responses={k: V2_ERRORS[k] for k in (404, 503)})
-async def get_v2_model_metadata(model: ModelDep, vae: VaeDep) -> V2ModelMetadata:
-    """Model metadata: the model's one input and its outputs, shaped for the loaded artifact."""
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    dependencies=[Depends(declare_version)],
+    responses={k: V2_ERRORS[k] for k in (400, 404, 503)},
+)
+async def get_v2_model_metadata(target: ModelDep, request: Request) -> V2ModelMetadata:
+    """Model metadata: the model's one input and its outputs, shaped for its artifact (the
+    highest version, or the one in the path), and the versions loaded."""
+    vae = await get_v2_vae(request, target)
+    model = target.model
     input_shape = [-1, vae.latent_dim if model.operation == "decode" else vae.input_dim]
+    versions = request.app.state.models.loaded().get(vae.name, {})
     return V2ModelMetadata(
         name=model.name,
+        versions=[str(v) for v in sorted(versions)],
         platform=PLATFORM,
         inputs=[V2TensorMetadata(name=model.input, datatype="FP32", shape=input_shape)],
         outputs=[
@@ -173,10 +246,100 @@ async def get_v2_model_metadata(model: ModelDep, vae: VaeDep) -> V2ModelMetadata
     response_class=Response,
     responses=READY_RESPONSES | {404: V2_ERRORS[404]},
 )
-async def get_v2_model_ready(model: ModelDep, request: Request) -> Response:
-    """Model ready: 200 once the model is loaded and warmed up, 503 before and while
-    draining."""
-    return Response(status_code=200 if await _is_ready(request) else 503)
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    dependencies=[Depends(declare_version)],
+    response_class=Response,
+    responses=READY_RESPONSES | {k: V2_ERRORS[k] for k in (400, 404)},
+)
+async def get_v2_model_ready(target: ModelDep, request: Request) -> Response:
+    """Model ready: 200 once the model (or that version) is loaded and warmed up, 503 before
+    and while draining; 404 for a model or version not loaded."""
+    return Response(status_code=200 if await _is_ready(request, target) else 503)
+
+
+# -- the model repository extension ------------------------------------------------------------
+
+REPOSITORY_ERRORS = error_responses(
+    V2ErrorResponse,
+    {
+        400: "The name is not a model name, or the body is not valid.",
+        401: "A valid admin key is required.",
+        403: "No admin key is configured, or the key sent is not an admin key.",
+        404: "No such model in the repository.",
+        409: "Refused: the artifact cannot be served, VAE_MAX_MODELS would be exceeded, or "
+        "the server runs several workers.",
+    },
+)
+
+
+async def _optional_body(request: Request, model: type[M]) -> M:
+    """The body as `model`; an empty body (as tritonclient sends) is its defaults."""
+    raw = await request.body()
+    if not raw.strip():
+        return model()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise ProtocolError(describe_validation_error(RequestValidationError(e.errors()))) from None
+
+
+@router.post(
+    "/v2/repository/index",
+    responses=REPOSITORY_ERRORS,
+    openapi_extra={"requestBody": {"required": False, "content": {
+        JSON: {"schema": inline_schema(V2IndexRequest)}}}},
+)  # fmt: skip
+async def post_repository_index(request: Request) -> list[V2RepositoryModel]:
+    """Every model in the repository, one entry per version, with its state: READY,
+    LOADING, UNAVAILABLE (with the reason) or UNLOADED. Needs an admin key."""
+    body = await _optional_body(request, V2IndexRequest)
+    models: ModelRepository = request.app.state.models
+    return [
+        V2RepositoryModel(name=e.name, version=str(v.version), state=v.state, reason=v.reason or "")
+        for e in models.index()
+        for v in e.versions
+        if not body.ready or v.state == "READY"
+    ]
+
+
+LOAD_BODY = {"requestBody": {"required": False, "content": {
+    JSON: {"schema": inline_schema(V2LoadRequest)}}}}  # fmt: skip
+
+
+@router.post(
+    "/v2/repository/models/{model_name}/load",
+    response_class=Response,
+    responses=REPOSITORY_ERRORS | {200: {"description": "Loaded (empty body)."}},
+    openapi_extra=LOAD_BODY,
+)
+async def post_repository_load(
+    request: Request, model_name: Annotated[str, REPOSITORY_NAME]
+) -> Response:
+    """Load every version of a repository model, or load it again (versions whose file is
+    unchanged keep serving as they are); a refused load changes nothing. Needs an admin
+    key."""
+    check_name(model_name)  # before the body: a bad name is the first thing to say
+    await _optional_body(request, V2LoadRequest)
+    await request.app.state.models.load(model_name)
+    return Response(status_code=200)
+
+
+@router.post(
+    "/v2/repository/models/{model_name}/unload",
+    response_class=Response,
+    responses=REPOSITORY_ERRORS | {200: {"description": "Unloaded (empty body)."}},
+    openapi_extra=LOAD_BODY,
+)
+async def post_repository_unload(
+    request: Request, model_name: Annotated[str, REPOSITORY_NAME]
+) -> Response:
+    """Stop serving a model: requests in flight finish on it, later ones get 404. Needs an
+    admin key."""
+    check_name(model_name)  # before the body: a bad name is the first thing to say
+    await _optional_body(request, V2LoadRequest)
+    await request.app.state.models.unload(model_name)
+    return Response(status_code=200)
 
 
 # -- inference ---------------------------------------------------------------------------------
@@ -196,23 +359,31 @@ INFER_BODY = {
 }
 
 
+INFER_RESPONSES = V2_ERRORS | {
+    200: {
+        "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
+        "description": f"JSON, or with binary outputs the JSON response ({HEADER_LENGTH} "
+        "bytes) followed by each binary output's bytes.",
+    },
+    **error_responses(V2ErrorResponse, {415: "A compressed body."}),
+}
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    dependencies=[Depends(declare_version)],
+    response_model=V2InferenceResponse,
+    responses=INFER_RESPONSES,
+    openapi_extra=INFER_BODY,
+)
 @router.post(
     "/v2/models/{model_name}/infer",
     response_model=V2InferenceResponse,
-    responses=V2_ERRORS
-    | {
-        200: {
-            "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-            "description": f"JSON, or with binary outputs the JSON response ({HEADER_LENGTH} "
-            "bytes) followed by each binary output's bytes.",
-        },
-        **error_responses(V2ErrorResponse, {415: "A compressed body."}),
-    },
+    responses=INFER_RESPONSES,
     openapi_extra=INFER_BODY,
 )
 async def infer_v2(
-    model: ModelDep,
-    vae: VaeDep,
+    target: ModelDep,
     request: Request,
     batcher: BatcherDep,
     settings: SettingsDep,
@@ -225,7 +396,10 @@ async def infer_v2(
         ),
     ] = None,
 ) -> Response:
-    """Inference: run the model's operation on one input tensor (JSON or binary)."""
+    """Inference: run the model's operation on one input tensor (JSON or binary), on the
+    highest version, or the one in the path."""
+    vae = await get_v2_vae(request, target)
+    model = target.model
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", ""):
         raise UnsupportedEncodingError(
@@ -251,7 +425,7 @@ async def infer_v2(
         scored = await operations.score(arr, params, vae, batcher, settings, metrics)
         arrays, extra = await anomaly(scored)
     wanted = wanted_outputs(req, model, vae, arrays, binary_output)
-    return infer_response(model.name, req.id, arrays, wanted, extra)
+    return infer_response(model.name, vae.version, req.id, arrays, wanted, extra)
 
 
 @router.api_route(
@@ -273,8 +447,5 @@ async def unknown_v2_endpoint(path: str, request: Request) -> Response:
     if allowed:
         message = f"{request.method} is not allowed on {where}; use {listing(allowed, 'or')}."
         return error_response(message, 405, {"Allow": ", ".join(allowed)})
-    if "/versions/" in path:
-        message = "This server does not version models; leave /versions/... out of the path."
-    else:
-        message = f"No V2 endpoint answers {request.method} {where}."
+    message = f"No V2 endpoint answers {request.method} {where}."
     return error_response(message, 404)
