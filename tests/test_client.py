@@ -8,8 +8,10 @@ really refuse connections, or really answer 503 because their model is not loade
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,12 +28,15 @@ from vae_service_client import (
     AsyncVAEClient,
     Encoded,
     ModelInfo,
+    ModelSummary,
+    ModelVersionState,
     RetryPolicy,
     Samples,
     VAEAuthError,
     VAEClient,
     VAEConnectionError,
     VAEError,
+    VAENotFoundError,
     VAETimeoutError,
     VAEUnavailableError,
     VAEValidationError,
@@ -39,7 +44,7 @@ from vae_service_client import (
 from vae_service_client.client import error_from_response, parse_retry_after
 
 from bench.servers import free_port
-from tests.conftest import EVERY_SCORE, REPO, GatedStart, Server
+from tests.conftest import EVERY_SCORE, REPO, GatedStart, Server, make_artifact
 
 pytestmark = pytest.mark.server
 
@@ -193,6 +198,14 @@ async def acall_every_method(client: AsyncVAEClient) -> dict[str, Any]:
     }
 
 
+def expected_info(raw: dict[str, Any]) -> ModelInfo:
+    """The ModelInfo a client should read from a raw GET /model (or /models/{name}) answer."""
+    versions = raw.get("versions")
+    if versions is not None:
+        raw = {**raw, "versions": tuple(ModelVersionState(**v) for v in versions)}
+    return ModelInfo(**raw)
+
+
 def same(got: np.ndarray | None, raw: Any) -> None:
     if raw is None:
         assert got is None
@@ -230,7 +243,7 @@ def assert_matches_raw(got: dict[str, Any], raw: dict[str, Any]) -> None:
     assert got["scores_ll"].is_anomaly.any()  # the 0.2 threshold really reached the server
     assert got["scores_more"].likelihood_ratio is not None  # asked for by name
     assert got["scores_more"].attribution.shape == (2, 4)
-    assert got["model"] == ModelInfo(**raw["model"])
+    assert got["model"] == expected_info(raw["model"])
     assert got["health"] is True
     assert got["ready"] is True
 
@@ -401,7 +414,8 @@ def test_a_body_over_the_limit_raises_the_validation_error_with_the_413s_detail(
     [
         (400, {}, b'{"detail": "Bad request."}', VAEValidationError, "Bad request."),
         (415, {}, b'{"detail": "Nope."}', VAEValidationError, "Nope."),
-        (404, {}, b'{"detail": "Not Found"}', VAEError, "Not Found"),
+        (404, {}, b'{"detail": "Not Found"}', VAENotFoundError, "Not Found"),
+        (409, {}, b'{"detail": "Over the limit."}', VAEError, "Over the limit."),
         (500, {}, b"Internal Server Error", VAEError, "Internal Server Error"),
         (502, {}, b"", VAEError, "Bad Gateway"),
         (422, {}, b'{"detail": [{"loc": ["body"]}]}', VAEValidationError,
@@ -413,7 +427,8 @@ def test_answers_only_a_proxy_or_a_fault_gives_map_to_typed_errors(
 ) -> None:
     # What the client's own calls never meet from the service itself (it sends the right
     # media types and routes): a proxy's 502, an HTML 500, a list-shaped detail. The statuses
-    # the service does send (401, 413, 422, 503, 504) are tested against real servers.
+    # the service does send (401, 403, 404, 409, 413, 422, 503, 504) are tested against real
+    # servers.
     response = httpx.Response(
         status, headers={"content-type": "application/json", **headers}, content=body
     )
@@ -628,3 +643,267 @@ def test_async_client_runs_under_trio_and_waits_out_503_there(
     same(enc.samples, raw["samples"])
     assert error.detail == NOT_READY
     assert not_ready.log.read_text().count('"POST /encode?samples=0 HTTP/1.1" 503') == 3
+
+
+# -- many models: a model repository -------------------------------------------------------------
+
+X3 = [[0.1, 0.2, 0.3], [1.0, -1.0, 0.5]]  # for model b (gaussian_artifact: 3 inputs, latent 2)
+BAD_NAMES = ["", "-a", ".a", "_a", "a/b", "a b", "../a", "a?b", "a%2Fb", "é", "a\n", "x" * 65]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def repository(root: Path, models: dict[str, dict[int, Path]]) -> Path:
+    """A model repository in Triton's layout, root/<name>/<version>/vae.pt, of copies."""
+    for name, versions in models.items():
+        for version, artifact in versions.items():
+            (root / name / str(version)).mkdir(parents=True)
+            shutil.copy(artifact, root / name / str(version) / "vae.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def a2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of model a: as tiny_artifact (4 inputs), with a latent of 3, not 2."""
+    return make_artifact(tmp_path_factory.mktemp("a2") / "vae.pt", latent_dim=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def repo_server(
+    tiny_artifact: Path,
+    a2_artifact: Path,
+    gaussian_artifact: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    """A real server of a repository: a (version 1: 4 inputs and a latent of 2, version 2: a
+    latent of 3) and b (3 inputs, latent 2), all loaded, a the default."""
+    root = repository(
+        tmp_path_factory.mktemp("repo"),
+        {"a": {1: tiny_artifact, 2: a2_artifact}, "b": {1: gaussian_artifact}},
+    )
+    env = {"VAE_MODEL_REPOSITORY": str(root), "VAE_MODEL_CONTROL": "all", "VAE_DEFAULT_MODEL": "a"}
+    srv = Server(env, tmp_path_factory.mktemp("repo-log") / "log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_a_client_bound_to_one_model_and_a_view_bound_to_another_encode_each_ones_shapes(
+    repo_server: Server,
+) -> None:
+    sent: list[str] = []
+    hooks = {"request": [lambda r: sent.append(f"{r.method} {r.url.path}")]}
+    url = repo_server.url
+    a = VAEClient(url, model="a", event_hooks=hooks)
+    with a:
+        with a.model("b") as b:  # closing the view leaves a's pool open
+            assert isinstance(b, VAEClient)
+            assert (b.model_name, b.model_version) == ("b", None)
+            assert b.encode(X3, seed=0).mean.shape == (2, 2)
+            assert b.sample(3, seed=0).outputs.shape == (3, 3)
+            assert b.anomaly_score(X3, seed=0).kl_divergence.shape == (2,)
+            assert b.decode([[0.0, 0.0]]).shape == (1, 3)
+            info_b = b.model_info()
+            assert b.ready() is True
+        enc = a.encode(X, seed=0)  # a's latest version, 2: a latent of 3
+        assert enc.mean.shape == (2, 3)
+        info_a = a.model_info()
+        assert a.ready() is True
+        assert a.model("nope").ready() is False  # 404: no such model
+        assert a.model("a", version=9).ready() is False  # 404: no such version
+        with pytest.raises(VAENotFoundError) as e:
+            a.model("nope").encode(X)
+        assert e.value.status_code == 404
+        assert "No model 'nope' here" in e.value.detail
+    with pytest.raises(RuntimeError):  # the parent closed the pool the view shares
+        b.encode(X3)
+    assert sent == [
+        "POST /models/b/encode", "POST /models/b/sample", "POST /models/b/anomaly-score",
+        "POST /models/b/decode", "GET /models/b", "GET /models/b/ready",
+        "POST /models/a/encode", "GET /models/a", "GET /models/a/ready",
+        "GET /models/nope/ready", "GET /models/a/versions/9/ready", "POST /models/nope/encode",
+    ]  # fmt: skip
+    assert info_b == expected_info(httpx.get(f"{url}/models/b").json())
+    assert (info_b.name, info_b.version, info_b.manifest["input_shape"]) == ("b", 1, [3])
+    assert info_a == expected_info(httpx.get(f"{url}/models/a").json())
+    assert (info_a.name, info_a.version) == ("a", 2)
+    assert info_a.versions is not None
+    assert [(v.version, v.state) for v in info_a.versions] == [(1, "READY"), (2, "READY")]
+    raw = httpx.post(f"{url}/models/a/encode", json={"instances": X, "seed": 0}).json()
+    same(enc.mean, raw["mean"])
+    with VAEClient(url) as default:  # no model: today's routes, the default model (a)
+        assert default.encode(X, seed=0).mean.shape == (2, 3)
+        assert default.model_info().name == "a"
+        assert default.ready() is True
+
+
+def test_a_version_bound_client_and_view_reach_that_version(
+    repo_server: Server, tiny_artifact: Path, a2_artifact: Path
+) -> None:
+    url = repo_server.url
+    with VAEClient(url, model="a", version=1, binary=False) as v1:
+        enc1 = v1.encode(X, samples=2, seed=3)
+        info1 = v1.model_info()
+        assert v1.ready() is True
+        v2 = v1.model("a", version=2)
+        assert (v2.model_version, v2.binary) == (2, False)  # the settings travel to the view
+        enc2 = v2.encode(X, seed=3)
+        info2 = v2.model_info()
+        with pytest.raises(VAENotFoundError) as e:
+            v1.model("a", version=3).encode(X)
+    assert enc1.mean.shape == (2, 2)
+    assert enc1.samples is not None
+    assert enc1.samples.shape == (2, 2, 2)
+    assert enc2.mean.shape == (2, 3)
+    raw = httpx.post(
+        f"{url}/models/a/versions/1/encode", json={"instances": X, "samples": 2, "seed": 3}
+    ).json()
+    same(enc1.samples, raw["samples"])
+    assert (info1.version, info1.sha256) == (1, sha256(tiny_artifact))
+    assert (info2.version, info2.sha256) == (2, sha256(a2_artifact))
+    assert info1 == expected_info(httpx.get(f"{url}/models/a/versions/1").json())
+    assert e.value.detail == "Model 'a' has no version 3 loaded; its versions are 1 and 2."
+
+
+def test_models_lists_the_repository(
+    repo_server: Server, tiny_artifact: Path, a2_artifact: Path, gaussian_artifact: Path
+) -> None:
+    with VAEClient(repo_server.url, model="b") as client:  # a bound client lists them all
+        models = client.models()
+    assert models == [
+        ModelSummary("a", "READY", (
+            ModelVersionState(1, "READY", None, sha256(tiny_artifact)),
+            ModelVersionState(2, "READY", None, sha256(a2_artifact)),
+        ), default=True),
+        ModelSummary("b", "READY", (
+            ModelVersionState(1, "READY", None, sha256(gaussian_artifact)),
+        ), default=False),
+    ]  # fmt: skip
+    raw = httpx.get(f"{repo_server.url}/models").json()
+    assert raw["default"] == "a"
+    assert [m["name"] for m in raw["models"]] == ["a", "b"]
+
+
+def test_bad_model_names_and_versions_raise_before_any_request() -> None:
+    sent: list[str] = []
+    hooks = {"request": [lambda r: sent.append(str(r.url))]}
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: nothing may be sent
+    rule = re.escape("^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    with VAEClient(url, event_hooks=hooks) as client:
+        for name in BAD_NAMES:
+            with pytest.raises(ValueError, match=rule):
+                VAEClient(url, model=name)
+            with pytest.raises(ValueError, match=rule):
+                client.model(name)
+            with pytest.raises(ValueError, match=rule):
+                client.load_model(name)
+            with pytest.raises(ValueError, match=rule):
+                client.unload_model(name)
+        for version in (0, -1):
+            with pytest.raises(ValueError, match="version is an int >= 1"):
+                client.model("a", version=version)
+        with pytest.raises(TypeError, match="version is an int"):
+            client.model("a", version=True)
+        with pytest.raises(ValueError, match="A version needs a model"):
+            VAEClient(url, version=1)
+        with pytest.raises(ValueError, match=rule):
+            AsyncVAEClient(url, model="a/b")
+        # The longest name the rule allows, and each character it allows, pass.
+        assert client.model("A" + "z9_.-" * 12 + "abc", version=1).model_name is not None
+    assert sent == []
+
+
+def test_async_client_bound_to_models(repo_server: Server, tiny_artifact: Path) -> None:
+    url = repo_server.url
+
+    async def main() -> tuple[Encoded, Encoded, ModelInfo, list[ModelSummary], list[bool]]:
+        async with AsyncVAEClient(url, model="b") as b:
+            enc_b = await b.encode(X3, seed=0)
+            async with b.model("a", version=1) as a1:  # a view: plain method, no await
+                assert isinstance(a1, AsyncVAEClient)
+                enc_a1 = await a1.encode(X, seed=0)
+                info = await a1.model_info()
+            models = await b.models()  # the pool is still open after the view's close
+            ready = [await b.ready(), await b.model("nope").ready()]
+            with pytest.raises(VAENotFoundError):
+                await b.model("a", version=5).decode([[0.0, 0.0]])
+            with pytest.raises(ValueError, match="breaks the server's rule"):
+                b.model("a b")
+        return enc_b, enc_a1, info, models, ready
+
+    enc_b, enc_a1, info, models, ready = asyncio.run(main())
+    assert enc_b.mean.shape == (2, 2)
+    assert enc_a1.mean.shape == (2, 2)
+    raw = httpx.post(f"{url}/models/b/encode", json={"instances": X3, "seed": 0}).json()
+    same(enc_b.mean, raw["mean"])
+    assert (info.name, info.version, info.sha256) == ("a", 1, sha256(tiny_artifact))
+    assert [(m.name, m.state, m.default) for m in models] == [("a", "READY", True),
+                                                              ("b", "READY", False)]  # fmt: skip
+    assert ready == [True, False]
+
+
+def test_load_and_unload_models_with_the_admin_key(
+    start_server: StartServer, tmp_path: Path, tiny_artifact: Path, gaussian_artifact: Path
+) -> None:
+    root = repository(tmp_path / "repo", {"a": {1: tiny_artifact}, "b": {1: gaussian_artifact}})
+    server = start_server({
+        "VAE_MODEL_REPOSITORY": str(root), "VAE_MODEL_CONTROL": "explicit",
+        "VAE_ADMIN_KEYS": "adm", "VAE_API_KEYS": "user", "VAE_MAX_MODELS": "1",
+    })  # fmt: skip
+    server.wait_ready(ready_path="/health")
+    unloaded_b = ModelSummary("b", "UNLOADED", (ModelVersionState(1, "UNLOADED", "not loaded"),))
+    with VAEClient(server.url, api_key="adm") as admin:
+        b = admin.model("b")
+        assert admin.models() == [
+            ModelSummary("a", "UNLOADED", (ModelVersionState(1, "UNLOADED", "not loaded"),)),
+            unloaded_b,
+        ]  # explicit, no default: nothing loaded at start
+        assert b.ready() is False
+        with pytest.raises(VAENotFoundError) as not_loaded:
+            b.encode(X3)
+        loaded = admin.load_model("b")
+        assert b.ready() is True
+        assert b.encode(X3, seed=0).mean.shape == (2, 2)
+        with pytest.raises(VAEError) as over:
+            admin.load_model("a")  # a second model: over VAE_MAX_MODELS=1
+        with VAEClient(server.url, api_key="user") as user, pytest.raises(VAEAuthError) as e403:
+            user.unload_model("b")
+        with VAEClient(server.url) as anonymous, pytest.raises(VAEAuthError) as e401:
+            anonymous.load_model("a")
+        with pytest.raises(VAENotFoundError) as unknown:
+            admin.load_model("nope")
+        assert admin.unload_model("b") == unloaded_b
+        with pytest.raises(VAENotFoundError) as gone:
+            b.encode(X3)  # the unloaded model's calls answer 404
+        assert b.ready() is False
+        with pytest.raises(VAENotFoundError) as again:
+            admin.unload_model("b")
+    assert (not_loaded.value.status_code, not_loaded.value.detail) == (
+        404, "Model 'b' is not loaded; load it with POST /v2/repository/models/b/load or "
+        "/admin/models/b/load.",
+    )  # fmt: skip
+    assert loaded == ModelSummary(
+        "b", "READY", (ModelVersionState(1, "READY", None, sha256(gaussian_artifact)),)
+    )
+    assert type(over.value) is VAEError
+    assert over.value.status_code == 409
+    assert over.value.detail.startswith("Loading 'a' (1 version(s)) would hold 2 models")
+    assert (e403.value.status_code, e401.value.status_code) == (403, 401)
+    assert unknown.value.detail.startswith("No model 'nope' in the repository")
+    assert gone.value.detail == not_loaded.value.detail
+    assert again.value.detail == "Model 'b' is not loaded."
+
+    async def main() -> tuple[ModelSummary, Encoded, ModelSummary]:
+        async with AsyncVAEClient(server.url, api_key="adm") as admin:
+            summary = await admin.load_model("a")
+            enc = await admin.model("a").encode(X, seed=0)
+            return summary, enc, await admin.unload_model("a")
+
+    summary, enc, unloaded = asyncio.run(main())
+    assert (summary.name, summary.state, summary.versions[0].state) == ("a", "READY", "READY")
+    assert enc.mean.shape == (2, 2)
+    assert (unloaded.state, unloaded.versions[0].state) == ("UNLOADED", "UNLOADED")

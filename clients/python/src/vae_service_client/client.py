@@ -10,6 +10,13 @@
 `AsyncVAEClient` has the same methods as coroutines. This module imports only httpx and numpy
 (no torch, no FastAPI), so a calling service pays for nothing else.
 
+Many models: a server with a model repository serves each model (and each of its versions)
+under /models/{name}[/versions/{version}]/... . `VAEClient(url, model="a", version=2)` sends
+its model calls there; `vae.model("b")` is a client bound to another model that shares the
+first one's connection pool and settings; `models()`, `load_model()` and `unload_model()` list
+and control the repository (the last two need an admin key). Without a model every call goes
+to the routes of the server's one (or default) model, as before.
+
 Binary: a regular numeric array goes to the server as one float32 .npy body (the options in the
 query string), and array answers are asked for as .npy with `Accept`, so no float is printed
 and re-parsed on either side. Every release of the server reads .npy (.npy bodies predate
@@ -20,20 +27,24 @@ nested instances mixed, say) goes as JSON, for the server to accept or to reject
 `binary=False` sends everything as JSON.
 
 Retries: on 503 (not ready, queue full, draining) and on failures to connect, with exponential
-backoff and jitter, or after the server's `Retry-After` up to a cap. Every endpoint is a pure
-function of its request (a `seed` pins even the random ones), so sending a request twice is
-safe. Nothing else is retried: a 4xx will not change, a 504 or a client timeout means the
-server is slow and a repeat would add load, and a connection lost mid-answer is reported.
+backoff and jitter, or after the server's `Retry-After` up to a cap. Every model endpoint is a
+pure function of its request (a `seed` pins even the random ones), so sending a request twice
+is safe; load_model and unload_model are retried the same way (a 503 or a refused connect
+means the server did nothing, and a second load of the same files changes nothing). Nothing
+else is retried: a 4xx will not change, a 504 or a client timeout means the server is slow and
+a repeat would add load, and a connection lost mid-answer is reported.
 """
 
 from __future__ import annotations
 
+import copy
 import email.utils
 import io
 import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +65,8 @@ __all__ = [
     "AsyncVAEClient",
     "Encoded",
     "ModelInfo",
+    "ModelSummary",
+    "ModelVersionState",
     "RetryPolicy",
     "Samples",
     "ScorePercentiles",
@@ -61,6 +74,7 @@ __all__ = [
     "VAEClient",
     "VAEConnectionError",
     "VAEError",
+    "VAENotFoundError",
     "VAETimeoutError",
     "VAEUnavailableError",
     "VAEValidationError",
@@ -91,6 +105,12 @@ ScoreName = Literal[
     "rapp",
     "ensemble",
 ]
+# The state of a model in the repository, or of one of its versions: READY serves, LOADING is
+# being read and warmed up, UNAVAILABLE was refused by its last load, UNLOADED is on disk only.
+ModelState = Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADED"]
+VersionState = ModelState
+# The server's rule for model names; a name that passes needs no quoting in a path.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -111,7 +131,13 @@ class VAEValidationError(VAEError):
 
 
 class VAEAuthError(VAEError):
-    """The API key is missing or wrong (401), or not allowed (403)."""
+    """The API key is missing or wrong (401), or not allowed (403): an /admin route wants an
+    admin key."""
+
+
+class VAENotFoundError(VAEError):
+    """404: no such route, or, on a server with a model repository, no such model or version,
+    or one that is not loaded."""
 
 
 class VAEUnavailableError(VAEError):
@@ -130,6 +156,7 @@ _STATUS_ERRORS: dict[int, type[VAEError]] = {
     400: VAEValidationError,
     401: VAEAuthError,
     403: VAEAuthError,
+    404: VAENotFoundError,
     413: VAEValidationError,
     415: VAEValidationError,
     422: VAEValidationError,
@@ -285,15 +312,44 @@ class FeatureShare:
 
 
 @dataclass(frozen=True)
+class ModelVersionState:
+    """One version of a model in the server's repository: its number, its state (READY,
+    LOADING, UNAVAILABLE, or UNLOADED: on disk, not loaded), why it is not READY (None when
+    the server does not say) and the sha256 of the artifact serving it (None until loaded)."""
+
+    version: int
+    state: VersionState
+    reason: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model of the server's repository (GET /models): its name, its state as a whole,
+    its versions, and whether it is the default model (the one the un-namespaced routes,
+    /encode and the rest, serve)."""
+
+    name: str
+    state: ModelState
+    versions: tuple[ModelVersionState, ...]
+    default: bool = False
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The artifact being served: its sha256, its file name, the device, the manifest, and for
-    a model trained on a table its features (name, training mean and std), in input order."""
+    a model trained on a table its features (name, training mean and std), in input order.
+    From a server with a model repository also the model's name, the version answering and
+    every version's state; None from older servers (and from /model where it omits them)."""
 
     sha256: str
     artifact: str
     device: str
     manifest: Mapping[str, Any]
     features: list[Mapping[str, Any]] | None = None
+    name: str | None = None
+    version: int | None = None
+    versions: tuple[ModelVersionState, ...] | None = None
 
 
 # -- requests and answers, shared by both clients -----------------------------------------------
@@ -426,12 +482,67 @@ def _read_scores(response: httpx.Response) -> AnomalyScores:
 
 def _read_model(response: httpx.Response) -> ModelInfo:
     body = response.json()
+    versions = body.get("versions")
     return ModelInfo(
         # Older servers named the file by its whole path.
         str(body["sha256"]), str(body.get("artifact") or PurePath(body["path"]).name),
         str(body["device"]), body["manifest"],
         body.get("features"),
+        name=None if body.get("name") is None else str(body["name"]),
+        version=None if body.get("version") is None else int(body["version"]),
+        versions=None if versions is None else _version_states(versions),
     )  # fmt: skip
+
+
+def _version_states(entries: Sequence[Mapping[str, Any]]) -> tuple[ModelVersionState, ...]:
+    return tuple(_version_state(v) for v in entries)
+
+
+def _version_state(entry: Mapping[str, Any]) -> ModelVersionState:
+    state: VersionState = entry["state"]
+    return ModelVersionState(int(entry["version"]), state, entry.get("reason"), entry.get("sha256"))
+
+
+def _summary(entry: Mapping[str, Any], default: str | None) -> ModelSummary:
+    name = str(entry["name"])
+    # The listing names the default model once; a single entry (load, unload) may say itself.
+    is_default = entry["default"] if isinstance(entry.get("default"), bool) else name == default
+    return ModelSummary(
+        name=name,
+        state=entry["state"],
+        versions=_version_states(entry.get("versions") or []),
+        default=is_default,
+    )
+
+
+def _read_models(response: httpx.Response) -> list[ModelSummary]:
+    body = response.json()
+    default = body.get("default")
+    return [_summary(entry, default) for entry in body["models"]]
+
+
+def _read_summary(response: httpx.Response) -> ModelSummary:
+    return _summary(response.json(), None)
+
+
+def _check_model(name: str) -> str:
+    """The name, if it passes the server's rule for model names (ValueError otherwise)."""
+    if not isinstance(name, str):
+        raise TypeError(f"A model name is a str, not {type(name).__name__}.")
+    if MODEL_NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"Model name {name!r} breaks the server's rule ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$: "
+            "a letter or digit, then up to 63 letters, digits, '_', '.' or '-'."
+        )
+    return name
+
+
+def _check_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"A model version is an int, not {type(version).__name__}.")
+    if version < 1:
+        raise ValueError(f"A model version is an int >= 1, not {version}.")
+    return version
 
 
 def _read_ok(response: httpx.Response) -> bool:
@@ -467,6 +578,9 @@ def _names(names: Collection[str]) -> str:
 class _ClientBase:
     """Settings, request building, answer reading and the retry decision: all but the I/O."""
 
+    # Whether close() closes the httpx client: only a client's own, never in a model() view.
+    _own: bool
+
     def __init__(
         self,
         base_url: str,
@@ -475,6 +589,8 @@ class _ClientBase:
         timeout: float | httpx.Timeout | None,
         retry: RetryPolicy | None,
         binary: bool,
+        model: str | None,
+        version: int | None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -483,6 +599,36 @@ class _ClientBase:
         self._headers = {"user-agent": f"vae-service-client/{__version__}"}
         if api_key is not None:
             self._headers["authorization"] = f"Bearer {api_key}"
+        self._bind(model, version)
+
+    def _bind(self, model: str | None, version: int | None) -> None:
+        if model is None and version is not None:
+            raise ValueError("A version needs a model: give model= too.")
+        self.model_name = None if model is None else _check_model(model)
+        self.model_version = None if version is None else _check_version(version)
+        # The path before each model route: "" (the server's one or default model), else the
+        # namespaced routes. The name passed the server's rule, so nothing needs quoting.
+        self._prefix = ""
+        if model is not None:
+            self._prefix = f"/models/{model}"
+            if version is not None:
+                self._prefix += f"/versions/{version}"
+
+    def model(self, name: str, version: int | None = None) -> Self:
+        """A client of this class bound to model `name` (and to one `version` of it; None:
+        the version the server picks), for a server with a model repository.
+
+        The view shares this client's httpx client (its connection pool), base URL, API key,
+        timeout, retry policy and binary setting, and costs no connection of its own. Closing
+        the view (or leaving its `with` block) leaves the shared pool open; closing this client
+        closes it, after which no view can send anything. ValueError if the name breaks the
+        server's rule or the version is below 1, before any request.
+        """
+        view = copy.copy(self)
+        view._headers = dict(self._headers)
+        view._own = False  # the pool stays this client's to close
+        view._bind(name, version)
+        return view
 
     # -- the calls ---------------------------------------------------------------------------
 
@@ -491,29 +637,48 @@ class _ClientBase:
     ) -> _Call[Encoded]:
         options = _options(samples=samples, seed=seed)
         name, values = _inputs(instances, records)
-        return self._array_call("/encode", name, values, options, _read_encoded)
+        return self._array_call(self._prefix + "/encode", name, values, options, _read_encoded)
 
     def _decode(self, latents: npt.ArrayLike, output: Output) -> _Call[Array]:
-        return self._array_call("/decode", "latents", latents, {"output": output}, _read_outputs)
+        path = self._prefix + "/decode"
+        return self._array_call(path, "latents", latents, {"output": output}, _read_outputs)
 
     def _sample(self, n: int, seed: int | None, output: Output) -> _Call[Samples]:
         body = json.dumps(_options(n=n, seed=seed, output=output)).encode()
-        return _Call("POST", "/sample", _read_samples, content=body, headers=self._json_headers())
+        path = self._prefix + "/sample"
+        return _Call("POST", path, _read_samples, content=body, headers=self._json_headers())
 
     def _anomaly_score(
         self, instances: npt.ArrayLike | None, records: Records, options: Mapping[str, object]
     ) -> _Call[AnomalyScores]:
         name, values = _inputs(instances, records)
-        return self._array_call("/anomaly-score", name, values, options, _read_scores)
+        path = self._prefix + "/anomaly-score"
+        return self._array_call(path, name, values, options, _read_scores)
 
-    def _probe(self, path: str) -> _Call[bool]:
+    def _probe(self, path: str, own_statuses: Collection[int] = (503,)) -> _Call[bool]:
         # A probe reports the present: no retries, and "no answer" is an answer (False).
         return _Call(
-            "GET", path, _read_ok, retry=False, own_statuses=(503,), unreachable=lambda: False
-        )
+            "GET", path, _read_ok, retry=False, own_statuses=own_statuses,
+            unreachable=lambda: False,
+        )  # fmt: skip
+
+    def _ready(self) -> _Call[bool]:
+        if not self._prefix:
+            return self._probe("/ready")
+        # A model's probe: 404 (unknown, or not loaded) is "not ready" as well.
+        return self._probe(self._prefix + "/ready", own_statuses=(503, 404))
 
     def _model(self) -> _Call[ModelInfo]:
-        return _Call("GET", "/model", _read_model)
+        return _Call("GET", self._prefix or "/model", _read_model)
+
+    def _models(self) -> _Call[list[ModelSummary]]:
+        return _Call("GET", "/models", _read_models, headers={"accept": JSON})
+
+    def _control(self, name: str, action: Literal["load", "unload"]) -> _Call[ModelSummary]:
+        # Retried as the model POSTs are, on 503 and failed connects only: neither means the
+        # server acted, and loading a model again leaves unchanged versions as they are.
+        path = f"/admin/models/{_check_model(name)}/{action}"
+        return _Call("POST", path, _read_summary, headers={"accept": JSON})
 
     def _array_call(
         self,
@@ -634,6 +799,14 @@ class VAEClient(_ClientBase):
     http_client: an httpx.Client of your own (its pool, proxy, TLS, auth, event hooks); the
         caller closes it. Otherwise the keyword arguments left over go to httpx.Client, e.g.
         transport=, verify=, limits=, proxy=, auth=, cert=.
+    model: on a server with a model repository, the model the model calls (encode, decode,
+        sample, anomaly_score, model_info, ready) go to, under /models/{model}/...; it must
+        match the server's rule ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ (ValueError otherwise).
+        None (the default): the server's one model, or its default model, as with older servers.
+    version: with a model, one version of it (an int >= 1), under
+        /models/{model}/versions/{version}/...; None: the version the server serves by default.
+
+    `model(name, version)` gives a client bound to another model on the same connection pool.
     """
 
     def __init__(
@@ -645,9 +818,14 @@ class VAEClient(_ClientBase):
         retry: RetryPolicy | None = None,
         binary: bool = True,
         http_client: httpx.Client | None = None,
+        model: str | None = None,
+        version: int | None = None,
         **httpx_options: Any,
     ) -> None:
-        super().__init__(base_url, api_key=api_key, timeout=timeout, retry=retry, binary=binary)
+        super().__init__(
+            base_url, api_key=api_key, timeout=timeout, retry=retry, binary=binary, model=model,
+            version=version,
+        )  # fmt: skip
         self._own = http_client is None
         self._http = http_client or httpx.Client(**_own_client_options(httpx_options, timeout))
         if http_client is not None and httpx_options:
@@ -704,14 +882,34 @@ class VAEClient(_ClientBase):
         return self._run(self._probe("/health"))
 
     def ready(self) -> bool:
-        """Whether the model is loaded and warmed up (no retries; 503 or no answer: False)."""
-        return self._run(self._probe("/ready"))
+        """Whether the model is loaded and warmed up (no retries; 503 or no answer: False).
+        Bound to a model: GET /models/{model}[/versions/{version}]/ready, where 404 (no such
+        model or version, or not loaded) is False as well."""
+        return self._run(self._ready())
 
     def model_info(self) -> ModelInfo:
-        """The artifact being served."""
+        """The artifact being served (GET /model), or, bound to a model, that model's
+        (GET /models/{model}[/versions/{version}]), with its name, version and versions."""
         return self._run(self._model())
 
+    def models(self) -> list[ModelSummary]:
+        """The models of the server's repository, their states and versions (GET /models)."""
+        return self._run(self._models())
+
+    def load_model(self, name: str) -> ModelSummary:
+        """Load model `name` (POST /admin/models/{name}/load; needs an admin key as api_key)
+        and return its entry. VAEAuthError without an admin key, VAENotFoundError for a model
+        the repository does not hold, VAEError (409) where the server refuses."""
+        return self._run(self._control(name, "load"))
+
+    def unload_model(self, name: str) -> ModelSummary:
+        """Unload model `name` (POST /admin/models/{name}/unload; needs an admin key) and
+        return its entry; its model calls then answer 404 (VAENotFoundError)."""
+        return self._run(self._control(name, "unload"))
+
     def close(self) -> None:
+        """Close the httpx client, if it is this client's own (not a caller's, not a view's
+        from model(): closing a view leaves the pool it shares open)."""
         if self._own:  # a client the caller gave is the caller's to close
             self._http.close()
 
@@ -740,7 +938,8 @@ class VAEClient(_ClientBase):
 
 class AsyncVAEClient(_ClientBase):
     """VAEClient's twin for async code, on httpx.AsyncClient: the same arguments (with an
-    httpx.AsyncClient as http_client) and methods, as coroutines; use it with `async with`, or
+    httpx.AsyncClient as http_client, and model= and version=) and methods, as coroutines
+    (but `model()`, which sends nothing, is a plain method); use it with `async with`, or
     await aclose(). It runs wherever httpx does: asyncio and trio (it waits with anyio)."""
 
     def __init__(
@@ -752,9 +951,14 @@ class AsyncVAEClient(_ClientBase):
         retry: RetryPolicy | None = None,
         binary: bool = True,
         http_client: httpx.AsyncClient | None = None,
+        model: str | None = None,
+        version: int | None = None,
         **httpx_options: Any,
     ) -> None:
-        super().__init__(base_url, api_key=api_key, timeout=timeout, retry=retry, binary=binary)
+        super().__init__(
+            base_url, api_key=api_key, timeout=timeout, retry=retry, binary=binary, model=model,
+            version=version,
+        )  # fmt: skip
         self._own = http_client is None
         options = _own_client_options(httpx_options, timeout)
         self._http = http_client or httpx.AsyncClient(**options)
@@ -814,14 +1018,34 @@ class AsyncVAEClient(_ClientBase):
         return await self._run(self._probe("/health"))
 
     async def ready(self) -> bool:
-        """Whether the model is loaded and warmed up (no retries; 503 or no answer: False)."""
-        return await self._run(self._probe("/ready"))
+        """Whether the model is loaded and warmed up (no retries; 503 or no answer: False).
+        Bound to a model: GET /models/{model}[/versions/{version}]/ready, where 404 (no such
+        model or version, or not loaded) is False as well."""
+        return await self._run(self._ready())
 
     async def model_info(self) -> ModelInfo:
-        """The artifact being served."""
+        """The artifact being served (GET /model), or, bound to a model, that model's
+        (GET /models/{model}[/versions/{version}]), with its name, version and versions."""
         return await self._run(self._model())
 
+    async def models(self) -> list[ModelSummary]:
+        """The models of the server's repository, their states and versions (GET /models)."""
+        return await self._run(self._models())
+
+    async def load_model(self, name: str) -> ModelSummary:
+        """Load model `name` (POST /admin/models/{name}/load; needs an admin key as api_key)
+        and return its entry. VAEAuthError without an admin key, VAENotFoundError for a model
+        the repository does not hold, VAEError (409) where the server refuses."""
+        return await self._run(self._control(name, "load"))
+
+    async def unload_model(self, name: str) -> ModelSummary:
+        """Unload model `name` (POST /admin/models/{name}/unload; needs an admin key) and
+        return its entry; its model calls then answer 404 (VAENotFoundError)."""
+        return await self._run(self._control(name, "unload"))
+
     async def aclose(self) -> None:
+        """Close the httpx client, if it is this client's own (not a caller's, not a view's
+        from model(): closing a view leaves the pool it shares open)."""
         if self._own:  # a client the caller gave is the caller's to close
             await self._http.aclose()
 
