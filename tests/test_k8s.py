@@ -30,7 +30,9 @@ K8S = REPO / "deploy" / "k8s"
 # The oldest version that runs the manifests (preStop's sleep action is on by default from
 # 1.30) and the newest kubernetes-validate bundles at its lower bound in pyproject.toml.
 KUBE_VERSIONS = ("1.30", "1.37")
-TREES = ("base", "overlays/gpu", "model-loader")
+TREES = ("base", "overlays/gpu", "overlays/repository", "model-loader",
+         "overlays/repository/loader")  # fmt: skip
+SERVING = ("base", "overlays/gpu", "overlays/repository")  # the trees with the server's pods
 SETTINGS_ENV = {f"VAE_{name.upper()}" for name in Settings.model_fields}
 
 Doc = dict[str, Any]
@@ -59,7 +61,7 @@ def _render(directory: Path) -> list[Doc]:
 class Rendered:
     root: Path  # the copy of deploy/k8s
     key: str  # the API key in its api-keys.txt
-    docs: dict[str, list[Doc]]  # by tree: "base", "overlays/gpu", "model-loader"
+    docs: dict[str, list[Doc]]  # by tree: "base", "overlays/gpu", "model-loader", ...
 
     def one(self, tree: str, kind: str) -> Doc:
         found = [d for d in self.docs[tree] if d["kind"] == kind]
@@ -137,7 +139,7 @@ def _pod(docs: list[Doc]) -> Pod:
     return Pod(docs, deployment, spec, container, config["data"])
 
 
-@pytest.fixture(params=["base", "overlays/gpu"])
+@pytest.fixture(params=SERVING)
 def pod(request: pytest.FixtureRequest, rendered: Rendered) -> Pod:
     return _pod(rendered.docs[request.param])
 
@@ -171,6 +173,7 @@ def test_base_renders_every_kind(rendered: Rendered) -> None:
     assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
                      "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Service"]  # fmt: skip
     assert sorted(d["kind"] for d in rendered.docs["overlays/gpu"]) == kinds
+    assert sorted(d["kind"] for d in rendered.docs["overlays/repository"]) == kinds
 
 
 def test_nothing_renders_without_the_keys_file(tmp_path: Path) -> None:
@@ -255,7 +258,8 @@ def test_command_serves_without_training(pod: Pod) -> None:
 
 
 def test_model_comes_from_a_read_only_volume(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_path = str(pod.settings(monkeypatch).model_path)
+    settings = pod.settings(monkeypatch)
+    model_path = str(settings.model_repository or settings.model_path)  # what the app serves
     assert model_path.startswith("/"), "relative paths resolve against /srv, the image's code"
     mount, volume = pod.volume_for(model_path)
     assert mount["readOnly"] is True
@@ -347,15 +351,63 @@ def test_model_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
     assert loader["spec"]["securityContext"]["runAsUser"] == _dockerfile_ids()[0]
 
 
+def test_repository_overlay_serves_a_repository_from_its_own_claim(
+    rendered: Rendered, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod = _pod(rendered.docs["overlays/repository"])
+    settings = pod.settings(monkeypatch)
+    assert settings.model_repository is not None
+    assert settings.model_control == "all", "the Service sends any model's request to any pod"
+    mount, volume = pod.volume_for(str(settings.model_repository))
+    assert mount["readOnly"] is True
+    assert volume["persistentVolumeClaim"] == {"claimName": "vae-model-repository",
+                                               "readOnly": True}  # fmt: skip
+    claims = [d["metadata"]["name"] for d in pod.docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claims == ["vae-model-repository"], "the base's one-artifact claim is not created"
+    # Only the repository's settings and its claim differ from the base's pod.
+    base = _pod(rendered.docs["base"])
+    assert {k: v for k, v in pod.config.items() if base.config.get(k) != v} == {
+        "VAE_MODEL_REPOSITORY": str(settings.model_repository),
+        "VAE_MODEL_CONTROL": "all",
+        "VAE_MAX_MODELS": str(settings.max_models),
+    }
+    assert set(base.config) <= set(pod.config)
+    assert pod.container["envFrom"] != base.container["envFrom"], "a new ConfigMap rolls the pods"
+    assert pod.container["volumeMounts"] == base.container["volumeMounts"]
+    # The overlay's settings file names real settings only, the commented ones included.
+    lines = (K8S / "overlays" / "repository" / "repository.env").read_text().splitlines()
+    names = {ln.lstrip("# ").split("=", 1)[0] for ln in lines if re.match(r"#? ?VAE_\w+=", ln)}
+    assert {"VAE_DEFAULT_MODEL", "VAE_MODEL_PINS"} < names <= SETTINGS_ENV
+
+
+def test_repository_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
+    pod = _pod(rendered.docs["overlays/repository"])
+    loader = rendered.one("overlays/repository/loader", "Pod")
+    assert loader == {**rendered.one("model-loader", "Pod"), "spec": loader["spec"]}
+    (container,) = loader["spec"]["containers"]
+    assert container["image"] == pod.container["image"]
+    served_mount, served = pod.volume_for(pod.config["VAE_MODEL_REPOSITORY"])
+    claim = served["persistentVolumeClaim"]["claimName"]
+    (volume,) = [v for v in loader["spec"]["volumes"]
+                 if v.get("persistentVolumeClaim", {}).get("claimName") == claim]  # fmt: skip
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert not mount.get("readOnly")
+    assert mount["mountPath"] == served_mount["mountPath"], "the same paths on both sides"
+
+
 @pytest.mark.server
+@pytest.mark.parametrize("tree", ["base", "overlays/repository"])
 def test_pod_environment_serves_the_real_app(
     rendered: Rendered,
     tmp_path: Path,
     start_server: Callable[[dict[str, str]], Server],
+    tree: str,
 ) -> None:
-    """A real server with the base pod's environment, its volumes stood in for by directories:
-    the probes answer, /metrics is open to the scraper, and the Secret's key guards the model."""
-    pod = _pod(rendered.docs["base"])
+    """A real server with a pod's environment, its volumes stood in for by directories: the
+    probes answer, /metrics is open to the scraper, and the Secret's key guards the model (for
+    the repository overlay, a repository of one model, which it lists as served)."""
+    pod = _pod(rendered.docs[tree])
     (secret,) = [d for d in pod.docs if d["kind"] == "Secret"]
     env = pod.env()
     volumes: dict[str, Path] = {}
@@ -364,6 +416,13 @@ def test_pod_environment_serves_the_real_app(
         volumes[mount["mountPath"]].mkdir()
     model = Path(env["VAE_MODEL_PATH"])
     make_artifact(volumes[str(model.parent)] / model.name)
+    if "VAE_MODEL_REPOSITORY" in env:  # under the same mount: <repository>/<name>/1/vae.pt
+        repository = Path(env["VAE_MODEL_REPOSITORY"])
+        (mount_path,) = [m for m in volumes if repository.is_relative_to(m)]
+        local = volumes[mount_path] / repository.relative_to(mount_path)
+        (local / "mnist" / "1").mkdir(parents=True)
+        make_artifact(local / "mnist" / "1" / "vae.pt")
+        env["VAE_MODEL_REPOSITORY"] = str(local)
     keys = Path(env["VAE_API_KEYS_FILE"])
     for name, value in secret["data"].items():  # what the kubelet projects into the volume
         (volumes[str(keys.parent)] / name).write_bytes(base64.b64decode(value))
@@ -378,3 +437,6 @@ def test_pod_environment_serves_the_real_app(
     assert httpx.get(f"{server.url}/model").status_code == 401
     headers = {"Authorization": f"Bearer {rendered.key}"}
     assert httpx.get(f"{server.url}/model", headers=headers).status_code == 200
+    if "VAE_MODEL_REPOSITORY" in env:
+        listing = httpx.get(f"{server.url}/models", headers=headers).json()
+        assert [(m["name"], m["state"]) for m in listing["models"]] == [("mnist", "READY")]

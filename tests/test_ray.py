@@ -4,19 +4,32 @@ The cluster (bench.ray.RayCluster) is two `ray start` nodes on this machine (dis
 one CPU each, a temp dir of their own), and the app goes on it with `serve deploy
 deploy/ray/serve.yaml`, changing only the artifact, the proxy's port and where proxies run.
 Everything is called through Ray's HTTP proxy and compared byte for byte with a plain uvicorn
-`python -m app` serving the same artifact. Teardown kills exactly the processes those nodes
-started, never `ray stop`, which kills every Ray process of the user by name.
+`python -m app` serving the same artifact. Last, deploy/ray/serve-repository.yaml goes beside
+it as a second application, under /repo: a model repository multiplexed over two replicas, one
+per node, each model's requests routed by Serve's model id. Teardown kills exactly the
+processes those nodes started, never `ray stop`, which kills every Ray process of the user by
+name.
+
+The multiplexing's own logic (what a request's model is, loading on a miss, unloading on an
+eviction only once the model's requests are done, the app's answers for a model not there) is
+tested without Ray too, with a stand-in for Serve's cache, which runs only in a replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +38,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types
 from fastapi.testclient import TestClient
 from pydantic.warnings import PydanticDeprecatedSince20
 from starlette.types import Message, Scope
 
 from app.main import create_app
 from app.settings import Settings
-from bench.ray import DEPLOYMENT, RayCluster, serve_config
+from bench.ray import DEPLOYMENT, RayCluster, Replica, serve_config
 from bench.servers import free_port
-from tests.conftest import REPO, Server
+from tests.conftest import REPO, Server, make_artifact
 
 pytestmark = pytest.mark.ray
 
@@ -103,6 +116,38 @@ def test_build_app_refuses_unknown_arguments() -> None:
         ray_serve.build_app({"replicas": "2"})
 
 
+def test_max_models_per_replica_is_a_build_argument_of_a_repository(tmp_path: Path) -> None:
+    # Without a repository there is nothing to multiplex: the argument is refused, not ignored.
+    with pytest.raises(ValueError, match="set VAE_MODEL_REPOSITORY too"):
+        ray_serve.build_app({"max_models_per_replica": "2"})
+    os.environ["VAE_MODEL_REPOSITORY"] = str(tmp_path)
+    with pytest.raises(ValueError, match="at least 1, not 0"):
+        ray_serve.build_app({"max_models_per_replica": "0"})
+    # It reaches each replica as its constructor's argument; left out, Serve's own default.
+    # (An int, as a config file's `args:` give it, or a string, as `serve run` does.)
+    kwargs: Any = ray_serve.build_app({"max_models_per_replica": 5})._bound_deployment.init_kwargs
+    assert kwargs == {"max_models_per_replica": 5}
+    kwargs = ray_serve.build_app({"max_models_per_replica": "2"})._bound_deployment.init_kwargs
+    assert kwargs == {"max_models_per_replica": 2}
+    kwargs = ray_serve.build_app({})._bound_deployment.init_kwargs
+    assert kwargs == {}
+    assert ray_serve.VAEReplica().max_models_per_replica == ray_serve.DEFAULT_MODELS_PER_REPLICA
+
+
+def test_the_repository_config_names_real_settings_and_arguments() -> None:
+    (application,) = load_config(REPO / "deploy" / "ray" / "serve-repository.yaml")["applications"]
+    assert set(application["args"]) <= set(ray_serve.BUILD_ARGS)
+    env = application["runtime_env"]["env_vars"]
+    settings = {f"VAE_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= settings
+    assert Settings(**{k[4:].lower(): v for k, v in env.items()}).model_repository is not None
+
+
+def test_the_proxy_imports_the_module_without_torch() -> None:
+    code = "import sys, app.ray_serve; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
 # -- the replica's health check -----------------------------------------------------------------
 
 
@@ -115,6 +160,202 @@ def test_check_health_fails_until_warmed_up_and_after_shutdown(tiny_artifact: Pa
         replica.check_health()
     with pytest.raises(ray_serve.ReplicaNotReadyError, match="not loaded and warmed up"):
         replica.check_health()
+
+
+# -- a model repository through Serve's model multiplexing, without Ray -------------------------
+
+IMG = [[0.0, 1.0, 1.0, 0.0]]  # model a: a 2x2 Bernoulli image, latent 2
+TAB = [[0.1, -0.2, 0.3, 1.5, -1.0]]  # model b: 5 Gaussian columns, latent 3
+MODEL_ID = ray_serve.MODEL_ID_HEADER
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """a/1/vae.pt and b/1/vae.pt: two models of different input and latent sizes."""
+    root = tmp_path_factory.mktemp("repository")
+    (root / "a" / "1").mkdir(parents=True)
+    make_artifact(root / "a" / "1" / "vae.pt")
+    (root / "b" / "1").mkdir(parents=True)
+    make_artifact(root / "b" / "1" / "vae.pt", input_shape=(5,), likelihood="gaussian",
+                  latent_dim=3)  # fmt: skip
+    return root
+
+
+class ServeLRU:
+    """Serve's multiplexed cache in miniature (`_ModelMultiplexWrapper` in
+    ray/serve/multiplex.py, which runs only in a replica): at most `size` models, and a miss
+    past that first evicts the least recently used one, awaiting its `__del__`."""
+
+    def __init__(self, load: ray_serve.CachedLoad, size: int) -> None:
+        self.load, self.size = load, size
+        self.models: OrderedDict[str, ray_serve.HeldModel] = OrderedDict()
+        self.lock = asyncio.Lock()
+        self.loads: list[str] = []
+
+    async def __call__(self, name: str) -> ray_serve.HeldModel:
+        if name in self.models:
+            self.models.move_to_end(name)
+            return self.models[name]
+        async with self.lock:
+            if name in self.models:
+                return self.models[name]
+            if len(self.models) >= self.size:
+                _, old = self.models.popitem(last=False)
+                assert inspect.iscoroutinefunction(old.__del__)  # Serve awaits it then
+                await old.__del__()
+            self.models[name] = await self.load(name)
+            self.loads.append(name)
+            return self.models[name]
+
+
+def multiplexed(settings: Settings, max_models: int = 1) -> tuple[Any, list[ServeLRU]]:
+    caches: list[ServeLRU] = []
+
+    def lru(load: ray_serve.CachedLoad, size: int) -> ServeLRU:
+        caches.append(ServeLRU(load, size))
+        return caches[-1]
+
+    return ray_serve.build_multiplexed_app(settings, max_models, lru), caches
+
+
+def v2_body(x: list[list[float]], name: str = "instances") -> dict[str, Any]:
+    return {"inputs": [{"name": name, "shape": [len(x), len(x[0])], "datatype": "FP32",
+                        "data": [v for row in x for v in row]}]}  # fmt: skip
+
+
+def states(http: Any, **kwargs: Any) -> dict[str, str]:
+    return {m["name"]: m["state"] for m in http.get("/models", **kwargs).json()["models"]}
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "names"),
+    [
+        ("/models/a/encode", "", ["a"]),
+        ("/models/a/versions/1/anomaly-score", "b", ["a"]),  # the path names what it serves
+        ("/models/a", "", ["a"]),
+        ("/models", "b", ["b"]),
+        ("/v2/models/b/infer", "", ["b"]),
+        ("/v2/models/b-decode/infer", "", ["b", "b-decode"]),
+        ("/v2/models/b-anomaly/versions/1/infer", "", ["b", "b-anomaly"]),
+        ("/v2/models/-decode/ready", "", ["-decode"]),
+        ("/v2/models/vae/infer", "", []),  # the default model's V2 names
+        ("/v2/models/vae-decode/infer", "a", ["a"]),
+        ("/encode", "", []),
+        ("/metrics", "a", ["a"]),
+    ],
+)
+def test_the_model_a_request_is_for(path: str, header: str, names: list[str]) -> None:
+    headers = [(MODEL_ID.replace("_", "-").encode(), header.encode())] if header else []
+    scope = {"type": "http", "path": "/repo" + path, "root_path": "/repo", "headers": headers}
+    assert ray_serve.requested_models(scope) == names
+
+
+def test_a_multiplexed_replica_loads_on_request_and_evicts_by_unloading(repository: Path) -> None:
+    settings = Settings(model_repository=repository, model_control="all", workers=2)
+    app, caches = multiplexed(settings, max_models=1)
+    # The replica loads what requests ask for, whatever the variables said.
+    assert (app.state.settings.model_control, app.state.settings.workers) == ("explicit", 1)
+    with TestClient(app) as http:
+        assert states(http) == {"a": "UNLOADED", "b": "UNLOADED"}  # nothing until asked
+        r = http.post("/models/a/encode", json={"instances": IMG})
+        assert r.status_code == 200
+        assert np.shape(r.json()["mean"]) == (1, 2)
+        assert states(http) == {"a": "READY", "b": "UNLOADED"}
+        # One model a replica here: b evicts a, which unloads it.
+        r = http.post("/models/b/encode", json={"instances": TAB})
+        assert np.shape(r.json()["mean"]) == (1, 3)
+        assert states(http) == {"a": "UNLOADED", "b": "READY"}
+        # V2 names the model with the operation's suffix; the proxy's model id alone (the
+        # header) serves a route without a name.
+        r = http.post("/v2/models/a-anomaly/infer", json=v2_body(IMG))
+        assert r.status_code == 200, r.text
+        assert states(http, headers={MODEL_ID: "b"}) == {"a": "UNLOADED", "b": "READY"}
+        (cache,) = caches
+        assert cache.size == 1
+        assert cache.loads == ["a", "b", "a", "b"]
+        # A model that is not there: the app's own answers, and Serve's cache untouched (a miss
+        # would have evicted b first).
+        r = http.post("/models/nope/encode", json={"instances": IMG}, headers={MODEL_ID: "nope"})
+        assert r.status_code == 404
+        assert r.json() == {"detail": "No model 'nope' here; the models served are b."}
+        r = http.post("/v2/models/nope/infer", json=v2_body(IMG))
+        assert r.status_code == 404
+        assert r.json() == {
+            "error": "Model 'nope' is not served here; the models are b, b-decode and b-anomaly."
+        }
+        r = http.post("/models/-x/encode", json={"instances": IMG})
+        assert r.status_code == 400
+        assert r.json()["detail"].startswith("'-x' is not a model name: a model name matches")
+        assert cache.loads == ["a", "b", "a", "b"]
+        assert states(http) == {"a": "UNLOADED", "b": "READY"}
+
+
+def test_the_default_model_is_never_evicted(repository: Path) -> None:
+    app, caches = multiplexed(Settings(model_repository=repository, default_model="a"))
+    with TestClient(app) as http:
+        assert states(http) == {"a": "READY", "b": "UNLOADED"}  # loaded at start
+        assert http.post("/models/a/encode", json={"instances": IMG}).status_code == 200
+        assert http.post("/models/b/encode", json={"instances": TAB}).status_code == 200
+        assert states(http) == {"a": "READY", "b": "READY"}  # a left Serve's cache, not here
+        assert http.post("/encode", json={"instances": IMG}).status_code == 200
+        assert http.post("/models/a/encode", json={"instances": IMG}).status_code == 200
+        assert states(http) == {"a": "READY", "b": "UNLOADED"}
+        assert caches[0].loads == ["a", "b", "a"]
+
+
+def test_a_refused_load_is_answered_with_the_refusal(repository: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repository"
+    shutil.copytree(repository, root)
+    (root / "bad" / "1").mkdir(parents=True)
+    (root / "bad" / "1" / "vae.pt").write_bytes(b"not a TorchScript archive")
+    app, _ = multiplexed(Settings(model_repository=root), max_models=2)
+    with TestClient(app) as http:
+        r = http.post("/models/bad/encode", json={"instances": IMG})
+        assert r.status_code == 409
+        assert r.json()["detail"].startswith("Model 'bad' was not loaded")
+        r = http.post("/v2/models/bad/infer", json=v2_body(IMG))
+        assert r.status_code == 409
+        assert r.json()["error"].startswith("Model 'bad' was not loaded")
+        assert http.post("/models/b/encode", json={"instances": TAB}).status_code == 200
+
+
+def test_an_eviction_unloads_only_after_the_requests_admitted_for_the_model(
+    repository: Path,
+) -> None:
+    app, _ = multiplexed(Settings(model_repository=repository), max_models=1)
+    multiplexer, models = app.state.multiplexer, app.state.models
+
+    def scope(name: str) -> dict[str, Any]:
+        return {"type": "http", "path": f"/models/{name}/encode", "headers": []}
+
+    async def scenario() -> None:
+        assert await multiplexer.acquire(scope("a")) == "a"  # admitted, not yet done
+        b = asyncio.ensure_future(multiplexer.acquire(scope("b")))  # the cache is full
+        await asyncio.sleep(0.3)
+        assert not b.done()
+        assert set(models.loaded()) == {"a"}  # a still serves its request
+        multiplexer.release("a")
+        assert await b == "b"
+        assert set(models.loaded()) == {"b"}
+        multiplexer.release("b")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        models.close()
+
+
+def test_a_single_model_replica_is_built_as_before(tiny_artifact: Path, repository: Path) -> None:
+    os.environ["VAE_MODEL_PATH"] = str(tiny_artifact)
+    app = ray_serve._build_asgi_app()
+    assert getattr(app.state, "multiplexer", None) is None
+    classes: list[Any] = [m.cls for m in app.user_middleware]
+    assert ray_serve.MultiplexModels not in classes
+    os.environ["VAE_MODEL_REPOSITORY"] = str(repository)
+    app = ray_serve._build_asgi_app()
+    assert isinstance(app.state.multiplexer, ray_serve.RepositoryMultiplexer)
+    classes = [m.cls for m in app.user_middleware]
+    assert classes[-1] is ray_serve.MultiplexModels  # the innermost: inside the Guard
 
 
 # -- the proxy's retry, on its own --------------------------------------------------------------
@@ -284,18 +525,22 @@ def cluster(
     work = tmp_path_factory.mktemp("ray")
     with RayCluster(work, node_cpus=(1, 1)) as ray:
         port = free_port()
-        # deploy/ray/serve.yaml as it is (two replicas, at most one per node), but for the
-        # artifact, the port, and the proxy on the head only (both nodes share this host).
-        config = serve_config(tiny_artifact, port)
-        # One proxy for two nodes: without this it sends everything to its own node's
-        # replica (Serve prefers the local one until it is full), and the other one idles.
-        proxy_env = config["controller_options"]["runtime_env"]["env_vars"]
-        proxy_env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
         path = work / "serve.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(cluster_config(tiny_artifact, port)))
         ray.serve("deploy", str(path))
         ray.wait_running(2)
         yield ray, f"http://127.0.0.1:{port}"
+
+
+def cluster_config(artifact: Path, port: int) -> dict[str, Any]:
+    """deploy/ray/serve.yaml as it is (two replicas, at most one per node), but for the
+    artifact, the port, and the proxy on the head only (both nodes share this host)."""
+    config = serve_config(artifact, port)
+    # One proxy for two nodes: without this it sends everything to its own node's replica
+    # (Serve prefers the local one until it is full), and the other one idles.
+    proxy_env = config["controller_options"]["runtime_env"]["env_vars"]
+    proxy_env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
+    return config
 
 
 def test_two_replicas_run_one_per_node(cluster: tuple[RayCluster, str]) -> None:
@@ -403,3 +648,170 @@ def test_killing_a_replica_mid_load_loses_no_request_and_serve_restarts_it(
     # timing, not this test's to decide (a run here had none, and the proxy's log no resend):
     # the claim is that none is lost either way. The proxy's resend of an unanswered request
     # is tested without timing by test_retry_sends_the_same_body_again_when_no_response_came.
+
+
+# -- a model repository multiplexed over the two nodes ------------------------------------------
+
+REPOSITORY_APP = "vae-models"  # beside the cluster's `vae` application, under /repo
+
+
+@pytest.fixture(scope="module")
+def repository_app(
+    cluster: tuple[RayCluster, str],
+    tiny_artifact: Path,
+    repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """deploy/ray/serve-repository.yaml as a second application on the cluster (the first one's
+    config unchanged, so Serve leaves it alone), under /repo, with models a, b and c (a's
+    weights under another name), one model per replica at most, and no CPUs of its own (the
+    first application holds them); its URL."""
+    ray, url = cluster
+    work = tmp_path_factory.mktemp("ray-repository")
+    root = work / "repository"
+    shutil.copytree(repository, root)
+    shutil.copytree(root / "a", root / "c")
+    config = cluster_config(tiny_artifact, int(url.rsplit(":", 1)[1]))
+    (app,) = load_config(REPO / "deploy" / "ray" / "serve-repository.yaml")["applications"]
+    app |= {"name": REPOSITORY_APP, "route_prefix": "/repo"}
+    app["args"]["max_models_per_replica"] = 1
+    app["runtime_env"]["env_vars"]["VAE_MODEL_REPOSITORY"] = str(root)
+    (deployment,) = app["deployments"]
+    deployment["ray_actor_options"]["num_cpus"] = 0
+    config["applications"].append(app)
+    path = work / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ray.serve("deploy", str(path))
+    app_replicas(ray, 2)
+    return f"{url}/repo"
+
+
+def app_replicas(ray: RayCluster, count: int, timeout: float = 120.0) -> list[Replica]:
+    """Wait until the repository application runs exactly `count` replicas (RayCluster's own
+    wait looks at the first application)."""
+    deadline = time.monotonic() + timeout
+    status, replicas = "", list[Replica]()
+    while time.monotonic() < deadline:
+        details = httpx.get(f"{ray.dashboard}/api/serve/applications/", timeout=10).json()
+        app = (details.get("applications") or {}).get(REPOSITORY_APP) or {}
+        status = app.get("status", "NOT_STARTED")
+        replicas = [
+            Replica(r.get("pid") or 0, r.get("node_id") or "", r["state"])
+            for r in app.get("deployments", {}).get(DEPLOYMENT, {"replicas": []})["replicas"]
+        ]
+        running = [r for r in replicas if r.state == "RUNNING"]
+        if status == "RUNNING" and len(running) == count == len(replicas):
+            return running
+        if status == "DEPLOY_FAILED":
+            break
+        time.sleep(0.25)
+    raise RuntimeError(
+        f"not {count} replicas RUNNING in {timeout:.0f} s: {status} {replicas}\n"
+        + ray.serve_logs_tail()
+    )
+
+
+def log_records(ray: RayCluster, pid: int, since: int = 0) -> list[dict[str, Any]]:
+    """The app's JSON log lines in a replica's stderr, from offset `since` on."""
+    records = []
+    for line in ray.worker_log(pid)[since:].splitlines():
+        start = line.find("{")
+        try:
+            record = json.loads(line[start:]) if start >= 0 else None
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def repository_events(records: list[dict[str, Any]]) -> list[str]:
+    """What the repository did: "model a: versions [1] serving (...)", "model a: unloaded ..."."""
+    return [r["message"] for r in records if r.get("logger") == "app.repository"]
+
+
+def test_a_repository_is_multiplexed_over_the_replicas_by_model_id(
+    cluster: tuple[RayCluster, str], repository_app: str
+) -> None:
+    ray, _ = cluster
+    replicas = app_replicas(ray, 2)
+    assert len({r.node_id for r in replicas}) == 2  # one per node
+    pids = [r.pid for r in replicas]
+
+    def events() -> list[str]:
+        return [e for pid in pids for e in repository_events(log_records(ray, pid))]
+
+    with httpx.Client(base_url=repository_app, timeout=30) as http:
+
+        def encode(name: str, x: list[list[float]], header: bool = True) -> httpx.Response:
+            headers = {MODEL_ID: name} if header else {}
+            return http.post(f"/models/{name}/encode", json={"instances": x}, headers=headers)
+
+        # Nothing is loaded until a request asks, on either replica.
+        for _ in range(4):
+            assert states(http) == {"a": "UNLOADED", "b": "UNLOADED", "c": "UNLOADED"}
+        # a, then b, each with its model id: Serve sends a model no replica holds to the one
+        # that holds the fewest, so once the proxy knows where a is (replicas report their
+        # models every 0.1 s), b goes to the other replica. A round that loads nothing shows
+        # the proxy has settled.
+        for _ in range(10):
+            before = len(events())
+            assert np.shape(encode("a", IMG).json()["mean"]) == (1, 2)
+            time.sleep(1)
+            assert np.shape(encode("b", TAB).json()["mean"]) == (1, 3)
+            time.sleep(1)
+            if len(events()) == before:
+                break
+        else:
+            pytest.fail(f"the models never settled on the replicas: {events()}")
+
+        marks = {pid: len(ray.worker_log(pid)) for pid in pids}
+        for _ in range(4):
+            assert np.shape(encode("a", IMG).json()["mean"]) == (1, 2)
+            assert np.shape(encode("b", TAB).json()["mean"]) == (1, 3)
+            r = http.post("/v2/models/b/infer", json=v2_body(TAB), headers={MODEL_ID: "b"})
+            assert r.status_code == 200, r.text
+            mean = next(o for o in r.json()["outputs"] if o["name"] == "mean")
+            assert mean["shape"] == [1, 3]
+            r = http.post("/v2/models/b-decode/infer", json=v2_body([[0.0, 1.0, -1.0]], "latents"),
+                          headers={MODEL_ID: "b"})  # fmt: skip
+            assert r.status_code == 200, r.text
+            # A model there is not: the app's own 404s, and no replica's model evicted for it.
+            r = encode("nope", IMG)
+            assert r.status_code == 404
+            assert r.json()["detail"].startswith("No model 'nope' here; the models served are ")
+            r = http.post("/v2/models/nope/infer", json=v2_body(IMG))
+            assert r.status_code == 404
+            assert r.json()["error"].startswith("Model 'nope' is not served here")
+        # Each model's requests went to one replica, a different one for each: the proxy
+        # routed by model id, and nothing was loaded or unloaded meanwhile.
+        served = []
+        for pid in pids:
+            records = log_records(ray, pid, marks[pid])
+            assert repository_events(records) == []
+            served.append(
+                {r["model"] for r in records if r.get("model") and r.get("status") == 200}
+            )
+        assert sorted(served, key=sorted) == [{"a"}, {"b"}]
+        holder = {name: pids[served.index({name})] for name in ("a", "b")}
+
+        # c, which no replica holds, goes to one of them, both holding one model (the
+        # bound): that replica unloads its model for it.
+        marks = {pid: len(ray.worker_log(pid)) for pid in pids}
+        assert np.shape(encode("c", IMG).json()["mean"]) == (1, 2)
+        moved = {pid: repository_events(log_records(ray, pid, marks[pid])) for pid in pids}
+        (pid,) = [pid for pid in pids if moved[pid]]
+        (evicted,) = [name for name in ("a", "b") if holder[name] == pid]
+        assert [e.split(" (")[0] for e in moved[pid]] == [
+            f"model {evicted}: unloaded versions [1]",
+            "model c: versions [1] serving",
+        ]
+        assert states(http, headers={MODEL_ID: "c"}) == {
+            "a": "UNLOADED", "b": "UNLOADED", "c": "READY"
+        }  # fmt: skip
+        # Every model still answers, without the header too (then on whichever replica).
+        assert encode(evicted, IMG if evicted == "a" else TAB).status_code == 200
+        for name, x in (("a", IMG), ("b", TAB), ("c", IMG)):
+            assert encode(name, x, header=False).status_code == 200
+    for pid in pids:  # Serve's eviction awaited each model's `__del__`, and nothing else did
+        assert "was never awaited" not in ray.worker_log(pid)
