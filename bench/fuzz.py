@@ -19,13 +19,19 @@ The extremes: each table feature set to 10^3 ... 10^38 and their negatives, over
 a 200 whose decision percentile is a number (an input beyond what the model represents is
 flagged, never decided with a null), or a 422 for values beyond float32.
 
+The hostile names: dot segments, separators, control characters, unicode and over-long names
+on every route that takes a model name (REST, V2, the repository's load and unload), sent
+byte for byte; each must get a 4xx in its protocol's shape (image target).
+
 The servers run with an admin key (VAE_ADMIN_KEYS, which opens every route), sent with every
-request, so /admin/reload is fuzzed too.
+request, so /admin/reload and the repository's load are fuzzed too (unload is left to the
+names corpus: the documented example name would unload the model serving).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import re
 import subprocess
@@ -65,6 +71,9 @@ def fuzz(url: str, max_examples: int, *, seed: int = 0, key: str = KEY) -> FuzzR
         "--request-timeout", "60", "--no-color",
         # No example database: a run depends on its seed alone, and writes nothing here.
         "--generation-database", "none",
+        # An unload of the model serving (its name is the documented example) would leave
+        # every later case a 404: the names corpus below sends unloads instead.
+        "--exclude-path-regex", "/unload$",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     output = proc.stdout + proc.stderr
@@ -137,6 +146,53 @@ def _judge(r: httpx.Response, how: str) -> str | None:
     return None
 
 
+# Names a caller must not be able to use to reach anything: dot segments, separators, control
+# characters, unicode, over-long and empty-looking ones (percent-encoded as sent on the wire).
+HOSTILE_NAMES = ["..", ".", "%2E%2E", "..%2F..%2Fetc", "-x", "_x", "a" * 65, "%C3%A9t%C3%A9",
+                 "a%20b", "%00", "a%0A", "%E2%80%AE", "%F0%9F%98%80", "a.pt%00", "CON"]  # fmt: skip
+NAME_ROUTES = [("POST", f"/models/{{}}/{op}") for op in ("encode", "decode", "sample",
+               "anomaly-score")] + [
+    ("POST", "/models/{}/versions/1/encode"), ("GET", "/models/{}"), ("GET", "/models/{}/ready"),
+    ("GET", "/models/{}/versions/1"), ("POST", "/admin/models/{}/load"),
+    ("POST", "/admin/models/{}/unload"), ("GET", "/v2/models/{}"),
+    ("GET", "/v2/models/{}/versions/1/ready"), ("POST", "/v2/models/{}/infer"),
+    ("POST", "/v2/models/{}/versions/1/infer"), ("POST", "/v2/repository/models/{}/load"),
+    ("POST", "/v2/repository/models/{}/unload"),
+]  # fmt: skip
+
+
+def hostile_names(url: str, key: str = KEY) -> tuple[int, list[str]]:
+    """Every hostile name on every route that takes a model name, the path sent byte for byte
+    (an HTTP client would resolve the dot segments first): each answer must be a 4xx in its
+    protocol's shape, and the model must serve on after. (cases sent, failures)."""
+    failures: list[str] = []
+    cases = 0
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = b'{"instances": [[0.0]]}'
+    for name in HOSTILE_NAMES:
+        for method, route in NAME_ROUTES:
+            path = route.format(name)
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            try:
+                conn.putrequest(method, path, skip_accept_encoding=True)
+                conn.putheader("Authorization", f"Bearer {key}")
+                conn.putheader("Content-Type", "application/json")
+                conn.putheader("Content-Length", str(len(body) if method == "POST" else 0))
+                conn.endheaders(body if method == "POST" else None)
+                answer = conn.getresponse()
+                status, text = answer.status, answer.read().decode(errors="replace")
+            finally:
+                conn.close()
+            cases += 1
+            shape = '"error"' if path.startswith("/v2") else '"detail"'
+            if not 400 <= status < 500 or shape not in text:
+                failures.append(f"{method} {path}: {status} {text[:200]}")
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
+        if client.get("/models/default").status_code != 200:
+            failures.append("the default model no longer serves after the hostile names")
+    return cases, failures
+
+
 TARGETS = ("image", "table", "root-path")
 
 
@@ -171,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             ) as server:  # fmt: skip
                 result = fuzz(server.url, args.max_examples, seed=args.seed)
                 cases, failures = extremes(server.url) if target == "table" else (0, [])
+                if target == "image":
+                    named, name_failures = hostile_names(server.url)
+                    cases, failures = cases + named, failures + name_failures
                 log = (work / f"service-{target}.log").read_text()
             print(result.output)
             errors = log.count("Traceback")
             print(f"{target}: {result.cases} cases generated; schemathesis exit "
-                  f"{result.returncode}; {cases} extreme-value cases, {len(failures)} failed; "
+                  f"{result.returncode}; {cases} extreme-value and hostile-name cases, "
+                  f"{len(failures)} failed; "
                   f"{errors} tracebacks in the server log")  # fmt: skip
             for failure in failures[:20]:
                 print(f"  {failure}")

@@ -126,7 +126,7 @@ def test_concurrent_unseeded_requests_merge_and_match_solo_answers(
     xs = [rng.integers(0, 2, (1, 4)).astype(float).tolist() for _ in range(16)]
     solo = [client.post("/encode", json={"instances": x}).json() for x in xs]
     batcher: Batcher = client.app.state.batcher  # type: ignore[attr-defined]
-    vae = client.app.state.vae  # type: ignore[attr-defined]
+    vae = client.app.state.models.serving()  # type: ignore[attr-defined]
     # The first request holds the inference thread until the other sixteen are queued, so
     # what merges depends on no timing: they meet in the queue.
     release, encode = threading.Event(), vae.encode
@@ -303,7 +303,9 @@ def test_nothing_runs_inline_when_off_or_when_batches_wait_for_company(
 
 def inline_jobs(server_url: str) -> dict[str, float]:
     text = httpx.get(f"{server_url}/metrics").text
-    found = re.findall(r'^vae_inline_jobs_total\{op="(\w+)"\} (\S+)$', text, re.M)
+    # One series per operation of the one model, `default` (VAE_MODEL_PATH), version 1.
+    pattern = r'^vae_inline_jobs_total\{model="default",op="(\w+)",version="1"\} (\S+)$'
+    found = re.findall(pattern, text, re.M)
     return {op: float(v) for op, v in found}
 
 

@@ -331,7 +331,7 @@ def test_a_failing_batch_fails_only_its_own_request_and_the_thread_goes_on(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app: Any = client.app
-    batcher, vae = app.state.batcher, app.state.vae
+    batcher, vae = app.state.batcher, app.state.models.serving()
     poison = [0.25, 0.25, 0.25, 0.25]
     release, encode = threading.Event(), vae.encode
     merged: list[int] = []
@@ -369,7 +369,7 @@ def test_a_failing_batch_fails_only_its_own_request_and_the_thread_goes_on(
 
 
 def test_a_500_on_v2_is_in_v2_shape(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    vae = client.app.state.vae  # type: ignore[attr-defined]
+    vae = client.app.state.models.serving()  # type: ignore[attr-defined]
     monkeypatch.setattr(vae, "encode", lambda *a, **k: 1 / 0)
     body = {"inputs": [{"name": "instances", "shape": [1, 4], "datatype": "FP32",
                         "data": [0.0, 1.0, 1.0, 0.0]}]}  # fmt: skip

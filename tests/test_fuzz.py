@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fuzz import TARGETS, extremes, fuzz, serve
+from bench.fuzz import HOSTILE_NAMES, NAME_ROUTES, TARGETS, extremes, fuzz, hostile_names, serve
 from tests.conftest import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -39,4 +39,16 @@ def test_extreme_values_are_decided_never_left_null(tmp_path: Path) -> None:
         server.stop()
     assert failures == []
     assert cases == 2 * 72 * 4  # two features, 10^3 to 10^38 both signs, four ways to send
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_hostile_model_names_get_a_4xx_on_every_named_route(tmp_path: Path) -> None:
+    server = Server(serve("image", tmp_path), tmp_path / "log")
+    try:
+        server.wait_ready()
+        cases, failures = hostile_names(server.url)
+    finally:
+        server.stop()
+    assert failures == []
+    assert cases == len(HOSTILE_NAMES) * len(NAME_ROUTES)
     assert "Traceback" not in server.log.read_text()

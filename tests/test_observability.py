@@ -48,28 +48,40 @@ def test_metrics_parse_and_the_histograms_move(start_server: Start, tiny_artifac
     def moved(key: str) -> float:
         return after[key] - before.get(key, 0.0)
 
-    ok = 'method="POST",route="/encode",status="200"'
+    # Each request and each forward pass names the model and version it ran on: `default`,
+    # version 1, for VAE_MODEL_PATH (a repository of one).
+    # (scrape() sorts the labels by name.)
+    ok = 'method="POST",model="default",route="/encode",status="200",version="1"'
     assert moved(f"vae_request_duration_seconds_count{{{ok}}}") == 3
-    assert (
-        moved('vae_request_duration_seconds_count{method="POST",route="/encode",status="422"}') == 1
-    )
+    bad = 'method="POST",model="default",route="/encode",status="422",version="1"'
+    assert moved(f"vae_request_duration_seconds_count{{{bad}}}") == 1
     assert moved(f'vae_request_duration_seconds_bucket{{le="+Inf",{ok}}}') == 3
-    assert moved('vae_inference_duration_seconds_count{op="encode"}') == 3
-    assert moved('vae_inference_duration_seconds_count{op="anomaly"}') == 1
+
+    def op(name: str) -> str:
+        return f'model="default",op="{name}",version="1"'
+
+    assert moved(f"vae_inference_duration_seconds_count{{{op('encode')}}}") == 3
+    assert moved(f"vae_inference_duration_seconds_count{{{op('anomaly')}}}") == 1
     # Every operation carries its own name, none the batcher's placeholder.
-    for op in ("decode", "sample"):
-        assert moved(f'vae_inference_duration_seconds_count{{op="{op}"}}') == 1
-        assert moved(f'vae_queue_duration_seconds_count{{op="{op}"}}') == 1
+    for name in ("decode", "sample"):
+        assert moved(f"vae_inference_duration_seconds_count{{{op(name)}}}") == 1
+        assert moved(f"vae_queue_duration_seconds_count{{{op(name)}}}") == 1
     assert not [k for k in after if 'op="op"' in k]
-    assert moved('vae_batch_size_sum{op="encode"}') == 6  # two instances, three requests
-    assert moved('vae_queue_duration_seconds_count{op="encode"}') == 3
+    assert moved(f"vae_batch_size_sum{{{op('encode')}}}") == 6  # 2 instances, 3 requests
+    assert moved(f"vae_queue_duration_seconds_count{{{op('encode')}}}") == 3
     for score in ("kl_divergence", "reconstruction_log_prob"):
-        assert moved(f'vae_anomaly_score_count{{score="{score}"}}') == 2  # one per instance
+        one_per_instance = f'model="default",score="{score}",version="1"'
+        assert moved(f"vae_anomaly_score_count{{{one_per_instance}}}") == 2
+    # A route that runs no model has empty model labels.
+    probe = 'method="GET",model="",route="/metrics",status="200",version=""'
+    assert after[f"vae_request_duration_seconds_count{{{probe}}}"] >= 1
     assert after["vae_requests_in_flight{}"] == 0
     sha = httpx.get(f"{server.url}/model").json()["sha256"]
     info = [k for k in after if k.startswith("vae_model_info{")]
     assert len(info) == 1
     assert f'sha256="{sha}"' in info[0]
+    assert 'model="default"' in info[0]
+    assert 'version="1"' in info[0]
     assert 'likelihood="bernoulli"' in info[0]
     assert after["process_resident_memory_bytes{}"] > 10e6
 

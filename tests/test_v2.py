@@ -99,7 +99,7 @@ def test_tritonclient_reads_server_metadata(client: triton.InferenceServerClient
     assert client.get_server_metadata() == {
         "name": "vae-service",
         "version": __version__,
-        "extensions": ["binary_tensor_data"],
+        "extensions": ["binary_tensor_data", "model_repository"],
     }
 
 
@@ -122,6 +122,7 @@ def test_tritonclient_reads_each_models_signature(
 
     assert client.get_model_metadata(model) == {
         "name": model,
+        "versions": ["1"],
         "platform": "pytorch_torchscript",
         "inputs": tensors(inputs),
         "outputs": tensors(outs),
@@ -465,16 +466,28 @@ def test_unknown_model_is_a_404_in_v2_shape(http: httpx.Client, method: str, pat
     }
 
 
-def test_versioned_and_unknown_paths_are_404s_in_v2_shape(http: httpx.Client) -> None:
+def test_versions_and_unknown_paths_answer_in_v2_shape(http: httpx.Client) -> None:
     r = http.post("/v2/models/vae/versions/1/infer", json=GOOD_JSON)
+    assert (r.status_code, r.json()["model_version"]) == (200, "1")
+    r = http.post("/v2/models/vae/versions/2/infer", json=GOOD_JSON)
     assert (r.status_code, r.json()) == (
         404,
-        {"error": "This server does not version models; leave /versions/... out of the path."},
+        {"error": "Model 'default' has no version 2 loaded; its versions are 1."},
+    )
+    r = http.get("/v2/models/vae/versions/x/ready")
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "Version 'x' is not a version: a positive integer."},
     )
     r = http.get("/v2/repository/index")
     assert (r.status_code, r.json()) == (
+        405,
+        {"error": "GET is not allowed on /v2/repository/index; use POST."},
+    )
+    r = http.get("/v2/models/vae/signature")
+    assert (r.status_code, r.json()) == (
         404,
-        {"error": "No V2 endpoint answers GET /v2/repository/index."},
+        {"error": "No V2 endpoint answers GET /v2/models/vae/signature."},
     )
 
 
@@ -530,6 +543,11 @@ def test_openapi_lists_the_v2_routes_under_tag_v2(tiny_artifact: Path) -> None:
         ("/v2/health/live", "get"), ("/v2/health/ready", "get"), ("/v2", "get"),
         ("/v2/models/{model_name}", "get"), ("/v2/models/{model_name}/ready", "get"),
         ("/v2/models/{model_name}/infer", "post"),
+        ("/v2/models/{model_name}/versions/{model_version}", "get"),
+        ("/v2/models/{model_name}/versions/{model_version}/ready", "get"),
+        ("/v2/models/{model_name}/versions/{model_version}/infer", "post"),
+        ("/v2/repository/index", "post"), ("/v2/repository/models/{model_name}/load", "post"),
+        ("/v2/repository/models/{model_name}/unload", "post"),
     }  # fmt: skip
     assert all(op["tags"] == ["v2"] for op in v2.values())
     infer = v2[("/v2/models/{model_name}/infer", "post")]
