@@ -10,9 +10,10 @@ A model is loaded as a whole: every version on disk, each checked and warmed up 
 serves, then swapped in with one assignment (`_Model.versions`), so a request takes its model
 once, at its start (`serving`), and finishes on it even when the model is reloaded or unloaded
 meanwhile; requests after an unload get 404. A version whose file is unchanged (the same
-sha256) keeps the instance serving it. Loads run on one thread of their own at the lowest CPU
-priority, so a load slows the models serving beside it as little as the machine allows
-(bench/models.py measures it), and loads of one model coalesce.
+sha256) keeps the instance serving it. Loads of one model coalesce, and all loads run one at a
+time on a thread of their own, and nothing on the event loop collects or trims after them
+(bench/models.py measures what a load still costs the models serving:
+docs/benchmarks/models.md).
 """
 
 from __future__ import annotations
@@ -20,12 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
 import hashlib
 import logging
-import os
 import re
-import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +47,7 @@ _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 ARTIFACT = "vae.pt"
 SINGLE = "default"  # the name of VAE_MODEL_PATH's model
 NOT_READY = "The model is not loaded yet; try again shortly."
+
 
 State = Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADED"]
 OnSwap = Callable[[str, dict[int, VAEService], dict[int, VAEService]], None]
@@ -442,22 +441,26 @@ class ModelRepository:
             )
 
     def _forget(self, before: dict[int, VAEService], after: dict[int, VAEService]) -> None:
-        # Loading ran on the loader thread, whose malloc arena keeps what torch freed there;
-        # hand it back to the OS, or each load would leave RSS a step higher. Requests still
-        # in flight hold the old instances, freed when the last of them ends: trim then too
-        # (in whichever thread drops it; malloc_trim is safe there).
+        """Hand the memory of the instances no longer held back to the OS. They are freed by
+        reference counting alone (no cycles hold them), when the last request in flight on
+        them ends; a full gc.collect() here held the event loop for 20 to 70 ms. Loading ran
+        on the loader thread, whose malloc arena keeps what torch freed there, so trim the heap
+        (malloc_trim, which releases the GIL) on that thread, now and once each old instance is
+        gone, or each load would leave RSS a step higher."""
         kept = {id(v) for v in after.values()}
         for old in before.values():
             if id(old) not in kept:
-                weakref.finalize(old, trim_heap)
-        gc.collect()
-        trim_heap()
+                weakref.finalize(old, self._trim_later)
+        self._trim_later()
+
+    def _trim_later(self) -> None:
+        if self._loader is not None:
+            with contextlib.suppress(RuntimeError):  # shut down meanwhile: nothing to trim
+                self._loader.submit(trim_heap)
 
     async def _run(self, fn: Callable[..., VAEService], *args: object) -> VAEService:
         if self._loader is None:
-            self._loader = ThreadPoolExecutor(
-                1, thread_name_prefix="vae-load", initializer=_lowest_priority
-            )
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="vae-load")
         return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
     def close(self) -> None:
@@ -478,13 +481,6 @@ def check_default(name: str, disk: dict[str, dict[int, Path]], root: Path) -> st
 
 def _shas(versions: dict[int, VAEService]) -> dict[int, str]:
     return {v: vae.sha256 for v, vae in versions.items()}
-
-
-def _lowest_priority() -> None:
-    """The loader thread yields the CPU to the event loop and the inference thread: a Linux
-    thread has its own nice value (a thread id is a task id)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def file_sha256(path: Path) -> str | None:

@@ -1066,6 +1066,64 @@ def performance_summary(page: Path) -> str:
     )
 
 
+def models_command() -> str:
+    return out_at(".venv/bin/" + bench("models")["command"], "models")
+
+
+def wrk_errors(w: dict[str, Any]) -> int:
+    keys = ("non2xx", "connect_errors", "read_errors", "write_errors", "timeouts")
+    return sum(int(w[k]) for k in keys)
+
+
+@block("models-bench")
+def models_bench(page: Path) -> str:
+    r = bench("models")
+    runs = (
+        ("model A alone", r["alone"]),
+        ("model A while B loads once", r["while_one_load"]),
+        ("model A while B loads back to back", r["while_loading"]),
+    )
+    rows = [
+        (what, f"{w['rps']:,.0f}", f"{w['p50_ms']:.2f}", f"{w['p99_ms']:.2f}",
+         f"{w['max_ms']:.1f}", f"{w['duration_s']:.0f}", str(wrk_errors(w)))  # fmt: skip
+        for what, w in runs
+    ]
+    mem = r["memory"]
+    held, rss = mem["models_held"], mem["rss_bytes"]
+    verdict = "within" if r["p99_ratio"] <= r["p99_bound"] else "**over**"
+    return (
+        f"```bash\n{models_command()}\n```\n\n"
+        f"Run on {describe_machine(r['machine'])}, load average "
+        f"{r['machine']['loadavg_start'][0]:g} at the start. Every model is a copy of "
+        f"`{r['artifact']['path']}` ({megabytes(r['artifact']['bytes'])} on disk); wrk at "
+        f"{r['connections']} connections on `POST /models/a/encode` (one image, JSON), after "
+        f"{r['duration_s']} s of warm-up. Raw: {link(page, RESULTS / 'models.json')}.\n\n"
+        + table(("", "req/s", "p50 ms", "p99 ms", "max ms", "s", "errors"), rows)
+        + f"\nWhile B loaded once (a window as long as a load takes under this traffic), A's "
+        f"p99 was {r['p99_ratio']:.2f}x its p99 alone, {verdict} the bound of "
+        f"{r['p99_bound']:g}x. Loaded and unloaded back to back, {r['loads']['count']} times "
+        f"(median load {r['loads']['median_s']:.1f} s: read, check, warm-up at every batch "
+        f"size), {r['p99_ratio_churn']:.2f}x.\n\n"
+        f"Memory: RSS {megabytes(rss[0])} with {held[0]} model held, {megabytes(rss[-1])} with "
+        f"{held[-1]}; **{mem['per_model_mb']:.1f} MB per model** (the least-squares slope over "
+        f"{len(held)} points).\n"
+    )
+
+
+@block("models-headline")
+def models_headline(page: Path) -> str:
+    r = bench("models")
+    return (
+        f"Each model held costs about {r['memory']['per_model_mb']:.0f} MB of resident memory "
+        f"(the shipped MNIST model, {megabytes(r['artifact']['bytes'])} on disk). While another "
+        f"model loaded, a model's p99 at {r['connections']} connections was "
+        f"{r['p99_ratio']:.2f}x its p99 alone ({r['alone']['p99_ms']:.1f} ms to "
+        f"{r['while_one_load']['p99_ms']:.1f} ms), and {r['p99_ratio_churn']:.2f}x with loads "
+        f"back to back, on {r['machine']['nproc']} cores: "
+        f"{link(page, REPO / 'docs' / 'benchmarks' / 'models.md', 'the benchmark')}.\n"
+    )
+
+
 # -- plots ----------------------------------------------------------------------------------------
 
 
