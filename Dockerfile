@@ -33,6 +33,7 @@ RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"
 # trainer comes along (a few small files) for an explicit `python -m training` in the image.
 COPY pyproject.toml README.md ./
 COPY app/ app/
+COPY scoring/ scoring/
 COPY training/ training/
 
 # torch is already satisfied, so this pulls only the small runtime deps; no extras.

@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
-import numpy as np
-import numpy.typing as npt
+from scoring import Array as Array  # defined once, in the core; re-exported for app/
 
-Array = npt.NDArray[np.float32]
 Arrays = dict[str, Array]  # an operation's outputs, by name
 
 # The anomaly scores an artifact can be asked for; its calibration states each one's direction.
 # Format-1 artifacts offer the first three; format 2 adds the next three, format 3 the latent
-# distance and the ensemble, and format 4 RaPP (app/scores.py).
+# distance and the ensemble, and format 4 RaPP (scoring/scores.py).
 ScoreName = Literal[
     "kl_divergence",
     "reconstruction_log_prob",

@@ -54,10 +54,6 @@ class ReloadRefusedError(VAEServiceError):
     status_code = status.HTTP_409_CONFLICT
 
 
-class ModelLoadError(Exception):
-    """The artifact cannot be served; the message names the file and the problem."""
-
-
 V2_PREFIX = "/v2"
 
 

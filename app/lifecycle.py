@@ -27,10 +27,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.errors import ModelLoadError, VAEServiceError
+from app.errors import VAEServiceError
 from app.repository import ModelRepository
 from app.settings import Settings
 from app.workers import Siblings
+from scoring.artifact import ModelLoadError
 
 log = logging.getLogger(__name__)
 

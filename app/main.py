@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.batching import Batcher
 from app.docs import install_docs
-from app.errors import ModelLoadError, install_error_handlers
+from app.errors import install_error_handlers
 from app.hot_path import NAMED, VERSIONED, ServiceApp
 from app.lifecycle import Lifecycle, fix_mmap_threshold, install_signal_handlers
 from app.middleware import Guard
@@ -34,6 +34,7 @@ from app.routes import (
 from app.settings import Settings
 from app.v2 import router as v2_router
 from app.workers import Siblings
+from scoring.artifact import ModelLoadError
 
 log = logging.getLogger("app")
 

@@ -13,9 +13,7 @@ import json
 import logging
 import math
 import secrets
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.calibration import Calibration
 from app.common import Array, Arrays
-from app.errors import ModelLoadError
-from app.scores import (
+from app.costs import Costs
+from scoring.artifact import (
+    ATTRIBUTION_METHOD,
+    BACKGROUND,
+    GAP_PROJECTION,
+    LATENT_REFERENCE,
+    MANIFEST,
+    PROJECTION_STEPS,
+    REQUIRED_KEYS,
+    REQUIRED_METHODS,
+    SUPPORTED_FORMAT_VERSIONS,
+    ModelLoadError,
+    projected_feature_nll,
+)
+from scoring.calibration import Calibration
+from scoring.scores import (
     Density,
     Ensemble,
     GapProjection,
@@ -37,69 +48,6 @@ from app.scores import (
 )
 
 log = logging.getLogger(__name__)
-
-# 1: KL, the reconstruction probability and the log-likelihood. 2 adds input complexity, DoSE,
-# the likelihood ratio (a background model in BACKGROUND) and the per-feature attribution.
-# 3 adds the latent distance (training means in LATENT_REFERENCE) and the ensemble. 4 calibrates
-# by rank on the sorted validation values (app/calibration.py), on the data as callers send it,
-# and adds RaPP (its projection in GAP_PROJECTION) to an ensemble its manifest describes.
-SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4}
-REQUIRED_METHODS = (
-    "encode",
-    "decode",
-    "kl_divergence",
-    "reconstruction_log_prob",
-    "log_likelihood",
-)
-ATTRIBUTION_METHOD = "feature_log_prob"  # format 2
-# The archive's files beside the module; training/export.py writes them under these names.
-MANIFEST = "manifest.json"
-BACKGROUND = "background.pt"
-LATENT_REFERENCE = "latent_reference.npy"  # format 3
-GAP_PROJECTION = "gap_projection.npz"  # format 4: RaPP's
-REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
-
-
-# The attribution of format 3 reads x against its projection on what the model knows as normal
-# (Dehaene et al., ICLR 2020): the latent z* that best explains all but the worst-fitting
-# PROJECTION_TRIM share of x's features, with the prior, after PROJECTION_STEPS Adam steps of
-# PROJECTION_LR from the posterior mean. Trimmed, the anomalous features cannot pull z* toward
-# themselves, as they pull the encoder's mean. On 100 binarised test digits with a white 8x8
-# patch (docs/anomaly.md), 0.2 put 65% of the 64 most-attributed pixels in the patch, 0.1 54%;
-# the posterior samples' average, format 2's, 46%.
-PROJECTION_STEPS = 50
-PROJECTION_TRIM = 0.2
-PROJECTION_LR = 0.05
-
-
-def projected_feature_nll(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x_d|z*) per feature at x's trimmed projection z*; (B, D) -> (B, D).
-
-    `module` is a VAE, scripted or not: its `encode` and `feature_log_prob` are all it needs,
-    and gradients flow to z* alone (torch.autograd.grad, so no weight gathers a .grad and
-    threads may share the module)."""
-    with torch.no_grad():
-        mean, logvar = module.encode(x)
-        std = torch.exp(0.5 * logvar)
-    keep = max(1, round(x.shape[1] * (1.0 - PROJECTION_TRIM)))
-    z = mean.clone()
-    m1, m2 = torch.zeros_like(z), torch.zeros_like(z)  # Adam's moments, written out
-    for t in range(1, PROJECTION_STEPS + 1):
-        with torch.enable_grad():
-            z.requires_grad_(True)
-            log_p = module.feature_log_prob(x, ((z - mean) / std).unsqueeze(0))
-            fit = torch.topk(log_p, keep, dim=1).values.sum(1)
-            loss = (0.5 * (z**2).sum(1) - fit).sum()
-            (grad,) = torch.autograd.grad(loss, [z])
-        with torch.no_grad():
-            z = z.detach()
-            m1.mul_(0.9).add_(grad, alpha=0.1)
-            m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
-            step = (m1 / (1 - 0.9**t)) / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8)
-            z = z - PROJECTION_LR * step
-    with torch.no_grad():
-        nll: torch.Tensor = -module.feature_log_prob(x, ((z - mean) / std).unsqueeze(0))
-        return nll
 
 
 @dataclass(frozen=True)
@@ -182,8 +130,7 @@ class VAEService:
                 )
             self.feature_index = {name: i for i, name in enumerate(self.feature_names)}
         # Measured by warm_up; until then every job's cost is infinite: none runs inline.
-        self.call_s = self.encode_row_s = math.inf
-        self.score_call_s = self.score_row_s = self.score_sample_s = math.inf
+        self.costs = Costs()
         # The score the artifact recommends deciding with; format 1 predates the choice.
         self.decision_score: str = manifest.get("decision_score", "reconstruction_log_prob")
 
@@ -280,7 +227,7 @@ class VAEService:
 
     @torch.no_grad()
     # An input far beyond the training data overflows the model's arithmetic to inf or NaN; the
-    # scores then carry it, and the calibration flags it (app/calibration.py), without warnings.
+    # scores then carry it, and the calibration flags it (scoring/calibration.py), without warnings.
     @np.errstate(over="ignore", invalid="ignore", divide="ignore")
     def anomaly_scores(
         self,
@@ -357,49 +304,7 @@ class VAEService:
                 self.decode(np.zeros((size, self.latent_dim), dtype=np.float32))
                 self.anomaly_scores(x, 2, 0, ll_samples=2, ratio=True, attribution=attribution)
         self.sample(2, seed=0)
-        self._measure_costs()
-
-    def _measure_costs(self, repeats: int = 21) -> None:
-        """The costs that `cost_s` adds up, each the median of `repeats` timings: a call's
-        fixed part and a row's share, from an encode of 1 and of 16 rows; the same for the
-        scores, whose rows also pay per posterior sample, from 1 row with 1 and 9 samples."""
-        x = np.full((1, self.input_dim), 0.5, dtype=np.float32)
-        x16 = np.full((16, self.input_dim), 0.5, dtype=np.float32)
-
-        def median(call: Callable[[], object]) -> float:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            return float(np.median(times))
-
-        one, sixteen = median(lambda: self.encode(x)), median(lambda: self.encode(x16))
-        self.encode_row_s = max((sixteen - one) / 15, 0.0)
-        self.call_s = max(one - self.encode_row_s, 0.0)
-        one = median(lambda: self.anomaly_scores(x, 1, 0))
-        nine = median(lambda: self.anomaly_scores(x, 9, 0))
-        sixteen = median(lambda: self.anomaly_scores(x16, 1, 0))
-        self.score_sample_s = max((nine - one) / 8, 0.0)
-        per_row = max((sixteen - one) / 15, 0.0)  # a row's fixed part and its one sample
-        self.score_row_s = max(per_row - self.score_sample_s, 0.0)
-        self.score_call_s = max(one - per_row, 0.0)
-
-    def cost_s(
-        self, op: str, rows: int, samples: int = 1, ll_samples: int = 0, passes: int = 1
-    ) -> float:
-        """Estimated model time of a forward pass over `rows`, from the costs measured at
-        warm-up: a call's fixed part plus rows x a row's share. For encode, decode and sample
-        those of an encode (a decoder is about as costly); for the scores, a row's share is
-        its fixed part (the encoder, the compressed length, DoSE's density) plus the cost
-        per sample x (samples x `passes` (the background model, the attribution) + K). A
-        call's fixed part is most of a one-row pass (dispatch, small matrices), so a merged
-        batch costs far less than its jobs apart. Before warm-up, infinite: nothing runs
-        inline."""
-        if op != "anomaly":
-            return self.call_s + rows * self.encode_row_s
-        per_sample = self.score_sample_s * (samples * passes + ll_samples)
-        return self.score_call_s + rows * (self.score_row_s + per_sample)
+        self.costs = Costs.measure(self)
 
     def attribution_passes(self, samples: int) -> int:
         """The attribution's cost in units of the scores' L decoder passes, for `cost_s`: one

@@ -16,13 +16,13 @@ from functools import partial
 import numpy as np
 
 from app.batching import Batcher
-from app.calibration import tail_sentence
 from app.common import SCORES, Array, Arrays, listing
 from app.model import VAEService
 from app.observability import Metrics, op_labels
 from app.schemas import AnomalyScoreParams, DecodeParams, EncodeParams, SampleRequest
 from app.settings import Settings
 from app.validation import ScorePlan, check_samples, instances_array, latents_array, plan_scores
+from scoring.calibration import tail_sentence
 
 Rows = Sequence[object] | np.ndarray
 PERCENTILE = "percentile:"  # the batched pass's outputs that are a score's percentiles
@@ -53,7 +53,7 @@ async def encode(
         return out if enc.samples is None else out | {"samples": enc.samples}
 
     return await batcher.submit(
-        key, x, run, op_labels("encode", vae), partial(vae.cost_s, "encode")
+        key, x, run, op_labels("encode", vae), partial(vae.costs.cost_s, "encode")
     )
 
 
@@ -69,7 +69,7 @@ async def decode(
     return await batcher.submit(
         (vae, "decode", mode), z, lambda zb: {"outputs": vae.decode(zb, mode)},
         op_labels("decode", vae),
-        partial(vae.cost_s, "decode"),
+        partial(vae.costs.cost_s, "decode"),
     )  # fmt: skip
 
 
@@ -85,7 +85,7 @@ async def sample(
     # No input rows: an empty (n, 0) array carries the count; sampling always runs alone.
     empty = np.empty((params.n, 0), dtype=np.float32)
     return await batcher.submit(
-        None, empty, run, op_labels("sample", vae), partial(vae.cost_s, "sample")
+        None, empty, run, op_labels("sample", vae), partial(vae.costs.cost_s, "sample")
     )
 
 
@@ -122,7 +122,7 @@ async def score(
     passes = 1 + plan.ratio + plan.attribution * vae.attribution_passes(plan.samples)
 
     def cost(rows: int) -> float:
-        return vae.cost_s("anomaly", rows, plan.samples, plan.ll_samples, passes)
+        return vae.costs.cost_s("anomaly", rows, plan.samples, plan.ll_samples, passes)
 
     scores = await batcher.submit(key, x, run, op_labels("anomaly", vae), cost)
     attribution = scores.pop("attribution", None)

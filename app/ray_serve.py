@@ -302,8 +302,9 @@ class RepositoryMultiplexer:
         (`release` it when the request is done). None lets the request through as it is (no
         model named, or one the repository does not have: the app answers); a Response
         answers a load the repository refused."""
-        from app.errors import ModelLoadError, VAEServiceError, error_payload, speaks_v2
+        from app.errors import VAEServiceError, error_payload, speaks_v2
         from app.repository import InvalidModelNameError, ModelNotFoundError, check_name
+        from scoring.artifact import ModelLoadError
 
         models = self.models
         for name in requested_models(scope):

@@ -34,9 +34,10 @@ from typing import Literal
 from fastapi import status
 
 from app.common import listing
-from app.errors import ModelLoadError, NotReadyError, VAEServiceError
+from app.errors import NotReadyError, VAEServiceError
 from app.model import VAEService
 from app.settings import Settings
+from scoring.artifact import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import images, operations
 from app.common import SCORES
 from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep
-from app.errors import ErrorResponse, ModelLoadError, NotReadyError, ReloadRefusedError
+from app.errors import ErrorResponse, NotReadyError, ReloadRefusedError
 from app.lifecycle import Lifecycle, reload_model, reload_siblings
 from app.model import VAEService
 from app.openapi import (
@@ -71,6 +71,7 @@ from app.schemas import (
     SampleResponse,
     VersionInfo,
 )
+from scoring.artifact import ModelLoadError
 
 # The query parameters of a PNG answer, read by png_scale, beside the operation's own options.
 PNG_QUERY = tuple(images.PngOptions.model_fields)

@@ -274,7 +274,7 @@ def shipped_model(page: Path) -> str:
 def calibration_row(cal: dict[str, Any]) -> tuple[str, str]:
     """The calibration's size, the smallest tail it resolves, and the threshold the service
     applies at its default, lowered where the rows cannot resolve it."""
-    from app.calibration import Calibration
+    from scoring.calibration import Calibration
 
     q = default_threshold()
     applied = Calibration(cal["n"], {}).effective_threshold(q)
@@ -1084,8 +1084,15 @@ def models_bench(page: Path) -> str:
         ("model A while B loads back to back", r["while_loading"]),
     )
     rows = [
-        (what, f"{w['rps']:,.0f}", f"{w['p50_ms']:.2f}", f"{w['p99_ms']:.2f}",
-         f"{w['max_ms']:.1f}", f"{w['duration_s']:.0f}", str(wrk_errors(w)))  # fmt: skip
+        (
+            what,
+            f"{w['rps']:,.0f}",
+            f"{w['p50_ms']:.2f}",
+            f"{w['p99_ms']:.2f}",
+            f"{w['max_ms']:.1f}",
+            f"{w['duration_s']:.0f}",
+            str(wrk_errors(w)),
+        )
         for what, w in runs
     ]
     mem = r["memory"]

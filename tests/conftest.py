@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.scores import References
 from bench.servers import Process, ServerError, free_port
+from scoring.scores import References
 from training import pipeline
 from training.config import ModelConfig, TrainConfig
 from training.export import FORMAT_VERSION, build_manifest, export_artifact

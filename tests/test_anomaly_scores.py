@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from matplotlib import colormaps
 from PIL import Image
 
-from app.calibration import Calibration
 from app.images import HEAT_COLOURS, LEGEND_HEIGHT, LEGEND_WIDTH, SEPARATOR
 from app.main import create_app
 from app.settings import Settings
+from scoring.calibration import Calibration
 from tests.conftest import EVERY_SCORE, make_artifact
 from training.export import load_artifact
 

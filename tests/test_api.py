@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.errors import ModelLoadError
 from app.main import create_app
 from app.settings import Settings
+from scoring.artifact import ModelLoadError
 from tests.conftest import EVERY_SCORE, make_artifact
 from training.config import ModelConfig
 from training.export import FORMAT_VERSION, export_artifact, sha256_of

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.calibration import Calibration, tail_sentence
-from app.errors import ModelLoadError
 from app.main import create_app
 from app.settings import Settings
+from scoring.artifact import ModelLoadError
+from scoring.calibration import Calibration, tail_sentence
 from tests.conftest import MNIST_DIR
 from training.data import load_data
 from training.evaluate import calibrate

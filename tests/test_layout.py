@@ -51,13 +51,28 @@ def test_the_app_imports_neither_the_trainer_nor_the_client(path: Path) -> None:
 
 
 TRAINING = APP.parent / "training"
+SCORING = APP.parent / "scoring"
+# The trainer's tools that score a finished artifact exactly as the service does.
+SERVED_BY_THE_SERVICE = {"benchmark_anomaly.py", "benchmark_latent.py", "benchmark_tabular.py",
+                         "report.py"}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted(SCORING.glob("*.py")), ids=lambda p: p.name)
+def test_the_scoring_core_stands_below_the_app_and_the_trainer(path: Path) -> None:
+    """scoring/ is what both compute alike (the scores, the calibration, the artifact's files):
+    it imports neither of them, nor anything of HTTP."""
+    below = {"app", "training", "vae_service_client", "fastapi", "starlette", "pydantic"}
+    assert not [m for m in imported(path) if belongs(m, below)]
 
 
 @pytest.mark.parametrize("path", sorted(TRAINING.glob("*.py")), ids=lambda p: p.name)
-def test_the_trainer_uses_the_services_scores_and_nothing_of_its_http(path: Path) -> None:
-    """Training calibrates with app/scores.py, and the ensemble with app/calibration.py's
-    percentiles, so quantiles and live scores cannot drift apart; the attribution's
-    projection and the benchmark run through app/model.py as the service does. Nothing HTTP."""
+def test_the_trainer_calibrates_through_the_core_and_reaches_into_the_app_nowhere_else(
+    path: Path,
+) -> None:
+    """Training calibrates with scoring/scores.py and scoring/calibration.py, the functions the
+    service scores with, so quantiles and live scores cannot drift apart, and without a step
+    through app/. Only the benchmarks and the report load an artifact as the service does
+    (app/model.py's VAEService), to measure what it serves."""
     app_modules = {m for m in imported(path) if belongs(m, {"app"})}
-    allowed = {"app.scores", "app.calibration", "app.model"}
+    allowed = {"app.model"} if path.name in SERVED_BY_THE_SERVICE else set()
     assert {m for m in app_modules if not any(belongs(m, {a}) for a in allowed)} == set()

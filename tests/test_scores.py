@@ -1,4 +1,4 @@
-"""app/scores.py: the input complexity, DoSE's density, the latent distance and the ensemble,
+"""scoring/scores.py: the input complexity, DoSE's density, the latent distance and the ensemble,
 against direct computations."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import zlib
 import numpy as np
 import pytest
 
-from app.calibration import Calibration, ScoreCalibration
-from app.scores import (
+from scoring.calibration import Calibration, ScoreCalibration
+from scoring.scores import (
     Density,
     Ensemble,
     GapProjection,

@@ -324,7 +324,7 @@ def _calibration_line(n: int) -> str:
     """What tail the validation split resolves, and what that does to the 0.99 threshold."""
     tail = 1 / (n + 1)
     line = f"calibration  {n} validation rows: the smallest tail they resolve is {tail:.2%}"
-    if n / (n + 1) <= 0.99:  # as app/calibration.py's effective_threshold decides
+    if n / (n + 1) <= 0.99:  # as scoring/calibration.py's effective_threshold decides
         line += "; at the default 0.99 threshold, only inputs beyond every one of them are flagged"
     return line + "\n"
 

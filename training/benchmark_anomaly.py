@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.calibration import Calibration
 from app.model import VAEService
+from scoring.calibration import Calibration
 from training.config import PRESETS, ModelConfig, TrainConfig
 from training.data import Dataset, binarize_fixed, default_data_dir, load_data
 from training.evaluate import SCORE_DIRECTIONS, auroc, signed

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.calibration import Calibration
-from app.model import PROJECTION_STEPS, PROJECTION_TRIM, projected_feature_nll
-from app.scores import Density, Ensemble, References, complexity_bits, input_complexity
+from scoring.artifact import PROJECTION_STEPS, PROJECTION_TRIM, projected_feature_nll
+from scoring.calibration import Calibration
+from scoring.scores import Density, Ensemble, References, complexity_bits, input_complexity
 from training.model import VAE
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def feature_stats(model: VAE, x: Tensor, *, batch_size: int = 250) -> dict[str, 
 
 def calibrate(scores: dict[str, np.ndarray], samples: dict[str, int]) -> dict[str, Any]:
     """Each score's sorted values on held-out normal data, for the service's rank percentiles
-    (app/calibration.py). `samples` gives the L or K each was computed with (0: none drawn)."""
+    (scoring/calibration.py). `samples` gives the L or K each was computed with (0: none drawn)."""
     n = len(next(iter(scores.values())))
     return {
         "source": "validation split (held-out normal training data)",

@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from app.model import BACKGROUND, GAP_PROJECTION, LATENT_REFERENCE, MANIFEST
-from app.scores import References
+from scoring.artifact import BACKGROUND, GAP_PROJECTION, LATENT_REFERENCE, MANIFEST
+from scoring.scores import References
 from training.model import VAE
 
-# 2: the scores of app/scores.py (input complexity, DoSE, the likelihood ratio) and attribution;
+# 2: the scores of scoring/scores.py (input complexity, DoSE, the likelihood ratio) and attribution;
 # the background model travels as a TorchScript archive of its own, in BACKGROUND.
 # 3: the latent distance and the ensemble; the training rows' latent means travel as an .npy
 # file of their own, in LATENT_REFERENCE.
 # 4: the calibration holds each score's sorted validation values, read as ranks (conservative
-# percentiles, app/calibration.py), not 1001 interpolated quantiles.
+# percentiles, scoring/calibration.py), not 1001 interpolated quantiles.
 FORMAT_VERSION = 4
 
 

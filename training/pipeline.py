@@ -15,8 +15,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from app.calibration import Calibration
-from app.scores import Density, Ensemble, GapProjection, Neighbours, References
+from scoring.calibration import Calibration
+from scoring.scores import Density, Ensemble, GapProjection, Neighbours, References
 from training.config import ModelConfig, TrainConfig
 from training.data import DataError, Dataset, binarize_fixed, train_val_split
 from training.evaluate import (
@@ -172,7 +172,7 @@ def fit_background(
     return model
 
 
-# What format 4's ensemble combines, by Fisher's method (app/scores.py); on held-out training
+# What format 4's ensemble combines, by Fisher's method (scoring/scores.py); on held-out training
 # digits (docs/benchmarks/anomaly.md) it was the best of the combinations tried across the
 # one-class and the leave-one-digit-out protocols together.
 ENSEMBLE_4 = Ensemble(("dose", "latent_distance", "rapp"), "fisher")

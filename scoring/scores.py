@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.calibration import ScoreCalibration
-from app.common import Array
+from scoring import Array
+from scoring.calibration import ScoreCalibration
 
 LN2 = math.log(2.0)
 # Rows per block: DoSE's (256, N, F) float64 stays near 12 MB for N = 2000, F = 3; the latent

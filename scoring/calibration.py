@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from app.common import Array
-from app.errors import ModelLoadError
+from scoring import Array
+from scoring.artifact import ModelLoadError
 
 
 @dataclass(frozen=True)
