@@ -153,6 +153,7 @@ class ModelRepository:
         self.started = False
         self.default: str | None = None
         self._loader: ThreadPoolExecutor | None = None
+        self._reserved = 0  # versions being loaded, not yet held
 
     # -- what there is -------------------------------------------------------------------------
 
@@ -356,7 +357,9 @@ class ModelRepository:
                     self._models.pop(name, None)
                 raise ModelNotFoundError(self._unknown_on_disk(name))
             before = model.versions
-            held = self.count - len(before)
+            # Versions other loads are reading meanwhile count too: two loads at once must not
+            # pass the bound between them.
+            held = self.count - len(before) + self._reserved
             if held + len(versions) > self.settings.max_models:
                 raise ModelLimitError(
                     f"Loading '{name}' ({len(versions)} version(s)) would hold "
@@ -366,14 +369,18 @@ class ModelRepository:
             top = max(versions)
             after: dict[int, VAEService] = {}
             failed: dict[int, str] = {}
-            for version, path in sorted(versions.items()):
-                pin = self._pin(name, version) or (expected_sha256 if version == top else None)
-                current = before.get(version)
-                try:
-                    after[version] = await self._run(self._load_version, name, version, path,
-                                                     pin, current)  # fmt: skip
-                except ModelLoadError as e:
-                    failed[version] = str(e)
+            self._reserved += len(versions)
+            try:
+                for version, path in sorted(versions.items()):
+                    pin = self._pin(name, version) or (expected_sha256 if version == top else None)
+                    current = before.get(version)
+                    try:
+                        after[version] = await self._run(self._load_version, name, version,
+                                                         path, pin, current)  # fmt: skip
+                    except ModelLoadError as e:
+                        failed[version] = str(e)
+            finally:
+                self._reserved -= len(versions)
             model.failed = failed  # kept, so the index says why
             if failed:
                 first = failed[min(failed)]

@@ -463,3 +463,27 @@ def test_the_docs_show_the_namespaced_routes(
                  "/v2/models/{model_name}/versions/{model_version}/infer",
                  "/admin/models/{model_name}/unload"):  # fmt: skip
         assert path in paths, path
+
+
+def test_two_loads_at_once_cannot_pass_the_bound_between_them(
+    start_gated: GatedStart, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    root = repository(tmp_path / "repo", artifacts)
+    server, gate = start_gated(
+        {
+            "VAE_MODEL_REPOSITORY": str(root),
+            "VAE_ADMIN_KEYS": ADMIN_KEY,
+            "VAE_MODEL_CONTROL": "explicit",
+            "VAE_MAX_MODELS": "2",
+        }
+    )
+    gate.load.touch()  # a load's warm-up waits while this exists
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, server, "/admin/models/img/load", headers=AS_ADMIN)
+        gate.wait_for_calls(1)  # img is being loaded: its one version is spoken for
+        r = post(server, "/admin/models/tab/load", headers=AS_ADMIN)  # two versions: three
+        assert r.status_code == 409
+        assert "would hold 3 models, over VAE_MAX_MODELS=2" in r.json()["detail"]
+        gate.load.unlink()
+        assert first.result().status_code == 200
+    assert post(server, "/models/img/encode", IMG).status_code == 200
