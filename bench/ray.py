@@ -135,11 +135,11 @@ class RayCluster:
         if out.returncode != 0:
             raise RuntimeError(f"serve {args[0]} failed:\n{out.stdout}{out.stderr}")
 
-    def replicas(self) -> tuple[str, list[Replica]]:
-        """The application's status and its replicas, from Serve's REST API (what `serve
+    def replicas(self, application: str = APP) -> tuple[str, list[Replica]]:
+        """An application's status and its replicas, from Serve's REST API (what `serve
         status` reads)."""
         details = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10).json()
-        app = (details.get("applications") or {}).get(APP)
+        app = (details.get("applications") or {}).get(application)
         if app is None:
             return "NOT_STARTED", []
         deployment = app["deployments"].get(DEPLOYMENT, {"replicas": []})  # still building
@@ -148,12 +148,14 @@ class RayCluster:
             for r in deployment["replicas"]
         ]
 
-    def wait_running(self, count: int, timeout: float = 120.0, exclude: int = 0) -> list[Replica]:
+    def wait_running(
+        self, count: int, timeout: float = 120.0, exclude: int = 0, application: str = APP
+    ) -> list[Replica]:
         """Wait until the application runs exactly `count` replicas, none of them `exclude`."""
         deadline = time.monotonic() + timeout
         status, replicas = "", list[Replica]()
         while time.monotonic() < deadline:
-            status, replicas = self.replicas()
+            status, replicas = self.replicas(application)
             running = [r for r in replicas if r.state == "RUNNING" and r.pid != exclude]
             if status == "RUNNING" and len(running) == count == len(replicas):
                 return running

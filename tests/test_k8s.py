@@ -335,12 +335,12 @@ def test_gpu_overlay_asks_for_a_gpu(rendered: Rendered, monkeypatch: pytest.Monk
     assert gpu.container["envFrom"] != base.container["envFrom"]
 
 
-def test_model_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
-    base = _pod(rendered.docs["base"])
-    loader = rendered.one("model-loader", "Pod")
+def _assert_loader_writes_where_served(pod: Pod, loader: dict[str, Any], served_path: str) -> None:
+    """The loader pod mounts, writable, the claim the servers read `served_path` from, at the
+    same path, with the servers' image."""
     (container,) = loader["spec"]["containers"]
-    assert container["image"] == base.container["image"]
-    served_mount, served = base.volume_for(base.config["VAE_MODEL_PATH"])
+    assert container["image"] == pod.container["image"]
+    served_mount, served = pod.volume_for(served_path)
     claim = served["persistentVolumeClaim"]["claimName"]
     (volume,) = [v for v in loader["spec"]["volumes"]
                  if v.get("persistentVolumeClaim", {}).get("claimName") == claim]  # fmt: skip
@@ -348,6 +348,12 @@ def test_model_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert not mount.get("readOnly")
     assert mount["mountPath"] == served_mount["mountPath"], "the same paths on both sides"
+
+
+def test_model_loader_writes_where_the_servers_read(rendered: Rendered) -> None:
+    base = _pod(rendered.docs["base"])
+    loader = rendered.one("model-loader", "Pod")
+    _assert_loader_writes_where_served(base, loader, base.config["VAE_MODEL_PATH"])
     assert loader["spec"]["securityContext"]["runAsUser"] == _dockerfile_ids()[0]
 
 
@@ -384,16 +390,7 @@ def test_repository_loader_writes_where_the_servers_read(rendered: Rendered) -> 
     pod = _pod(rendered.docs["overlays/repository"])
     loader = rendered.one("overlays/repository/loader", "Pod")
     assert loader == {**rendered.one("model-loader", "Pod"), "spec": loader["spec"]}
-    (container,) = loader["spec"]["containers"]
-    assert container["image"] == pod.container["image"]
-    served_mount, served = pod.volume_for(pod.config["VAE_MODEL_REPOSITORY"])
-    claim = served["persistentVolumeClaim"]["claimName"]
-    (volume,) = [v for v in loader["spec"]["volumes"]
-                 if v.get("persistentVolumeClaim", {}).get("claimName") == claim]  # fmt: skip
-    assert not volume["persistentVolumeClaim"].get("readOnly")
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-    assert not mount.get("readOnly")
-    assert mount["mountPath"] == served_mount["mountPath"], "the same paths on both sides"
+    _assert_loader_writes_where_served(pod, loader, pod.config["VAE_MODEL_REPOSITORY"])
 
 
 @pytest.mark.server

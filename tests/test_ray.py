@@ -45,7 +45,7 @@ from starlette.types import Message, Scope
 
 from app.main import create_app
 from app.settings import Settings
-from bench.ray import DEPLOYMENT, RayCluster, Replica, serve_config
+from bench.ray import DEPLOYMENT, RayCluster, serve_config
 from bench.servers import free_port
 from tests.conftest import REPO, Server, make_artifact
 
@@ -682,33 +682,8 @@ def repository_app(
     path = work / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     ray.serve("deploy", str(path))
-    app_replicas(ray, 2)
+    ray.wait_running(2, application=REPOSITORY_APP)
     return f"{url}/repo"
-
-
-def app_replicas(ray: RayCluster, count: int, timeout: float = 120.0) -> list[Replica]:
-    """Wait until the repository application runs exactly `count` replicas (RayCluster's own
-    wait looks at the first application)."""
-    deadline = time.monotonic() + timeout
-    status, replicas = "", list[Replica]()
-    while time.monotonic() < deadline:
-        details = httpx.get(f"{ray.dashboard}/api/serve/applications/", timeout=10).json()
-        app = (details.get("applications") or {}).get(REPOSITORY_APP) or {}
-        status = app.get("status", "NOT_STARTED")
-        replicas = [
-            Replica(r.get("pid") or 0, r.get("node_id") or "", r["state"])
-            for r in app.get("deployments", {}).get(DEPLOYMENT, {"replicas": []})["replicas"]
-        ]
-        running = [r for r in replicas if r.state == "RUNNING"]
-        if status == "RUNNING" and len(running) == count == len(replicas):
-            return running
-        if status == "DEPLOY_FAILED":
-            break
-        time.sleep(0.25)
-    raise RuntimeError(
-        f"not {count} replicas RUNNING in {timeout:.0f} s: {status} {replicas}\n"
-        + ray.serve_logs_tail()
-    )
 
 
 def log_records(ray: RayCluster, pid: int, since: int = 0) -> list[dict[str, Any]]:
@@ -734,7 +709,7 @@ def test_a_repository_is_multiplexed_over_the_replicas_by_model_id(
     cluster: tuple[RayCluster, str], repository_app: str
 ) -> None:
     ray, _ = cluster
-    replicas = app_replicas(ray, 2)
+    replicas = ray.wait_running(2, application=REPOSITORY_APP)
     assert len({r.node_id for r in replicas}) == 2  # one per node
     pids = [r.pid for r in replicas]
 

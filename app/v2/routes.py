@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -319,9 +319,7 @@ async def post_repository_load(
     """Load every version of a repository model, or load it again (versions whose file is
     unchanged keep serving as they are); a refused load changes nothing. Needs an admin
     key."""
-    check_name(model_name)  # before the body: a bad name is the first thing to say
-    await _optional_body(request, V2LoadRequest)
-    await request.app.state.models.load(model_name)
+    await _repository_call(request, model_name, "load")
     return Response(status_code=200)
 
 
@@ -336,10 +334,15 @@ async def post_repository_unload(
 ) -> Response:
     """Stop serving a model: requests in flight finish on it, later ones get 404. Needs an
     admin key."""
-    check_name(model_name)  # before the body: a bad name is the first thing to say
-    await _optional_body(request, V2LoadRequest)
-    await request.app.state.models.unload(model_name)
+    await _repository_call(request, model_name, "unload")
     return Response(status_code=200)
+
+
+async def _repository_call(request: Request, name: str, action: Literal["load", "unload"]) -> None:
+    check_name(name)  # before the body: a bad name is the first thing to say
+    await _optional_body(request, V2LoadRequest)
+    models: ModelRepository = request.app.state.models
+    await (models.load(name) if action == "load" else models.unload(name))
 
 
 # -- inference ---------------------------------------------------------------------------------
