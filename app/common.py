@@ -31,6 +31,12 @@ def listing(names: Sequence[str], conj: str = "and") -> str:
     return ", ".join(names[:-1]) + f" {conj} {names[-1]}" if len(names) > 1 else names[0]
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """Text a caller sent, as an error sentence quotes it: as it is when short and printable,
+    else the repr of its first `limit` characters (no control character reaches a log)."""
+    return text if len(text) <= limit and text.isprintable() else repr(text[:limit])
+
+
 def routed_path(scope: Mapping[str, Any]) -> str:
     """An ASGI scope's `path` without the root path (uvicorn --root-path, a Ray route_prefix)
     that ASGI puts in front of it: the path the router matches, as Starlette reads it (its own

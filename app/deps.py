@@ -21,13 +21,17 @@ from app.settings import Settings
 async def get_vae(request: Request) -> VAEService:
     """The model this request runs on, taken once: the one its path names
     (/models/{model_name}[/versions/{model_version}]/...), else the default one."""
+    return take_model(request, request.path_params.get("model_name"))
+
+
+def take_model(request: Request, name: str | None) -> VAEService:
+    """Repository model `name` (None: the default one), at the path's version if it names
+    one, as every protocol takes it: once per request, and remembered for the metrics and the
+    log line (Observe)."""
     models: ModelRepository = request.app.state.models
-    params = request.path_params
-    version = params.get("model_version")
-    vae = models.serving(
-        params.get("model_name"), None if version is None else parse_version(version)
-    )
-    request.state.model = vae  # for the metrics and the log line (Observe)
+    version = request.path_params.get("model_version")
+    vae = models.serving(name, None if version is None else parse_version(version))
+    request.state.model = vae
     return vae
 
 

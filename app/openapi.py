@@ -207,12 +207,12 @@ def _openapi_for_model(app: FastAPI) -> dict[str, Any]:
     models: ModelRepository = app.state.models
     if not models.started:  # before the models load: keep the static examples, don't cache
         return schema
-    loaded = models.loaded()
-    if len(loaded) != 1 or sum(map(len, loaded.values())) != 1:
+    held = [vae for versions in models.loaded().values() for vae in versions.values()]
+    if len(held) != 1:
         # Several models share these request schemas: sizes and limits fit no one of them.
         app.openapi_schema = schema
         return schema
-    vae = models.serving(*next((n, v) for n, versions in loaded.items() for v in versions))
+    (vae,) = held
     for name in ("EncodeRequest", "AnomalyScoreRequest"):
         _inputs_schema(comps[name], vae, settings.max_instances)
     latents = comps["DecodeRequest"]["properties"]["latents"]

@@ -33,7 +33,7 @@ from typing import Literal
 
 from fastapi import status
 
-from app.common import listing
+from app.common import listing, shown
 from app.errors import NotReadyError, VAEServiceError
 from app.model import VAEService
 from app.settings import Settings
@@ -87,15 +87,15 @@ class ControlRefusedError(VAEServiceError):
 def parse_version(text: str) -> int:
     """A version from a path: a positive integer, as the repository's folders are named."""
     if not _VERSION.fullmatch(text):
-        shown = text if len(text) <= 20 and text.isprintable() else repr(text[:20])
-        raise InvalidModelNameError(f"Version '{shown}' is not a version: a positive integer.")
+        raise InvalidModelNameError(
+            f"Version '{shown(text, 20)}' is not a version: a positive integer."
+        )
     return int(text)
 
 
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        shown = name if len(name) <= 80 and name.isprintable() else repr(name[:80])
-        raise InvalidModelNameError(f"'{shown}' is not a model name: {NAME_RULE}.")
+        raise InvalidModelNameError(f"'{shown(name)}' is not a model name: {NAME_RULE}.")
     return name
 
 

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import images, operations
 from app.common import SCORES
-from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep
+from app.deps import BatcherDep, MetricsDep, SettingsDep, VaeDep, get_vae
 from app.errors import ErrorResponse, NotReadyError, ReloadRefusedError
 from app.lifecycle import Lifecycle, reload_model, reload_siblings
 from app.model import VAEService
@@ -49,7 +49,6 @@ from app.repository import (
     LoadRefusedError,
     ModelEntry,
     ModelRepository,
-    parse_version,
 )
 from app.schemas import (
     AnomalyScoreParams,
@@ -336,7 +335,7 @@ def get_model_version(
 async def get_model_ready(request: Request, model_name: ModelName) -> HealthResponse:
     """A model's readiness: 200 once a version of it serves; 503 while it first loads, and
     while the server drains; 404 when it is not loaded."""
-    return _ready(request)
+    return await _ready(request)
 
 
 @models_router.get(
@@ -347,16 +346,13 @@ async def get_version_ready(
     request: Request, model_name: ModelName, model_version: ModelVersion
 ) -> HealthResponse:
     """One version's readiness, as for the model."""
-    return _ready(request)
+    return await _ready(request)
 
 
-def _ready(request: Request) -> HealthResponse:
+async def _ready(request: Request) -> HealthResponse:
     if request.app.state.lifecycle.draining:
         raise NotReadyError("The server is shutting down.")
-    params = request.path_params
-    version = params.get("model_version")
-    models: ModelRepository = request.app.state.models
-    models.serving(params["model_name"], None if version is None else parse_version(version))
+    await get_vae(request)  # 503 while it first loads, 404 when it is not loaded
     return HealthResponse()
 
 

@@ -14,12 +14,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.routing import Match
 
 from app import __version__, operations
-from app.common import JSON, OCTET, listing
-from app.deps import BatcherDep, MetricsDep, SettingsDep
+from app.common import JSON, OCTET, listing, shown
+from app.deps import BatcherDep, MetricsDep, SettingsDep, take_model
 from app.errors import NotReadyError, VAEServiceError, describe_validation_error
 from app.model import VAEService
 from app.openapi import error_responses, inline_schema
-from app.repository import NAME_RULE, ModelRepository, check_name, parse_version
+from app.repository import NAME_RULE, ModelRepository, check_name
 from app.v2.codec import (
     anomaly,
     check_output_names,
@@ -101,20 +101,12 @@ def v2_target(models: ModelRepository, v2_name: str) -> V2Target:
     names = list(MODELS) if models.default is not None else []
     names += [n + suffix for n in sorted(held) if models.root is not None for suffix in SUFFIXES]
     served = f"the models are {listing(names)}" if names else "no model is loaded"
-    raise UnknownModelError(f"Model '{_shown(v2_name)}' is not served here; {served}.")
-
-
-def _shown(name: str) -> str:
-    return name if len(name) <= 80 and name.isprintable() else repr(name[:80])
+    raise UnknownModelError(f"Model '{shown(v2_name)}' is not served here; {served}.")
 
 
 async def get_v2_vae(request: Request, target: V2Target) -> VAEService:
     """The model version a V2 request runs on, taken once (as REST's `get_vae`)."""
-    version = request.path_params.get("model_version")
-    models: ModelRepository = request.app.state.models
-    vae = models.serving(target.name, None if version is None else parse_version(version))
-    request.state.model = vae
-    return vae
+    return take_model(request, target.name)
 
 
 # Resolved before the model version in each handler: an unknown model is a 404 even while
