@@ -351,6 +351,9 @@ class ModelRepository:
 
     async def _load(self, name: str, model: _Model, expected_sha256: str | None) -> Swap:
         async with model.lock:
+            # An unload that held the lock before us took the model out: put it back, or this
+            # load would fill a model the repository no longer holds.
+            self._models[name] = model
             versions = self.on_disk().get(name)
             if not versions:
                 if not model.versions:

@@ -4,6 +4,7 @@ servers."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import shutil
 import threading
@@ -19,7 +20,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from app.repository import file_sha256
+from app.repository import ModelRepository, file_sha256
+from app.settings import Settings
 from tests.conftest import GatedStart, Server, make_artifact
 
 pytestmark = pytest.mark.server
@@ -487,3 +489,31 @@ def test_two_loads_at_once_cannot_pass_the_bound_between_them(
         gate.load.unlink()
         assert first.result().status_code == 200
     assert post(server, "/models/img/encode", IMG).status_code == 200
+
+
+def test_a_load_queued_behind_an_unload_serves_what_it_loaded(
+    artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The order that once lost a load: an unload waits for the model's lock, a new load of the
+    same model queues behind it, the unload takes the model out; the load that follows must
+    put it back, not load into a model the repository no longer holds."""
+    root = repository(tmp_path / "repo", artifacts, tab_versions=1)
+    models = ModelRepository(Settings(model_repository=root, max_batch_size=2))
+
+    async def scenario() -> int:
+        await models.start()
+        lock = models._models["img"].lock
+        await lock.acquire()  # as a running load of img holds it
+        unload = asyncio.ensure_future(models.unload("img"))
+        await asyncio.sleep(0)  # the unload now waits for the lock
+        load = asyncio.ensure_future(models.load("img"))
+        await asyncio.sleep(0)  # and the load behind it
+        lock.release()
+        assert await unload == [1]
+        await load
+        return models.serving("img").version
+
+    try:
+        assert asyncio.run(scenario()) == 1
+    finally:
+        models.close()
