@@ -217,7 +217,7 @@ def requested_models(scope: Scope) -> list[str]:
     (/models/{name}/..., V2's /v2/models/{name}, {name}-decode or {name}-anomaly), else the
     serve_multiplexed_model_id header's (Serve's model id). Nothing for the routes of the
     default model (/encode, ..., V2's `vae` names) without the header."""
-    from app.v2.protocol import MODELS, SUFFIXES
+    from app.v2.protocol import MODELS, readings
 
     path = routed_path(scope)
     if path.startswith("/models/"):
@@ -227,11 +227,8 @@ def requested_models(scope: Scope) -> list[str]:
     elif path.startswith("/v2/models/"):
         v2_name = path[len("/v2/models/") :].split("/", 1)[0]
         if v2_name and v2_name not in MODELS:
-            # `b-decode` is model `b` decoding, unless a model is named `b-decode` itself.
-            return [
-                v2_name[: -len(suffix)] for suffix in SUFFIXES
-                if suffix and v2_name.endswith(suffix) and len(v2_name) > len(suffix)
-            ] + [v2_name]  # fmt: skip
+            # `b-decode` is likelier model `b` decoding than a model named `b-decode`.
+            return [name for name, _ in reversed(readings(v2_name))]
     model_id = serve.get_multiplexed_model_id() or _header_model_id(scope)
     return [model_id] if model_id else []
 

@@ -22,6 +22,18 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 # names), unless the repository has a model named `vae`.
 SUFFIXES = {"": "vae", "-decode": "vae-decode", "-anomaly": "vae-anomaly"}
 
+
+def readings(v2_name: str) -> list[tuple[str, str]]:
+    """What a V2 model name may mean, as (repository model, operation's model in MODELS): the
+    name itself first (a model named `b-decode` encodes), then the name less an operation's
+    suffix (model `b` decoding)."""
+    return [
+        (v2_name[: len(v2_name) - len(suffix)], base)
+        for suffix, base in SUFFIXES.items()
+        if not suffix or (v2_name.endswith(suffix) and len(v2_name) > len(suffix))
+    ]
+
+
 # The spec's datatypes this server takes, as little-endian numpy types (the binary
 # extension's byte order); each becomes float32 before the model sees it.
 DATATYPES: dict[str, np.dtype[Any]] = {

@@ -51,6 +51,7 @@ from app.v2.protocol import (
     V2RepositoryModel,
     V2ServerMetadata,
     V2TensorMetadata,
+    readings,
 )
 
 MODEL_NAME = Path(
@@ -84,15 +85,14 @@ def v2_target(models: ModelRepository, v2_name: str) -> V2Target:
     """`m`, `m-decode` and `m-anomaly` for a model `m` held (loaded or loading); the default
     model's `vae` names; else a 404 that says what there is."""
     held = models.held()
-    for suffix, base in SUFFIXES.items():
-        name = v2_name[: len(v2_name) - len(suffix)] if suffix else v2_name
-        if v2_name.endswith(suffix) and name in held:
+    for name, base in readings(v2_name):
+        if name in held:
             return V2Target(replace(MODELS[base], name=v2_name), name)
     if v2_name in MODELS:
         return V2Target(MODELS[v2_name], None)
-    for suffix in SUFFIXES:
-        name = v2_name[: len(v2_name) - len(suffix)] if suffix else v2_name
-        if v2_name.endswith(suffix) and name and name in models.on_disk():
+    disk = models.on_disk()
+    for name, _ in readings(v2_name):
+        if name in disk:
             raise UnknownModelError(
                 f"Model '{name}' is not loaded; load it with POST "
                 f"/v2/repository/models/{name}/load."
