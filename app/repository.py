@@ -25,7 +25,7 @@ import hashlib
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,9 +233,9 @@ class ModelRepository:
                 return e
         raise ModelNotFoundError(self._unknown(name))
 
-    def held(self) -> set[str]:
-        """The models loaded or loading."""
-        return set(self._models)
+    def held(self) -> KeysView[str]:
+        """The models loaded or loading (a live view: V2 reads it on every request)."""
+        return self._models.keys()
 
     def loaded(self) -> dict[str, dict[int, VAEService]]:
         return {name: dict(m.versions) for name, m in self._models.items() if m.versions}
