@@ -27,6 +27,7 @@ from scoring.artifact import (
     ATTRIBUTION_METHOD,
     BACKGROUND,
     GAP_PROJECTION,
+    LATENT_LENGTHS,
     LATENT_REFERENCE,
     MANIFEST,
     PROJECTION_STEPS,
@@ -103,6 +104,10 @@ class VAEService:
         self.neighbours = references.neighbours  # format 3
         self.gaps = references.gaps  # format 4
         self.ensemble = Ensemble.from_manifest(manifest)
+        if "ensemble" in calibration.scores:
+            lacking = [n for n in self.ensemble.scores if n not in calibration.scores]
+            if lacking:
+                raise ValueError(f"the ensemble combines {', '.join(lacking)}, not calibrated")
         # Format 2: what its scores need, checked by load(); absent from format 1.
         self.density = Density.from_manifest(manifest["dose"]) if "dose" in manifest else None
         attribution = manifest.get("attribution")
@@ -163,7 +168,7 @@ class VAEService:
                 f"{expected_sha256.lower()}; refusing to serve it."
             )
         extra: dict[str, Any] = dict.fromkeys(
-            (MANIFEST, BACKGROUND, LATENT_REFERENCE, GAP_PROJECTION), ""
+            (MANIFEST, BACKGROUND, LATENT_REFERENCE, LATENT_LENGTHS, GAP_PROJECTION), ""
         )
         # From the bytes already read: the sha256 reported is of exactly what runs.
         module = _jit_load(path, data, dev, extra)
@@ -178,7 +183,13 @@ class VAEService:
             if not extra[BACKGROUND]:
                 raise ModelLoadError(f"{path}: the likelihood ratio needs {BACKGROUND}, absent.")
             background = _jit_load(path, extra[BACKGROUND], dev, {}).eval()
-        for score, file in (("latent_distance", LATENT_REFERENCE), ("rapp", GAP_PROJECTION)):
+        needs = (
+            ("latent_distance", LATENT_REFERENCE),
+            ("latent_polar_distance", LATENT_REFERENCE),
+            ("latent_polar_distance", LATENT_LENGTHS),
+            ("rapp", GAP_PROJECTION),
+        )
+        for score, file in needs:
             if score in calibration.scores and not extra[file]:
                 raise ModelLoadError(f"{path}: the {score} score needs {file}, absent.")
         if "rapp" in calibration.scores and not hasattr(module, "hidden_gap"):
@@ -187,7 +198,9 @@ class VAEService:
             neighbours = gaps = None
             if "latent_distance" in calibration.scores:
                 k, z = manifest["latent_distance"]["k"], manifest["latent_dim"]
-                neighbours = Neighbours.from_bytes(extra[LATENT_REFERENCE], k, z)
+                polar = "latent_polar_distance" in calibration.scores
+                lengths = extra[LATENT_LENGTHS] if polar else None
+                neighbours = Neighbours.from_bytes(extra[LATENT_REFERENCE], k, z, lengths)
             if "rapp" in calibration.scores:
                 width = sum(manifest["model"]["hidden_dims"])
                 gaps = GapProjection.from_bytes(extra[GAP_PROJECTION], width)
@@ -269,6 +282,8 @@ class VAEService:
         if self.neighbours is not None:
             mean, _ = self.module.encode(xt)
             scores["latent_distance"] = self.neighbours.score(_numpy(mean))
+            if self.neighbours.log_lengths is not None:
+                scores["latent_polar_distance"] = self.neighbours.polar_score(_numpy(mean))
         if self.gaps is not None:
             scores["rapp"] = self.gaps.score(_numpy(self.module.hidden_gap(xt)))
         if "ensemble" in offered:

@@ -212,7 +212,8 @@ class AnomalyScoreParams(Strict):
         None,
         description="Scores to compute besides the ones always given (KL, the reconstruction "
         "probability, in format-2 artifacts input_complexity and dose, in format-3 ones "
-        "latent_distance and ensemble, and in format-4 ones rapp): log_likelihood "
+        "latent_distance and ensemble, in format-4 ones rapp, and in format-5 ones "
+        "latent_polar_distance): log_likelihood "
         "(K importance samples) or likelihood_ratio (a background model's L passes). A score "
         "the artifact lacks is a 422. In a query or form: comma-separated.",
         examples=[["likelihood_ratio"]],
@@ -247,6 +248,7 @@ class ScorePercentiles(BaseModel):
     likelihood_ratio: list[float] | None = None
     dose: list[float] | None = None
     latent_distance: list[float] | None = None
+    latent_polar_distance: list[float] | None = None
     rapp: list[float] | None = None
     ensemble: list[float] | None = None
 
@@ -272,6 +274,7 @@ class AnomalyScoreResponse(BaseModel):
                     "likelihood_ratio": None,
                     "dose": [3.02],
                     "latent_distance": [0.41],
+                    "latent_polar_distance": [0.47],
                     "rapp": [812.0],
                     "ensemble": [1.74],
                     "percentiles": {
@@ -282,6 +285,7 @@ class AnomalyScoreResponse(BaseModel):
                         "likelihood_ratio": None,
                         "dose": [0.58],
                         "latent_distance": [0.62],
+                        "latent_polar_distance": [0.6],
                         "rapp": [0.55],
                         "ensemble": [0.71],
                     },
@@ -331,6 +335,12 @@ class AnomalyScoreResponse(BaseModel):
         description="Mean distance, between unit vectors, from the posterior mean to its 5 "
         "nearest training rows' means, in [0, 2]; higher is more anomalous. Format-3 artifacts.",
     )
+    latent_polar_distance: list[float] | None = Field(
+        None,
+        description="The same, with the mean's length kept as well as its direction: the mean "
+        "Euclidean distance in (unit vector, log length) coordinates to its 5 nearest training "
+        "rows' means; higher is more anomalous. Format-5 artifacts.",
+    )
     rapp: list[float] | None = Field(
         None,
         description="RaPP (Kim et al. 2020): how differently the encoder sees the instance and "
@@ -339,8 +349,10 @@ class AnomalyScoreResponse(BaseModel):
     )
     ensemble: list[float] | None = Field(
         None,
-        description="Format 4: the tails of dose's, latent_distance's and rapp's percentiles "
-        "summed, -log(1 - p) each; format 3: the larger of dose's and latent_distance's. "
+        description="Format 5: the tails of dose's, latent_distance's, latent_polar_distance's, "
+        "rapp's and (for data in [0, 1]) input_complexity's percentiles summed, -log(1 - p) "
+        "each; format 4: of dose's, latent_distance's and rapp's; format 3: the larger of "
+        "dose's and latent_distance's. "
         "Higher is more anomalous; infinite where one of them is not finite. The default "
         "decision for images.",
     )

@@ -18,8 +18,10 @@ class ModelLoadError(Exception):
 # the likelihood ratio (a background model in BACKGROUND) and the per-feature attribution.
 # 3 adds the latent distance (training means in LATENT_REFERENCE) and the ensemble. 4 calibrates
 # by rank on the sorted validation values (scoring/calibration.py), on the data as callers send it,
-# and adds RaPP (its projection in GAP_PROJECTION) to an ensemble its manifest describes.
-SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4}
+# and adds RaPP (its projection in GAP_PROJECTION) to an ensemble its manifest describes. 5 adds
+# the latent polar distance (the training means' log lengths in LATENT_LENGTHS) and takes it and
+# the input complexity into the ensemble.
+SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5}
 REQUIRED_METHODS = (
     "encode",
     "decode",
@@ -33,6 +35,7 @@ MANIFEST = "manifest.json"
 BACKGROUND = "background.pt"
 LATENT_REFERENCE = "latent_reference.npy"  # format 3
 GAP_PROJECTION = "gap_projection.npz"  # format 4: RaPP's
+LATENT_LENGTHS = "latent_lengths.npy"  # format 5: the polar distance's
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
 
 

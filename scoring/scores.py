@@ -19,6 +19,10 @@ And one from the latent space, where a likelihood cannot look (format 3):
   detector on the representation, as in Sun et al., ICML 2022). A digit the model never saw
   is reconstructed well, so its likelihood looks normal, but its code falls between the
   training digits' codes; the direction, not the length, carries the class;
+- **latent polar distance** (format 5): the same k-NN distance with the mean's length kept as
+  well as its direction, in polar coordinates (the unit vector and the log of the length). On
+  one digit learnt, an unseen digit's code often points where the digit's do but lies further
+  out or nearer in; on nine digits learnt, it adds the length to what the direction tells;
 - **rapp** (format 4; Kim et al., ICLR 2020, "RaPP"): the input is reconstructed, both go
   through the encoder, and the differences between their hidden activations, layer by layer,
   are measured in the coordinates of the training rows' own differences, each direction
@@ -27,7 +31,8 @@ And one from the latent space, where a likelihood cannot look (format 3):
 - **ensemble**: a combination of calibrated percentiles, so an input is as anomalous as its
   scores together say. Format 3 takes the larger of DoSE's and the latent distance's; format 4
   adds the tails of DoSE's, the latent distance's and RaPP's, -log(1 - p) each (Fisher's
-  method), so two scores that are both somewhat alarmed outweigh one that is not. The distance
+  method), so two scores that are both somewhat alarmed outweigh one that is not; format 5
+  adds the polar distance's and, for data in [0, 1], the input complexity's. The distance
   misses what only its length gives away (a blank image, noise), DoSE an unseen digit drawn
   well, RaPP what the model reproduces in its own terms (docs/benchmarks/anomaly.md).
 
@@ -155,17 +160,19 @@ def _stack(stats: Mapping[str, Array], features: tuple[str, ...]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Neighbours:
-    """latent_distance's reference: the training rows' posterior means as unit vectors (N, Z).
+    """The latent distances' reference: the training rows' posterior means as unit vectors
+    (N, Z), and (format 5) the logs of their lengths (N,), for the polar distance.
 
-    It travels in the artifact as an .npy file of its own (it is N x Z floats, too many for
-    the JSON manifest); the manifest says k and N."""
+    Each travels in the artifact as an .npy file of its own (N x Z floats are too many for the
+    JSON manifest); the manifest says k and N."""
 
     reference: torch.Tensor  # (N, Z) float64, unit rows, on the CPU
     k: int = NEIGHBOURS
+    log_lengths: torch.Tensor | None = None  # (N,) float64; format 5
 
     @classmethod
     def fit(cls, means: Array, k: int = NEIGHBOURS) -> Neighbours:
-        return cls(_unit(means), k)
+        return cls(_unit(means), k, _log_length(means))
 
     def score(self, means: Array) -> Array:
         """Mean chord distance ||u - v|| = sqrt(2 - 2 u.v) from each unit posterior mean u to
@@ -181,19 +188,46 @@ class Neighbours:
             return np.zeros(0, np.float32)
         return torch.cat(out).numpy().astype(np.float32)
 
+    def polar_score(self, means: Array) -> Array:
+        """Mean Euclidean distance from each posterior mean to its k nearest reference rows in
+        polar coordinates, (unit vector, log length): sqrt(||u - v||^2 + (log r - log s)^2).
+        Higher is more anomalous. Needs the reference's lengths (format 5)."""
+        if self.log_lengths is None:
+            raise ValueError("the polar distance needs the reference's lengths")
+        out = []
+        units, logs = _unit(means).split(_CHUNK), _log_length(means).split(_CHUNK)
+        for block, log_length in zip(units, logs, strict=True):
+            gap = log_length[:, None] - self.log_lengths[None, :]  # (b, N)
+            squared = torch.clamp(2.0 - 2.0 * (block @ self.reference.T), min=0.0) + gap**2
+            nearest = torch.topk(squared, self.k, dim=1, largest=False).values
+            out.append(torch.sqrt(nearest).mean(1))
+        if not out:
+            return np.zeros(0, np.float32)
+        return torch.cat(out).numpy().astype(np.float32)
+
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.save(buffer, self.reference.numpy().astype(np.float32), allow_pickle=False)
-        return buffer.getvalue()
+        return _npy(self.reference)
+
+    def lengths_to_bytes(self) -> bytes:
+        assert self.log_lengths is not None
+        return _npy(self.log_lengths)
 
     @classmethod
-    def from_bytes(cls, raw: bytes, k: int, latent_dim: int) -> Neighbours:
+    def from_bytes(
+        cls, raw: bytes, k: int, latent_dim: int, raw_lengths: bytes | None = None
+    ) -> Neighbours:
         reference = np.load(io.BytesIO(raw), allow_pickle=False)
         if reference.ndim != 2 or reference.shape[1] != latent_dim or len(reference) < k:
             raise ValueError(f"the latent reference must be N x {latent_dim} with N >= k = {k}")
         if not np.all(np.isfinite(reference)):
             raise ValueError("the latent reference must be finite")
-        return cls(torch.from_numpy(reference.astype(np.float64)), int(k))
+        log_lengths = None
+        if raw_lengths is not None:
+            lengths = np.load(io.BytesIO(raw_lengths), allow_pickle=False)
+            if lengths.shape != (len(reference),) or not np.all(np.isfinite(lengths)):
+                raise ValueError(f"the latent lengths must be {len(reference)} finite values")
+            log_lengths = torch.from_numpy(lengths.astype(np.float64))
+        return cls(torch.from_numpy(reference.astype(np.float64)), int(k), log_lengths)
 
 
 def _unit(a: Array) -> torch.Tensor:
@@ -201,6 +235,17 @@ def _unit(a: Array) -> torch.Tensor:
     rows = torch.as_tensor(np.asarray(a), dtype=torch.float64)
     unit: torch.Tensor = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp(min=1e-12)
     return unit
+
+
+def _log_length(a: Array) -> torch.Tensor:
+    rows = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    return torch.log(torch.linalg.vector_norm(rows, dim=1).clamp(min=1e-12))
+
+
+def _npy(t: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, t.numpy().astype(np.float32), allow_pickle=False)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ V1_SCORES = ("kl_divergence", "reconstruction_log_prob", "log_likelihood")
 # Every score of the current artifact format, in the order the service lists them, written out
 # here rather than read from the app (app.common.SCORES), so a score that goes missing fails.
 EVERY_SCORE = (*V1_SCORES, "input_complexity", "likelihood_ratio", "dose", "latent_distance",
-               "rapp", "ensemble")  # fmt: skip
+               "latent_polar_distance", "rapp", "ensemble")  # fmt: skip
 # The real MNIST slice that ships with the tests (10,000 training and 5,000 test images; its
 # README says how it was cut): every test reads it, so a clone with nothing beside it passes.
 MNIST_DIR = REPO / "tests" / "data" / "mnist"
@@ -73,6 +74,15 @@ def as_quantiles(calibration: dict[str, Any]) -> None:
         entry["quantiles"] = np.quantile(np.asarray(entry.pop("values")), LEGACY_LEVELS).tolist()
 
 
+def drop_format_5(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
+    """A format-5 calibration and scoring data as format 4 had them, in place: no polar
+    distance, and the ensemble of three scores (its values here stay format 5's, so they serve
+    the mechanics only, not a decision)."""
+    del calibration["scores"]["latent_polar_distance"]
+    del scoring["latent_polar_distance"]
+    scoring["ensemble"] = {"scores": ["dose", "latent_distance", "rapp"], "combine": "fisher"}
+
+
 def drop_format_4(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
     """A format-4 calibration and scoring data as format 3 had them, in place: no RaPP, and the
     ensemble the larger of two percentiles (its values here stay format 4's, so they serve
@@ -104,7 +114,8 @@ def make_artifact(
     """A small untrained VAE (4-8-2 by default) exported by the real exporter, with every score
     of the current format (an untrained background model included), or as an older format
     was: 1, the three likelihood scores and nothing else; 2, without the latent distance and
-    the ensemble; 1 to 3, without RaPP, calibrated by quantiles rather than sorted values."""
+    the ensemble; 1 to 3, without RaPP, calibrated by quantiles rather than sorted values; 1 to
+    4, without the polar distance."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -121,6 +132,10 @@ def make_artifact(
     calibration, scoring, refs = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
+    if format_version <= 4:
+        drop_format_5(calibration, scoring)
+        assert refs.neighbours is not None
+        refs = References(replace(refs.neighbours, log_lengths=None), refs.gaps)
     if format_version <= 3:
         drop_format_4(calibration, scoring)
         refs = References(refs.neighbours)

@@ -22,9 +22,13 @@ from tests.conftest import EVERY_SCORE, make_artifact
 from training.export import load_artifact
 
 X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
-NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "rapp", "ensemble")
+NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "latent_polar_distance",
+       "rapp", "ensemble")  # fmt: skip
 CHEAP = ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose",
-         "latent_distance", "rapp", "ensemble")  # fmt: skip
+         "latent_distance", "latent_polar_distance", "rapp", "ensemble")  # fmt: skip
+# Format 5's ensemble, and format 4's.
+ENSEMBLE = ("dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity")
+ENSEMBLE_4 = ("dose", "latent_distance", "rapp")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,12 @@ def v2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def v1_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("v1") / "vae.pt"
     return make_artifact(path, input_shape=(4, 4), format_version=1)
+
+
+@pytest.fixture(scope="module")
+def format4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("f4") / "vae.pt"
+    return make_artifact(path, input_shape=(4, 4), format_version=4)
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +93,30 @@ def test_the_artifact_recommends_the_decision_score(client: TestClient) -> None:
     assert score(client)["decision_score"] == "ensemble"
 
 
-def test_the_ensemble_sums_the_tails_of_its_three_percentiles(client: TestClient) -> None:
+def sum_of_tails(out: dict[str, Any], names: tuple[str, ...]) -> list[float]:
+    """-log(1 - p) summed over the named scores' percentiles, per instance: the ensemble,
+    for values within the calibration's range (beyond it, each tail grows on)."""
+    rows = zip(*(out["percentiles"][n] for n in names), strict=True)
+    return [sum(-np.log1p(-p) for p in ps) for ps in rows]
+
+
+def test_the_ensemble_sums_the_tails_of_its_five_percentiles(client: TestClient) -> None:
     out = score(client)
-    pct = out["percentiles"]
-    triples = zip(pct["dose"], pct["latent_distance"], pct["rapp"], strict=True)
-    expected = [sum(-np.log1p(-p) for p in ps) for ps in triples]
-    np.testing.assert_allclose(out["ensemble"], expected, rtol=1e-5)
+    np.testing.assert_allclose(out["ensemble"], sum_of_tails(out, ENSEMBLE), rtol=1e-5)
     assert all(0.0 <= d <= 2.0 for d in out["latent_distance"])
     assert all(r >= 0.0 for r in out["rapp"])
+    # The polar distance is the direction's chord and the log lengths' gap together: never
+    # below the direction's alone, for the same neighbours or nearer ones.
+    assert all(p >= 0.0 for p in out["latent_polar_distance"])
+
+
+def test_a_format_4_artifact_keeps_its_ensemble_of_three(format4_artifact: Path) -> None:
+    with client_for(format4_artifact) as c:
+        out = score(c)
+        assert c.get("/model").json()["manifest"]["ensemble"]["scores"] == list(ENSEMBLE_4)
+    assert out["latent_polar_distance"] is None
+    assert out["percentiles"]["latent_polar_distance"] is None
+    np.testing.assert_allclose(out["ensemble"], sum_of_tails(out, ENSEMBLE_4), rtol=1e-5)
 
 
 def test_a_format_3_ensemble_is_the_larger_of_its_two_percentiles(format3_artifact: Path) -> None:

@@ -17,7 +17,7 @@ from scoring.calibration import Calibration, tail_sentence
 from tests.conftest import MNIST_DIR
 from training.data import load_data
 from training.evaluate import calibrate
-from training.pipeline import ENSEMBLE_4
+from training.pipeline import ENSEMBLE, ensemble_of
 
 LEVELS = np.linspace(0, 1, 1001).tolist()
 
@@ -212,19 +212,20 @@ def test_log_likelihood_is_returned_only_when_needed(
 
 
 def ensemble_false_alarms(held_out: bool, v: int = 100, trials: int = 200) -> float:
-    """The share of fresh normal rows the format-4 ensemble flags at 0.99, calibrated as the
-    trainer calibrates it (training/pipeline.py): three scores' sorted validation values, then
+    """The share of fresh normal rows the format-5 ensemble flags at 0.99, calibrated as the
+    trainer calibrates it (training/pipeline.py): five scores' sorted validation values, then
     the ensemble's own values on the same v rows. The rows are exchangeable, heavy-tailed."""
     rng = np.random.default_rng(0)
-    names = ENSEMBLE_4.scores
+    combined = ensemble_of(dict.fromkeys(ENSEMBLE))
+    names = combined.scores
     flagged = []
     for _ in range(trials):
         val = {n: rng.lognormal(size=v).astype(np.float32) for n in names}
         parts = Calibration.from_manifest({"calibration": calibrate(val, {})}, "m")
-        ensemble = ENSEMBLE_4.score(val, parts.scores, held_out=held_out)
+        ensemble = combined.score(val, parts.scores, held_out=held_out)
         cal = Calibration.from_manifest({"calibration": calibrate({"ensemble": ensemble}, {})}, "m")
         new = {n: rng.lognormal(size=50).astype(np.float32) for n in names}
-        percentiles = cal.percentile("ensemble", ENSEMBLE_4.score(new, parts.scores))
+        percentiles = cal.percentile("ensemble", combined.score(new, parts.scores))
         flagged.append(np.mean(percentiles > cal.effective_threshold(0.99)))
     return float(np.mean(flagged))
 

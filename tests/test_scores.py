@@ -146,6 +146,42 @@ def test_the_reference_round_trips_through_npy_bytes() -> None:
         Neighbours.from_bytes(ref.to_bytes(), k=60, latent_dim=4)
 
 
+def test_the_polar_distance_sees_the_length_the_direction_ignores() -> None:
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(300, 6)).astype(np.float32)
+    ref = Neighbours.fit(train, k=5)
+    query = rng.normal(size=(4, 6)).astype(np.float32)
+    got = ref.polar_score(query)
+
+    # By hand: Euclidean in (unit vector, log length) coordinates, the 5 nearest averaged.
+    def polar(a: np.ndarray) -> np.ndarray:
+        length = np.linalg.norm(a, axis=1, keepdims=True)
+        return np.hstack([a / length, np.log(length)])
+
+    for q, d in zip(polar(query), got, strict=True):
+        dist = np.sort(np.linalg.norm(polar(train) - q, axis=1))
+        assert d == pytest.approx(dist[:5].mean(), rel=1e-5)
+    # The same directions ten times as long: the chord is the same, the polar distance grows
+    # by about log 10 (the neighbours' own lengths vary around the query's).
+    np.testing.assert_allclose(ref.score(query * 10.0), ref.score(query), rtol=1e-6)
+    assert (ref.polar_score(query * 10.0) > got + 1.0).all()
+    # A training row is at distance zero from itself, length and all.
+    np.testing.assert_allclose(Neighbours.fit(train, k=1).polar_score(train[:3]), 0.0, atol=1e-7)
+
+
+def test_the_lengths_round_trip_and_are_checked() -> None:
+    ref = Neighbours.fit(np.random.default_rng(4).normal(size=(50, 4)).astype(np.float32))
+    back = Neighbours.from_bytes(ref.to_bytes(), 5, 4, ref.lengths_to_bytes())
+    assert back.log_lengths is not None
+    np.testing.assert_allclose(back.log_lengths, ref.log_lengths, rtol=1e-6)
+    # Format 3 and 4 references have none: their polar distance does not exist.
+    with pytest.raises(ValueError, match="needs the reference's lengths"):
+        Neighbours.from_bytes(ref.to_bytes(), 5, 4).polar_score(np.ones((1, 4)))
+    short = Neighbours.fit(np.ones((49, 4), np.float32)).lengths_to_bytes()
+    with pytest.raises(ValueError, match="50 finite values"):
+        Neighbours.from_bytes(ref.to_bytes(), 5, 4, short)
+
+
 def ranks(*names: str, n: int = 100) -> dict[str, ScoreCalibration]:
     """Format-4 calibrations of these scores on the validation values 0, 1, ..., n - 1: a value
     between k - 1 and k has the percentile k / (n + 1)."""

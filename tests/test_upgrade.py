@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.model import VAEService
-from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4
+from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4, drop_format_5
 from training.__main__ import main as train
 from training.config import ModelConfig
 from training.export import export_artifact, load_weights, sha256_of
@@ -25,6 +25,7 @@ def as_format_2(artifact: Path, out: Path) -> Path:
     model.load_state_dict(weights)
     assert background is not None
     bg.load_state_dict(background)
+    drop_format_5(manifest["calibration"], manifest)
     drop_format_4(manifest["calibration"], manifest)
     drop_format_3(manifest["calibration"], manifest)
     manifest["format_version"] = 2
@@ -61,11 +62,13 @@ def test_upgrade_keeps_the_weights_and_adds_the_newer_scores(
     out = tmp_path / "up.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert after.format_version == 4
+    assert after.format_version == 5
     assert after.decision_score == "ensemble"
-    assert {"latent_distance", "ensemble"} <= set(after.calibration.scores)
+    assert {"latent_distance", "latent_polar_distance", "ensemble"} <= set(after.calibration.scores)
     assert after.neighbours is not None
     assert after.neighbours.reference.shape == (after.manifest["dataset"]["train_size"], 3)
+    assert after.neighbours.log_lengths is not None
+    assert after.neighbours.log_lengths.shape == (after.manifest["dataset"]["train_size"],)
     old_weights, old_bg, old_manifest = load_weights(old)
     new_weights, new_bg, new_manifest = load_weights(out)
     for name, tensor in old_weights.items():

@@ -33,8 +33,10 @@ SCORE_DIRECTIONS = {
     "likelihood_ratio": "lower",  # format 2, with a background model
     "dose": "higher",  # format 2
     "latent_distance": "higher",  # format 3
+    "latent_polar_distance": "higher",  # format 5: the latent distance, the length kept
     "rapp": "higher",  # format 4: the hidden-space reconstruction gap, whitened (NAP)
-    "ensemble": "higher",  # format 3: the larger percentile of two; 4: the tails of three, summed
+    # Format 3: the larger percentile of two; 4: the tails of three, summed; 5: of four or five.
+    "ensemble": "higher",
 }
 
 # DoSE's summary statistics: the two cheap scores and, for inputs in [0, 1], the compressed
@@ -122,7 +124,8 @@ def anomaly_scores(
     `samples`, and (when `ll_samples` > 0) the IWAE log-likelihood with K = `ll_samples`; for
     data in [0, 1], the compressed length and the input complexity; with a `background` model,
     the likelihood ratio (same eps for both); with a fitted `density`, DoSE; with the training
-    means among the `references`, the latent distance, and with their gap projection, RaPP;
+    means among the `references`, the latent distance (and with their lengths, the polar
+    one), and with their gap projection, RaPP;
     and with the scores an `ensemble` combines and their `calibration`, the ensemble."""
     references = references or References()
     g = torch.Generator().manual_seed(seed)
@@ -151,6 +154,8 @@ def anomaly_scores(
         out["dose"] = density.score(out)
     if references.neighbours is not None:
         out["latent_distance"] = references.neighbours.score(out["latent_mean"])
+        if references.neighbours.log_lengths is not None:
+            out["latent_polar_distance"] = references.neighbours.polar_score(out["latent_mean"])
     if references.gaps is not None:
         out["rapp"] = references.gaps.score(out["hidden_gap"])
     if calibration is not None and ensemble is not None and all(n in out for n in ensemble.scores):

@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from scoring.artifact import BACKGROUND, GAP_PROJECTION, LATENT_REFERENCE, MANIFEST
+from scoring.artifact import (
+    BACKGROUND,
+    GAP_PROJECTION,
+    LATENT_LENGTHS,
+    LATENT_REFERENCE,
+    MANIFEST,
+)
 from scoring.scores import References
 from training.model import VAE
 
@@ -29,7 +35,9 @@ from training.model import VAE
 # file of their own, in LATENT_REFERENCE.
 # 4: the calibration holds each score's sorted validation values, read as ranks (conservative
 # percentiles, scoring/calibration.py), not 1001 interpolated quantiles.
-FORMAT_VERSION = 4
+# 5: the latent polar distance, its training rows' log lengths in LATENT_LENGTHS, in an ensemble
+# of five scores.
+FORMAT_VERSION = 5
 
 
 @contextmanager
@@ -88,11 +96,13 @@ def export_artifact(
     references: References | None = None,
 ) -> str:
     """Script `model`, save it with `manifest` (the scripted `background` model, for the
-    likelihood ratio, and the `references`, for the latent distance and RaPP) to `path`
+    likelihood ratio, and the `references`, for the latent distances and RaPP) to `path`
     atomically, and return its sha256."""
     extra: dict[str, Any] = {MANIFEST: json.dumps(manifest, indent=1)}  # str or bytes
     if references is not None and references.neighbours is not None:
         extra[LATENT_REFERENCE] = references.neighbours.to_bytes()
+        if references.neighbours.log_lengths is not None:
+            extra[LATENT_LENGTHS] = references.neighbours.lengths_to_bytes()
     if references is not None and references.gaps is not None:
         extra[GAP_PROJECTION] = references.gaps.to_bytes()
     with _quiet_jit():

@@ -86,8 +86,9 @@ JSON = "application/json"
 NPY = "application/x-npy"
 # .npy preferred for array answers; errors (and /anomaly-score) come back as JSON regardless.
 ACCEPT_NPY = f"{NPY}, {JSON};q=0.5"
-# Format-2 to format-4 scores: None from servers or artifacts without them.
-NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "rapp", "ensemble")
+# Format-2 to format-5 scores: None from servers or artifacts without them.
+NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose", "latent_distance",
+              "latent_polar_distance", "rapp", "ensemble")  # fmt: skip
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
@@ -102,6 +103,7 @@ ScoreName = Literal[
     "likelihood_ratio",
     "dose",
     "latent_distance",
+    "latent_polar_distance",
     "rapp",
     "ensemble",
 ]
@@ -268,6 +270,7 @@ class ScorePercentiles:
     likelihood_ratio: Array | None = None
     dose: Array | None = None
     latent_distance: Array | None = None
+    latent_polar_distance: Array | None = None
     rapp: Array | None = None
     ensemble: Array | None = None
 
@@ -293,6 +296,7 @@ class AnomalyScores:
     likelihood_ratio: Array | None = None
     dose: Array | None = None
     latent_distance: Array | None = None
+    latent_polar_distance: Array | None = None
     rapp: Array | None = None
     ensemble: Array | None = None
     attribution: Array | None = None  # (B, D) when asked for
