@@ -70,6 +70,7 @@ SHORT = dict(
             "likelihood ratio",
             "DoSE",
             "latent distance",
+            "polar distance",
             "RaPP",
             "ensemble",
         ),
@@ -78,8 +79,9 @@ SHORT = dict(
 )
 # Scores that a format adds to the calibration (app/common.py says the same of SCORES' order).
 # Format 4 first held the rank calibration alone; an artifact with `rapp` is of the format 4
-# whose ensemble combines three scores, the one the trainer writes now.
+# whose ensemble combines three scores.
 FORMAT_SCORES = (
+    (5, ("latent_polar_distance",)),
     (4, ("rapp",)),
     (3, ("latent_distance", "ensemble")),
     (2, ("input_complexity", "dose")),
@@ -500,11 +502,13 @@ for _prefix, _run in (("oneclass", ONECLASS), ("lodo", LODO), ("lodo-quick", LOD
 def ensemble_parts(page: Path) -> str:
     """Each run's ensemble beside the scores it combines: the mean AUROC over digits, and the
     worst digit's, the best worst case in bold."""
-    # The scores the ensemble combines, as the shipped model's manifest names them.
-    parts = [*shipped_manifest()["ensemble"]["scores"], "ensemble"]
+    # The scores the ensemble combines, as the trainer of these runs' format chose them.
+    from training.pipeline import ENSEMBLE
+
+    runs = [bench(name) for name in (ONECLASS, LODO, LODO_QUICK)]
+    parts = [s for s in ENSEMBLE if all(s in r["mean_auroc"] for r in runs)] + ["ensemble"]
     rows = []
-    for name in (ONECLASS, LODO, LODO_QUICK):
-        r = bench(name)
+    for r in runs:
         worst = {s: worst_digit(r, s) for s in parts}
         lows = [r["auroc"][worst[s]][s] for s in parts]
         cells = [
@@ -528,6 +532,33 @@ def ensemble_parts(page: Path) -> str:
         "digits where one of its scores beats it",
     )
     return table(head, rows)
+
+
+DESIGN = RESULTS / "ensemble-design.json"
+
+
+@block("ensemble-design")
+def ensemble_design(page: Path) -> str:
+    """The design split's command, then each score alone and each candidate ensemble: the mean
+    AUROC over digits and the worst digit's, per protocol; the default's row marked."""
+    r = load(DESIGN)
+    protocols = r["protocols"]
+    names = list(next(iter(protocols.values()))["mean"])
+    columns = []
+    for p in protocols.values():
+        cells = [f"{p['mean'][n]:.3f} / {p['worst'][n]:.3f}" for n in names]
+        columns.append(bold_best(cells, [p["mean"][n] for n in names]))
+    rows = []
+    for i, n in enumerate(names):
+        label = f"{SHORT[n]} alone" if n in SHORT else n
+        rows.append((label, *(col[i] for col in columns)))
+    titles = {"oneclass": "one class", "lodo": "leave one digit out (quick preset)"}
+    head = ("scores", *(f"{titles[p]}: mean / worst digit" for p in protocols))
+    command = out_at(r["command"], "ensemble-design")
+    return (
+        f"```bash\n{portable(command)}\n```\n\n"
+        f"On {describe_machine(r['machine'])} (raw: {link(page, DESIGN)}):\n\n" + table(head, rows)
+    )
 
 
 @block("false-alarms")
@@ -793,6 +824,45 @@ def tabular_table(page: Path) -> str:
     rows = [(label, *(col[i] for col in columns)) for i, (label, _) in enumerate(methods)]
     head = ("method", *(f"{d} {h}" for d in datasets for h in ("AUROC", "AP")))
     return table(head, rows)
+
+
+@block("tabular-design")
+def tabular_design(page: Path) -> str:
+    """The design table's run: its command, then each vae-service score and each PyOD detector
+    by AUROC, best first, the default decision marked."""
+    r = bench("tabular-design")
+    (name, data), *_ = r["datasets"].items()
+    decisions = tabular_decisions(r)
+    ranked = sorted(data["summary"].items(), key=lambda kv: -kv[1]["auroc"]["mean"])
+    rows = []
+    for method, m in ranked:
+        kind, _, what = method.partition(": ")
+        label = f"vae-service `{what}`" if kind != "PyOD" else f"PyOD {what}"
+        label += " (default)" if kind != "PyOD" and what in decisions else ""
+        a, ap = m["auroc"], m["average_precision"]
+        cells = (f"{a['mean']:.3f} ± {a['sd']:.3f}", f"{ap['mean']:.3f} ± {ap['sd']:.3f}")
+        rows.append((label, *cells))
+    command = tabular_command(r, "tabular-design")
+    runs = data["runs"]
+    ours = {s: [run["vae_service"][s]["auroc"] for run in runs] for s in ("ensemble", "dose")}
+    diff = [e - d for e, d in zip(ours["ensemble"], ours["dose"], strict=True)]
+    error = math.sqrt(sum((x - sum(diff) / len(diff)) ** 2 for x in diff) / (len(diff) - 1))
+    alarms = [run["false_alarms"] for run in runs]
+    normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
+    return (
+        f"```bash\n{command}\n```\n\n"
+        f"{len(runs)} seeds of {name} on {describe_machine(r['machine'])} "
+        f"(raw: {link(page, RESULTS / 'tabular-design.json')}):\n\n"
+        + table(("method", "AUROC", "AP"), rows)
+        + f"\nThe ensemble's AUROC minus DoSE's, seed by seed: "
+        f"{', '.join(f'{x:+.3f}' for x in diff)}; their mean {sum(diff) / len(diff):+.3f}, "
+        f"its standard error {error / math.sqrt(len(diff)):.3f}; the ensemble ahead on "
+        f"{sum(x > 0 for x in diff)} of {len(diff)} seeds. Validation rows: "
+        f"{span([run['calibration_rows'] for run in runs])}; held-out normal rows: "
+        f"{span(normal)} a seed, flagged by the default decision at 0.99: "
+        f"{', '.join(percent(a, 1) for a in alarms)} ({percent(sum(alarms) / len(alarms), 1)} "
+        "on average).\n"
+    )
 
 
 def span(counts: Sequence[int]) -> str:

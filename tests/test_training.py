@@ -81,7 +81,7 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
 @pytest.mark.slow
 def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> None:
     _, manifest = load_artifact(mnist_artifact)
-    assert manifest["format_version"] == 4
+    assert manifest["format_version"] == 5
     assert manifest["decision_score"] == "ensemble"
     dose = manifest["dose"]
     assert dose["features"] == ["kl_divergence", "reconstruction_log_prob", "complexity_bits"]
@@ -106,8 +106,18 @@ def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> No
                                 "source": "hidden-space reconstruction gaps of training rows"}  # fmt: skip
     assert vae.gaps is not None
     assert vae.gaps.mean.shape == (768,)
-    assert manifest["ensemble"] == {"scores": ["dose", "latent_distance", "rapp"],
-                                    "combine": "fisher"}  # fmt: skip
+    # The polar distance reads the same means' log lengths.
+    assert manifest["latent_polar_distance"] == {
+        "k": 5,
+        "n": train_size,
+        "source": "posterior means of training rows: directions and log lengths",
+    }
+    assert vae.neighbours.log_lengths is not None
+    assert vae.neighbours.log_lengths.shape == (train_size,)
+    assert manifest["ensemble"] == {
+        "scores": ["dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity"],
+        "combine": "fisher",
+    }
 
 
 @pytest.mark.slow

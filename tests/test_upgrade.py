@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from app.model import VAEService
+from scoring.scores import References
 from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4, drop_format_5
 from training.__main__ import main as train
 from training.config import ModelConfig
@@ -17,8 +19,9 @@ from training.model import VAE
 from training.upgrade import main as upgrade
 
 
-def as_format_2(artifact: Path, out: Path) -> Path:
-    """The artifact as the format-2 trainer wrote it: no latent reference, DoSE deciding."""
+def as_format(artifact: Path, out: Path, version: int) -> Path:
+    """The artifact as the trainer of format 2 (no latent reference, DoSE deciding) or 4 (no
+    polar distance, an ensemble of three) wrote it."""
     weights, background, manifest = load_weights(artifact)
     cfg = ModelConfig.from_dict(manifest["model"])
     model, bg = VAE(cfg), VAE(cfg)
@@ -26,10 +29,16 @@ def as_format_2(artifact: Path, out: Path) -> Path:
     assert background is not None
     bg.load_state_dict(background)
     drop_format_5(manifest["calibration"], manifest)
-    drop_format_4(manifest["calibration"], manifest)
-    drop_format_3(manifest["calibration"], manifest)
-    manifest["format_version"] = 2
-    export_artifact(model.eval(), manifest, out, bg.eval())
+    references = None
+    if version == 4:
+        after = VAEService.load(artifact, "cpu")
+        assert after.neighbours is not None
+        references = References(replace(after.neighbours, log_lengths=None), after.gaps)
+    else:
+        drop_format_4(manifest["calibration"], manifest)
+        drop_format_3(manifest["calibration"], manifest)
+    manifest["format_version"] = version
+    export_artifact(model.eval(), manifest, out, bg.eval(), references)
     return out
 
 
@@ -50,7 +59,7 @@ def old(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--eval-k", "5", "--batch-size", "64", "--hidden-dims", "16", "--latent-dim", "3",
             "--no-progress"]  # fmt: skip
     assert train(args) == 0
-    return as_format_2(tmp / "new.pt", tmp / "old.pt")
+    return as_format(tmp / "new.pt", tmp / "old.pt", 2)
 
 
 def test_upgrade_keeps_the_weights_and_adds_the_newer_scores(
@@ -89,6 +98,34 @@ def test_upgrade_keeps_the_weights_and_adds_the_newer_scores(
     x = np.random.default_rng(3).uniform(size=(4, 16)).astype(np.float32)
     scores = after.anomaly_scores(x, 4, seed=0)
     assert scores["ensemble"].shape == (4,)
+
+
+def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores(
+    old: Path, data: Path, tmp_path: Path
+) -> None:
+    """Format 4 to 5: the same weights and validation rows, so every score format 4 had keeps
+    its calibration values exactly; the polar distance joins them and the ensemble."""
+    current = tmp_path / "current.pt"
+    assert upgrade([str(old), "--data-dir", str(data), "--out", str(current)]) == 0
+    four = as_format(current, tmp_path / "four.pt", 4)
+    before = VAEService.load(four, "cpu")
+    assert before.format_version == 4
+    assert "latent_polar_distance" not in before.calibration.scores
+    assert before.ensemble.scores == ("dose", "latent_distance", "rapp")
+    out = tmp_path / "five.pt"
+    assert upgrade([str(four), "--data-dir", str(data), "--out", str(out)]) == 0
+    after = VAEService.load(out, "cpu")
+    assert after.format_version == 5
+    assert after.ensemble.scores == (
+        "dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity",
+    )  # fmt: skip
+    _, _, four_manifest = load_weights(four)
+    _, _, five_manifest = load_weights(out)
+    for name in ("kl_divergence", "dose", "latent_distance", "rapp"):
+        assert (
+            five_manifest["calibration"]["scores"][name]["values"]
+            == four_manifest["calibration"]["scores"][name]["values"]
+        ), name
 
 
 def test_upgrade_refuses_data_that_is_not_the_artifacts(

@@ -39,6 +39,7 @@ import torch
 
 from app.model import VAEService
 from scoring.calibration import Calibration
+from training.benchmark_latent import machine
 from training.config import PRESETS, ModelConfig, TrainConfig
 from training.data import Dataset, binarize_fixed, default_data_dir, load_data
 from training.evaluate import SCORE_DIRECTIONS, auroc, signed
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.preset == "quick":  # what it trained for, not the --epochs it did not use
         config["epochs"] = PRESETS["quick"].train["epochs"]
-    result: dict[str, Any] = {"config": config}
+    result: dict[str, Any] = {"config": config, "machine": machine()}
     if args.digits:
         per_digit: dict[int, dict[str, float]] = {}
         alarms: dict[str, dict[str, float]] = {}
