@@ -667,6 +667,26 @@ def sanity_table(page: Path) -> str:
     return table(head, rows)
 
 
+@block("sanity-format5")
+def sanity_format5(page: Path) -> str:
+    """The shipped weights' sanity sets as format 4 (shipped) and as format 5 (upgraded): the
+    ensemble's AUROC and the share the default decision flags, set by set."""
+    four, five = bench("sanity")["sanity"], bench("sanity-format5")["sanity"]
+    rows = []
+    for key in four["flagged"]:
+        aurocs = [r["auroc"].get(key, {}).get("ensemble") for r in (four, five)]
+        single = aurocs[0] is None and not key.startswith("normal test digits")
+        flags = [
+            ("yes" if r["flagged"][key] else "no") if single else percent(r["flagged"][key], 2)
+            for r in (four, five)
+        ]
+        cells = ["" if a is None else f"{a:.3f}" for a in aurocs]
+        rows.append((SANITY_SETS.get(key, key), cells[0], cells[1], *flags))
+    head = ("set", "ensemble AUROC, format 4", "format 5", "flagged, format 4", "format 5")
+    command = anomaly_command("sanity-format5")
+    return f"```bash\n{command}\n```\n\n" + table(head, rows)
+
+
 @block("sanity-costs")
 def sanity_costs(page: Path) -> str:
     costs = bench("sanity")["sanity"]["microseconds_per_instance"]
