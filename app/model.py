@@ -281,9 +281,11 @@ class VAEService:
                 scores["dose"] = self.density.score(stats)
         if self.neighbours is not None:
             mean, _ = self.module.encode(xt)
-            scores["latent_distance"] = self.neighbours.score(_numpy(mean))
-            if self.neighbours.log_lengths is not None:
-                scores["latent_polar_distance"] = self.neighbours.polar_score(_numpy(mean))
+            polar = self.neighbours.log_lengths is not None
+            chord, polar_distance = self.neighbours.distances(_numpy(mean), polar=polar)
+            scores["latent_distance"] = chord
+            if polar_distance is not None:
+                scores["latent_polar_distance"] = polar_distance
         if self.gaps is not None:
             scores["rapp"] = self.gaps.score(_numpy(self.module.hidden_gap(xt)))
         if "ensemble" in offered:

@@ -177,33 +177,37 @@ class Neighbours:
     def score(self, means: Array) -> Array:
         """Mean chord distance ||u - v|| = sqrt(2 - 2 u.v) from each unit posterior mean u to
         its k nearest reference rows v; in [0, 2], higher is more anomalous."""
-        # torch's matrix product, not numpy's: numpy's BLAS threads, woken right after torch's
-        # own have run the model, fought them for the cores and took 50 times as long.
-        out = []
-        for block in _unit(means).split(_CHUNK):
-            similarity = block @ self.reference.T  # (b, N)
-            nearest = torch.topk(similarity, self.k, dim=1).values
-            out.append(torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=0.0)).mean(1))
-        if not out:
-            return np.zeros(0, np.float32)
-        return torch.cat(out).numpy().astype(np.float32)
+        return self.distances(means, polar=False)[0]
 
     def polar_score(self, means: Array) -> Array:
         """Mean Euclidean distance from each posterior mean to its k nearest reference rows in
         polar coordinates, (unit vector, log length): sqrt(||u - v||^2 + (log r - log s)^2).
         Higher is more anomalous. Needs the reference's lengths (format 5)."""
-        if self.log_lengths is None:
+        polar = self.distances(means, polar=True)[1]
+        assert polar is not None
+        return polar
+
+    def distances(self, means: Array, *, polar: bool) -> tuple[Array, Array | None]:
+        """The chord distance and, with `polar`, the polar one, from one product of the means
+        with the reference: it reads the whole reference, which for a single request is most
+        of what a latent distance costs."""
+        if polar and self.log_lengths is None:
             raise ValueError("the polar distance needs the reference's lengths")
-        out = []
+        # torch's matrix product, not numpy's: numpy's BLAS threads, woken right after torch's
+        # own have run the model, fought them for the cores and took 50 times as long.
+        chords, polars = [], []
         units, logs = _unit(means).split(_CHUNK), _log_length(means).split(_CHUNK)
         for block, log_length in zip(units, logs, strict=True):
-            gap = log_length[:, None] - self.log_lengths[None, :]  # (b, N)
-            squared = torch.clamp(2.0 - 2.0 * (block @ self.reference.T), min=0.0) + gap**2
-            nearest = torch.topk(squared, self.k, dim=1, largest=False).values
-            out.append(torch.sqrt(nearest).mean(1))
-        if not out:
-            return np.zeros(0, np.float32)
-        return torch.cat(out).numpy().astype(np.float32)
+            similarity = block @ self.reference.T  # (b, N)
+            nearest = torch.topk(similarity, self.k, dim=1).values
+            chords.append(torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=0.0)).mean(1))
+            if polar:
+                assert self.log_lengths is not None
+                gap = log_length[:, None] - self.log_lengths[None, :]  # (b, N)
+                squared = torch.clamp(2.0 - 2.0 * similarity, min=0.0) + gap**2
+                closest = torch.topk(squared, self.k, dim=1, largest=False).values
+                polars.append(torch.sqrt(closest).mean(1))
+        return _joined(chords), _joined(polars) if polar else None
 
     def to_bytes(self) -> bytes:
         return _npy(self.reference)
@@ -235,6 +239,10 @@ def _unit(a: Array) -> torch.Tensor:
     rows = torch.as_tensor(np.asarray(a), dtype=torch.float64)
     unit: torch.Tensor = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp(min=1e-12)
     return unit
+
+
+def _joined(blocks: list[torch.Tensor]) -> Array:
+    return torch.cat(blocks).numpy().astype(np.float32) if blocks else np.zeros(0, np.float32)
 
 
 def _log_length(a: Array) -> torch.Tensor:

@@ -153,9 +153,11 @@ def anomaly_scores(
     if density is not None:
         out["dose"] = density.score(out)
     if references.neighbours is not None:
-        out["latent_distance"] = references.neighbours.score(out["latent_mean"])
-        if references.neighbours.log_lengths is not None:
-            out["latent_polar_distance"] = references.neighbours.polar_score(out["latent_mean"])
+        polar = references.neighbours.log_lengths is not None
+        chord, polar_distance = references.neighbours.distances(out["latent_mean"], polar=polar)
+        out["latent_distance"] = chord
+        if polar_distance is not None:
+            out["latent_polar_distance"] = polar_distance
     if references.gaps is not None:
         out["rapp"] = references.gaps.score(out["hidden_gap"])
     if calibration is not None and ensemble is not None and all(n in out for n in ensemble.scores):
