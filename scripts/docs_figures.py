@@ -561,6 +561,38 @@ def ensemble_design(page: Path) -> str:
     )
 
 
+@block("oneclass-seeds")
+def oneclass_seeds(page: Path) -> str:
+    """The one-class run again with another seed, as format 5 and as format 4 (the trainer
+    before it): the ensemble's mean and worst digit, and its false alarms, run by run."""
+    rows = []
+    for name in (ONECLASS, "oneclass-seed1", "oneclass-seed1-format4"):
+        r = bench(name)
+        worst = worst_digit(r, "ensemble")
+        alarms = {d: a["grey"] for d, a in r["false_alarms"].items()}
+        high = max(alarms, key=lambda d: alarms[d])
+        rows.append(
+            (
+                str(r["config"]["seed"]),
+                str(artifact_format(r["mean_auroc"])),
+                f"{r['mean_auroc']['ensemble']:.4f}",
+                f"{r['auroc'][worst]['ensemble']:.3f} ({worst})",
+                f"{percent(r['mean_false_alarms']['grey'], 2)} ({percent(alarms[high], 2)}, "
+                f"digit {high})",
+                link(page, RESULTS / f"{name}.json", "raw"),
+            )
+        )
+    head = (
+        "seed",
+        "format",
+        "ensemble: mean",
+        "worst digit",
+        "false alarms, grey: mean (worst)",
+        "",
+    )
+    return table(head, rows)
+
+
 @block("false-alarms")
 def false_alarms(page: Path) -> str:
     """The default decision's false alarms on each run's normal test digits, grey and binarised."""
