@@ -16,10 +16,15 @@ from PIL import Image
 
 from app.images import HEAT_COLOURS, LEGEND_HEIGHT, LEGEND_WIDTH, SEPARATOR
 from app.main import create_app
+from app.model import VAEService
 from app.settings import Settings
+from scoring.artifact import ModelLoadError
 from scoring.calibration import Calibration
+from scoring.scores import References
 from tests.conftest import EVERY_SCORE, make_artifact
-from training.export import load_artifact
+from training.config import ModelConfig
+from training.export import export_artifact, load_artifact, load_weights
+from training.model import VAE
 
 X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
 NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "latent_polar_distance",
@@ -129,6 +134,24 @@ def test_a_format_3_ensemble_is_the_larger_of_its_two_percentiles(format3_artifa
     dose, distance = (cal[n].as_trained(np.float32(out[n])) for n in ("dose", "latent_distance"))
     np.testing.assert_allclose(out["ensemble"], np.maximum(dose, distance), rtol=1e-6)
     assert len(pct["ensemble"]) == 3
+
+
+def test_an_ensemble_of_a_score_the_artifact_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    """An artifact whose manifest's ensemble names a score its calibration lacks would fail
+    every request: it is refused at load, naming the score."""
+    artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
+    weights, background, manifest = load_weights(artifact)
+    served = VAEService.load(artifact, "cpu")
+    del manifest["calibration"]["scores"]["rapp"], manifest["rapp"]
+    cfg = ModelConfig.from_dict(manifest["model"])
+    model, bg = VAE(cfg), VAE(cfg)
+    model.load_state_dict(weights)
+    assert background is not None
+    bg.load_state_dict(background)
+    broken = tmp_path / "broken.pt"
+    export_artifact(model, manifest, broken, bg, References(served.neighbours))
+    with pytest.raises(ModelLoadError, match=r"the ensemble combines rapp, not calibrated"):
+        VAEService.load(broken, "cpu")
 
 
 @pytest.mark.parametrize("name", EVERY_SCORE)

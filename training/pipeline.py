@@ -175,12 +175,15 @@ def fit_background(
 
 # What format 5's ensemble combines, by Fisher's method (scoring/scores.py): the input complexity
 # where the model has one (data in [0, 1]). On a design split of the training images alone
-# (docs/benchmarks/anomaly.md), format 4's three scores plus these two raised the mean AUROC of
-# both protocols, one digit learnt and one left out, where no reweighting of the three did.
+# (python -m training.benchmark_design), format 4's three scores plus these two raised the mean
+# AUROC of both protocols, one digit learnt and one left out, where the reweightings of format
+# 4's tried did not (docs/benchmarks/anomaly.md, "How the ensemble was chosen").
 ENSEMBLE = ("dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity")
 
 
 def ensemble_of(scores: Mapping[str, object]) -> Ensemble:
+    """The ensemble of ENSEMBLE's scores that a model has: a table model has no input
+    complexity."""
     return Ensemble(tuple(n for n in ENSEMBLE if n in scores), "fisher")
 
 
