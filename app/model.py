@@ -281,8 +281,7 @@ class VAEService:
                 scores["dose"] = self.density.score(stats)
         if self.neighbours is not None:
             mean, _ = self.module.encode(xt)
-            polar = self.neighbours.log_lengths is not None
-            chord, polar_distance = self.neighbours.distances(_numpy(mean), polar=polar)
+            chord, polar_distance = self.neighbours.distances(_numpy(mean))
             scores["latent_distance"] = chord
             if polar_distance is not None:
                 scores["latent_polar_distance"] = polar_distance

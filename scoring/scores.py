@@ -177,37 +177,36 @@ class Neighbours:
     def score(self, means: Array) -> Array:
         """Mean chord distance ||u - v|| = sqrt(2 - 2 u.v) from each unit posterior mean u to
         its k nearest reference rows v; in [0, 2], higher is more anomalous."""
-        return self.distances(means, polar=False)[0]
+        return self.distances(means)[0]
 
     def polar_score(self, means: Array) -> Array:
         """Mean Euclidean distance from each posterior mean to its k nearest reference rows in
         polar coordinates, (unit vector, log length): sqrt(||u - v||^2 + (log r - log s)^2).
         Higher is more anomalous. Needs the reference's lengths (format 5)."""
-        polar = self.distances(means, polar=True)[1]
-        assert polar is not None
+        polar = self.distances(means)[1]
+        if polar is None:
+            raise ValueError("the polar distance needs the reference's lengths")
         return polar
 
-    def distances(self, means: Array, *, polar: bool) -> tuple[Array, Array | None]:
-        """The chord distance and, with `polar`, the polar one, from one product of the means
-        with the reference: it reads the whole reference, which for a single request is most
-        of what a latent distance costs."""
-        if polar and self.log_lengths is None:
-            raise ValueError("the polar distance needs the reference's lengths")
+    def distances(self, means: Array) -> tuple[Array, Array | None]:
+        """The chord distance and, where the reference has its lengths (format 5), the polar
+        one, from one product of the means with the reference: it reads the whole reference,
+        which for a single request is most of what a latent distance costs."""
         # torch's matrix product, not numpy's: numpy's BLAS threads, woken right after torch's
         # own have run the model, fought them for the cores and took 50 times as long.
+        unit = _unit(means)
+        lengths = None if self.log_lengths is None else _log_length(means)
         chords, polars = [], []
-        units, logs = _unit(means).split(_CHUNK), _log_length(means).split(_CHUNK)
-        for block, log_length in zip(units, logs, strict=True):
-            similarity = block @ self.reference.T  # (b, N)
+        for start in range(0, len(unit), _CHUNK):
+            similarity = unit[start : start + _CHUNK] @ self.reference.T  # (b, N)
             nearest = torch.topk(similarity, self.k, dim=1).values
             chords.append(torch.sqrt(torch.clamp(2.0 - 2.0 * nearest, min=0.0)).mean(1))
-            if polar:
-                assert self.log_lengths is not None
-                gap = log_length[:, None] - self.log_lengths[None, :]  # (b, N)
+            if lengths is not None and self.log_lengths is not None:
+                gap = lengths[start : start + _CHUNK, None] - self.log_lengths[None, :]  # (b, N)
                 squared = torch.clamp(2.0 - 2.0 * similarity, min=0.0) + gap**2
                 closest = torch.topk(squared, self.k, dim=1, largest=False).values
                 polars.append(torch.sqrt(closest).mean(1))
-        return _joined(chords), _joined(polars) if polar else None
+        return _joined(chords), None if lengths is None else _joined(polars)
 
     def to_bytes(self) -> bytes:
         return _npy(self.reference)

@@ -153,8 +153,7 @@ def anomaly_scores(
     if density is not None:
         out["dose"] = density.score(out)
     if references.neighbours is not None:
-        polar = references.neighbours.log_lengths is not None
-        chord, polar_distance = references.neighbours.distances(out["latent_mean"], polar=polar)
+        chord, polar_distance = references.neighbours.distances(out["latent_mean"])
         out["latent_distance"] = chord
         if polar_distance is not None:
             out["latent_polar_distance"] = polar_distance
