@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -674,23 +675,24 @@ def shipped_false_alarms(page: Path) -> str:
     )
 
 
+def flagged_cell(sanity: dict[str, Any], key: str) -> str:
+    """The share of a sanity set the default decision flags; the reference set and the single
+    images have no AUROC, and a single image is flagged or not."""
+    share = sanity["flagged"][key]
+    if key not in sanity["auroc"] and not key.startswith("normal test digits"):
+        return "yes" if share else "no"
+    return percent(share, 2)
+
+
 @block("sanity-table")
 def sanity_table(page: Path) -> str:
     s = bench("sanity")["sanity"]
     scores = [n for n in SCORES if any(n in per for per in s["auroc"].values())]
     rows = []
-    for key, share in s["flagged"].items():
+    for key in s["flagged"]:
         per = s["auroc"].get(key)
-        # The reference set and single images have no AUROC; a single image is flagged or not.
-        single = per is None and not key.startswith("normal test digits")
         cells = [f"{per[n]:.3f}" if per else "" for n in scores]
-        rows.append(
-            (
-                SANITY_SETS.get(key, key),
-                *cells,
-                ("yes" if share else "no") if single else percent(share, 2),
-            )
-        )
+        rows.append((SANITY_SETS.get(key, key), *cells, flagged_cell(s, key)))
     head = (
         "set",
         *(SHORT[n] for n in scores),
@@ -707,13 +709,9 @@ def sanity_format5(page: Path) -> str:
     rows = []
     for key in four["flagged"]:
         aurocs = [r["auroc"].get(key, {}).get("ensemble") for r in (four, five)]
-        single = aurocs[0] is None and not key.startswith("normal test digits")
-        flags = [
-            ("yes" if r["flagged"][key] else "no") if single else percent(r["flagged"][key], 2)
-            for r in (four, five)
-        ]
         cells = ["" if a is None else f"{a:.3f}" for a in aurocs]
-        rows.append((SANITY_SETS.get(key, key), cells[0], cells[1], *flags))
+        flags = [flagged_cell(r, key) for r in (four, five)]
+        rows.append((SANITY_SETS.get(key, key), *cells, *flags))
     head = ("set", "ensemble AUROC, format 4", "format 5", "flagged, format 4", "format 5")
     command = anomaly_command("sanity-format5")
     return f"```bash\n{command}\n```\n\n" + table(head, rows)
@@ -898,7 +896,7 @@ def tabular_design(page: Path) -> str:
     runs = data["runs"]
     ours = {s: [run["vae_service"][s]["auroc"] for run in runs] for s in ("ensemble", "dose")}
     diff = [e - d for e, d in zip(ours["ensemble"], ours["dose"], strict=True)]
-    error = math.sqrt(sum((x - sum(diff) / len(diff)) ** 2 for x in diff) / (len(diff) - 1))
+    error = statistics.stdev(diff) / math.sqrt(len(diff))
     alarms = [run["false_alarms"] for run in runs]
     normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
     return (
@@ -908,7 +906,7 @@ def tabular_design(page: Path) -> str:
         + table(("method", "AUROC", "AP"), rows)
         + f"\nThe ensemble's AUROC minus DoSE's, seed by seed: "
         f"{', '.join(f'{x:+.3f}' for x in diff)}; their mean {sum(diff) / len(diff):+.3f}, "
-        f"its standard error {error / math.sqrt(len(diff)):.3f}; the ensemble ahead on "
+        f"its standard error {error:.3f}; the ensemble ahead on "
         f"{sum(x > 0 for x in diff)} of {len(diff)} seeds. Validation rows: "
         f"{span([run['calibration_rows'] for run in runs])}; held-out normal rows: "
         f"{span(normal)} a seed, flagged by the default decision at 0.99: "
