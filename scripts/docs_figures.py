@@ -387,14 +387,13 @@ def protocol(c: dict[str, Any]) -> str:
 
 def recipe(c: dict[str, Any]) -> str:
     """How a run's models trained: the quick preset, or the default recipe for --epochs."""
-    from training.config import PRESETS, TrainConfig
+    from training.config import schedule
 
     if c.get("preset") == "quick":
-        quick = PRESETS["quick"].train
-        warm = quick["kl_warmup_epochs"]
-        return f"{quick['epochs']} epochs, KL warm-up over {warm:g} (the quick preset)"
-    warmup = min(TrainConfig.kl_warmup_epochs, c["epochs"] / 2)
-    return f"{c['epochs']} epochs, KL warm-up over {warmup:g}"
+        epochs, warmup = schedule("quick")
+        return f"{epochs} epochs, KL warm-up over {warmup:g} (the quick preset)"
+    epochs, warmup = schedule(epochs=c["epochs"])
+    return f"{epochs} epochs, KL warm-up over {warmup:g}"
 
 
 def worst_digit(r: dict[str, Any], score: str) -> str:

@@ -12,7 +12,7 @@ import torch
 from app.model import VAEService
 from tests.conftest import EVERY_SCORE, MNIST_DIR
 from training.__main__ import TEST_BINARIZATION_SEED, main, model_config, parse_args, train_config
-from training.config import ModelConfig, TrainConfig
+from training.config import ModelConfig, TrainConfig, schedule
 from training.data import DataError, binarize_fixed, load_data
 from training.evaluate import auroc, mean_elbo
 from training.export import load_artifact
@@ -253,6 +253,17 @@ def test_setting_flags_override_the_preset_and_set_their_fields() -> None:
         input_dim=8, hidden_dims=(64, 32), latent_dim=4, likelihood="gaussian"
     )
     assert train_config(parse_args(["--preset", "quick"]), "mnist", "cpu").epochs == 15
+
+
+def test_the_benchmarks_schedule_is_the_presets_or_its_recipe_cut_short() -> None:
+    # The benchmarks train as the CLI does: a preset's own epochs and warm-up...
+    quick = train_config(parse_args(["--preset", "quick"]), "mnist", "cpu")
+    assert schedule("quick") == (quick.epochs, quick.kl_warmup_epochs) == (15, 3)
+    assert schedule() == (200, 10)
+    # ...or fewer epochs of its recipe, warmed up over half the run at most.
+    assert schedule(epochs=40) == (40, 10)
+    assert schedule(epochs=12) == (12, 6)
+    assert schedule("quick", 4) == (4, 2)
 
 
 @pytest.mark.parametrize(

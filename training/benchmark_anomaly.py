@@ -40,7 +40,7 @@ import torch
 from app.model import VAEService
 from scoring.calibration import Calibration
 from training.benchmark_latent import machine
-from training.config import PRESETS, ModelConfig, TrainConfig
+from training.config import ModelConfig, TrainConfig, schedule
 from training.data import Dataset, binarize_fixed, default_data_dir, load_data
 from training.evaluate import SCORE_DIRECTIONS, auroc, signed
 from training.pipeline import (
@@ -110,11 +110,9 @@ def run_digit(data: Dataset, digit: int, args: argparse.Namespace) -> dict[str, 
         input_dim=data.x_train.shape[1], hidden_dims=tuple(args.hidden_dims),
         latent_dim=args.latent_dim,
     )  # fmt: skip
-    # The default recipe (cosine decay, KL warm-up) for fewer epochs: warm up over half at most,
-    # or as the quick preset does.
-    quick = PRESETS["quick"].train if args.preset == "quick" else {}
-    epochs = quick.get("epochs", args.epochs)
-    warmup = quick.get("kl_warmup_epochs", min(TrainConfig.kl_warmup_epochs, epochs / 2))
+    # The quick preset as it is, or the default recipe (cosine decay, KL warm-up) for --epochs.
+    quick = args.preset == "quick"
+    epochs, warmup = schedule("quick") if quick else schedule(epochs=args.epochs)
     cfg = TrainConfig(
         epochs=epochs, seed=args.seed, kl_warmup_epochs=warmup, eval_images=args.test_images,
         calibration_samples=args.samples, calibration_ll_samples=args.ll_samples,
@@ -301,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.preset == "quick":  # what it trained for, not the --epochs it did not use
-        config["epochs"] = PRESETS["quick"].train["epochs"]
+        config["epochs"] = schedule("quick")[0]
     result: dict[str, Any] = {"config": config, "machine": machine()}
     if args.digits:
         per_digit: dict[int, dict[str, float]] = {}

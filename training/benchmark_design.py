@@ -33,7 +33,7 @@ import torch
 
 from scoring.calibration import Calibration
 from training.benchmark_latent import machine
-from training.config import PRESETS, ModelConfig, TrainConfig
+from training.config import ModelConfig, TrainConfig, schedule
 from training.data import Dataset, default_data_dir, load_data
 from training.evaluate import auroc, signed
 from training.pipeline import calibration, fit, served_scores, split
@@ -105,12 +105,9 @@ def tails(data: Dataset, digit: int, protocol: str, args: argparse.Namespace) ->
     """Each score's tail on the design rows, and which rows are anomalies."""
     design, is_anomaly = design_data(data, digit, protocol)
     if protocol == "oneclass":
-        epochs = args.epochs or args.epochs_oneclass
-        warmup = min(TrainConfig.kl_warmup_epochs, epochs / 2)
+        epochs, warmup = schedule(epochs=args.epochs or args.epochs_oneclass)
     else:
-        quick = PRESETS["quick"].train
-        epochs = args.epochs or quick["epochs"]
-        warmup = min(quick["kl_warmup_epochs"], epochs / 2)
+        epochs, warmup = schedule("quick", args.epochs)
     cfg = TrainConfig(epochs=epochs, seed=args.seed, kl_warmup_epochs=warmup,
                       background_noise=0.0)  # fmt: skip
     splits = split(design, cfg, "bernoulli", torch.device("cpu"))

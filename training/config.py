@@ -131,3 +131,13 @@ PRESETS: dict[str, Preset] = {
     # A smoke run: about a minute on 2 cores; as a short run it gets SHORT_RUN_EVALUATION.
     "quick": Preset(train={"epochs": 15, "kl_warmup_epochs": 3}),
 }
+
+
+def schedule(preset: str = "full", epochs: int | None = None) -> tuple[int, float]:
+    """A preset's epochs and KL warm-up, or its recipe cut to `epochs`: the warm-up then spans
+    half the run at most, so that even a short run ends on the whole ELBO."""
+    train = PRESETS[preset].train
+    warmup: float = train.get("kl_warmup_epochs", TrainConfig.kl_warmup_epochs)
+    if epochs is None:
+        return int(train.get("epochs", TrainConfig.epochs)), warmup
+    return epochs, min(warmup, epochs / 2)
