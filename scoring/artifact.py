@@ -57,10 +57,21 @@ def projected_feature_nll(module: Any, x: torch.Tensor) -> torch.Tensor:
     `module` is a VAE, scripted or not: its `encode` and `feature_log_prob` are all it needs,
     and gradients flow to z* alone (torch.autograd.grad, so no weight gathers a .grad and
     threads may share the module)."""
+    z, mean, std = project(module, x)
+    with torch.no_grad():
+        nll: torch.Tensor = -module.feature_log_prob(x, ((z - mean) / std).unsqueeze(0))
+        return nll
+
+
+def project(
+    module: Any, x: torch.Tensor, trim: float = PROJECTION_TRIM
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's projection z* (B, Z), from its posterior's mean and spread, which it also returns:
+    the latent that best explains all but the worst-fitting `trim` share of x's features."""
     with torch.no_grad():
         mean, logvar = module.encode(x)
         std = torch.exp(0.5 * logvar)
-    keep = max(1, round(x.shape[1] * (1.0 - PROJECTION_TRIM)))
+    keep = max(1, round(x.shape[1] * (1.0 - trim)))
     z = mean.clone()
     m1, m2 = torch.zeros_like(z), torch.zeros_like(z)  # Adam's moments, written out
     for t in range(1, PROJECTION_STEPS + 1):
@@ -76,6 +87,4 @@ def projected_feature_nll(module: Any, x: torch.Tensor) -> torch.Tensor:
             m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
             step = (m1 / (1 - 0.9**t)) / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8)
             z = z - PROJECTION_LR * step
-    with torch.no_grad():
-        nll: torch.Tensor = -module.feature_log_prob(x, ((z - mean) / std).unsqueeze(0))
-        return nll
+    return z, mean, std

@@ -962,7 +962,11 @@ def attribution_setup(page: Path) -> str:
 
 @block("attribution-table")
 def attribution_table(page: Path) -> str:
-    maps = bench("attribution-maps")["in_shape"]
+    return map_table(bench("attribution-maps")["in_shape"])
+
+
+def map_table(maps: dict[str, dict[str, float]]) -> str:
+    """A row per map, a column per shape (or input and shape), each column's best in bold."""
     shapes = list(next(iter(maps.values())))
     columns = [
         bold_best([percent(m[s]) for m in maps.values()], [m[s] for m in maps.values()])
@@ -970,6 +974,59 @@ def attribution_table(page: Path) -> str:
     ]
     rows = [(name, *(col[i] for col in columns)) for i, name in enumerate(maps)]
     return table(("map", *shapes), rows)
+
+
+@block("attribution-projection-setup")
+def attribution_projection_setup(page: Path) -> str:
+    r = bench("attribution-projection")
+    return (
+        f"```bash\n{portable(r['command'])}\n```\n\n"
+        f"{r['images']} validation digits of the shipped model's split, standardised on "
+        f"{r['reference']:,} others, on {describe_machine(r['machine'])} "
+        f"(raw: {link(page, RESULTS / 'attribution-projection.json')}).\n"
+    )
+
+
+@block("attribution-projection-table")
+def attribution_projection_table(page: Path) -> str:
+    inputs = bench("attribution-projection")["inputs"]
+    maps: dict[str, dict[str, float]] = {}
+    for kind, r in inputs.items():
+        for name, row in r["changed_found"].items():
+            maps.setdefault(name, {}).update({f"{shape}, {kind}": v for shape, v in row.items()})
+    return map_table(maps)
+
+
+@block("attribution-projection-facts")
+def attribution_projection_facts(page: Path) -> str:
+    inputs = bench("attribution-projection")["inputs"]
+    grey, binary = (inputs[k]["misfit_pixels_per_normal_digit"] for k in ("grey", "binarised"))
+    tiny = inputs["grey"]["changed_by_under_0.1"]
+    return (
+        "On unpatched digits the reconstruction at z* misses "
+        f"{grey['at z* (trim 0.2)']:g} pixels per grey digit by more than 0.8 "
+        f"({binary['at z* (trim 0.2)']:g} per binarised one), against "
+        f"{grey['at the posterior mean']:g} ({binary['at the posterior mean']:g}) at the "
+        "posterior mean. Of the pixels a paste changes in a grey digit, "
+        + ", ".join(f"{percent(v)} ({shape})" for shape, v in tiny.items())
+        + " change by less than 0.1. "
+        + beats("residual after 3 inpainting rounds (trim 0.15)", inputs)
+    )
+
+
+def beats(name: str, inputs: dict[str, Any]) -> str:
+    """How many of the study's columns a map wins against the served one, and by how much."""
+    served = next(n for n in inputs["grey"]["changed_found"] if n.startswith("served"))
+    gains = [
+        r["changed_found"][name][shape] - r["changed_found"][served][shape]
+        for r in inputs.values()
+        for shape in r["changed_found"][served]
+    ]
+    wins = sum(g > 0 for g in gains)
+    return (
+        f"The {name} finds more than the served map in {wins} of the {len(gains)} columns, "
+        f"by {100 * min(gains):+.1f} to {100 * max(gains):+.1f} points.\n"
+    )
 
 
 @block("latent-setup")
