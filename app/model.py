@@ -31,11 +31,14 @@ from scoring.artifact import (
     LATENT_REFERENCE,
     MANIFEST,
     PROJECTION_STEPS,
+    REDRAW_ROUNDS,
+    REDRAWN_RESIDUAL,
     REQUIRED_KEYS,
     REQUIRED_METHODS,
     SUPPORTED_FORMAT_VERSIONS,
     ModelLoadError,
     projected_feature_nll,
+    redrawn_residual,
 )
 from scoring.calibration import Calibration
 from scoring.scores import (
@@ -110,18 +113,20 @@ class VAEService:
                 raise ValueError(f"the ensemble combines {', '.join(lacking)}, not calibrated")
         # Format 2: what its scores need, checked by load(); absent from format 1.
         self.density = Density.from_manifest(manifest["dose"]) if "dose" in manifest else None
+        # How the attribution is computed: format 2 averages -log p(x_d|z) over the posterior
+        # samples, format 3 reads it at the trimmed projection ("projection"); both standardise
+        # it per feature. Format 6 draws an image model's as the residual from x redrawn.
         attribution = manifest.get("attribution")
+        self.attribution_method: str | None = None
         self.attribution_stats: tuple[Array, Array] | None = None
         if attribution is not None and hasattr(module, ATTRIBUTION_METHOD):
-            mean = np.asarray(attribution["mean"], dtype=np.float32)
-            # A floor on the spread: a pixel that is always 0 in normal data has none, and
-            # one stray value there must rank high, not infinitely high.
-            scale = np.maximum(np.asarray(attribution["scale"], dtype=np.float32), 0.05)
-            self.attribution_stats = (mean, scale)
-        # Format 3 standardises, and so computes, the attribution at the trimmed projection.
-        self.attribution_projected = attribution is not None and attribution.get("method") == (
-            "projection"
-        )
+            self.attribution_method = attribution.get("method", "samples")
+            if self.attribution_method != REDRAWN_RESIDUAL:
+                mean = np.asarray(attribution["mean"], dtype=np.float32)
+                # A floor on the spread: a pixel that is always 0 in normal data has none, and
+                # one stray value there must rank high, not infinitely high.
+                scale = np.maximum(np.asarray(attribution["scale"], dtype=np.float32), 0.05)
+                self.attribution_stats = (mean, scale)
         # A table's column names, in input order: the keys of /encode's and /anomaly-score's
         # records, and the names the attribution is reported by.
         features = manifest.get("features")
@@ -256,7 +261,8 @@ class VAEService:
         artifact has them, the input complexity, DoSE, the latent distance, RaPP and the
         ensemble (of the percentiles its manifest names); with `ratio`, the likelihood ratio
         against the background model; with K=`ll_samples` > 0, the importance-sampled
-        log-likelihood; with `attribution`, (B, D) standardised -log p(x_d|z) per feature.
+        log-likelihood; with `attribution`, (B, D): per feature, -log p(x_d|z) standardised,
+        or for format 6's image models the residual from x redrawn.
 
         The ratio and the attribution reuse the reconstruction's L samples, and the K samples
         are drawn after them, so asking for more never changes a seeded answer's other scores."""
@@ -293,9 +299,11 @@ class VAEService:
             scores["likelihood_ratio"] = recon - _numpy(
                 self.background.reconstruction_log_prob(xt, eps)
             )
-        if attribution and self.attribution_stats is not None:
+        if attribution and self.attribution_method == REDRAWN_RESIDUAL:
+            scores["attribution"] = _numpy(redrawn_residual(self.module, xt))
+        elif attribution and self.attribution_stats is not None:
             mean, scale = self.attribution_stats
-            if self.attribution_projected:
+            if self.attribution_method == "projection":
                 nll = _numpy(projected_feature_nll(self.module, xt))
             else:  # format 2: averaged over the reconstruction's L posterior samples
                 nll = -_numpy(getattr(self.module, ATTRIBUTION_METHOD)(xt, eps))
@@ -314,7 +322,7 @@ class VAEService:
         sizes = sorted(set(range(1, min(max_batch_size, 128) + 1)) | powers | {max_batch_size})
         for size in (s for s in sizes if s <= max_batch_size):
             x = np.full((size, self.input_dim), 0.5, dtype=np.float32)
-            attribution = size == 1 or not self.attribution_projected
+            attribution = size == 1 or self.attribution_method == "samples"
             for _ in range(2):  # the profiling executor specialises on the second call
                 self.encode(x, samples=2, seed=0)
                 self.decode(np.zeros((size, self.latent_dim), dtype=np.float32))
@@ -324,11 +332,12 @@ class VAEService:
 
     def attribution_passes(self, samples: int) -> int:
         """The attribution's cost in units of the scores' L decoder passes, for `cost_s`: one
-        more for format 2's; for the projection, about three passes (forward, backward, and
-        the encoder's share) per step, whatever L is."""
-        if not self.attribution_projected:
+        more for format 2's; for a projection, about three passes (forward, backward, and the
+        encoder's share) per step, whatever L is, and format 6 projects REDRAW_ROUNDS + 1 times."""
+        if self.attribution_method == "samples":
             return 1
-        return math.ceil(3 * PROJECTION_STEPS / max(samples, 1))
+        projections = REDRAW_ROUNDS + 1 if self.attribution_method == REDRAWN_RESIDUAL else 1
+        return math.ceil(3 * PROJECTION_STEPS * projections / max(samples, 1))
 
     def public_manifest(self) -> dict[str, Any]:
         """The manifest without the bulky calibration quantiles and training history."""

@@ -36,6 +36,7 @@ from app.common import JSON, MULTIPART, NPY, PNG
 from app.errors import InvalidInputError, UnsupportedMediaTypeError, VAEServiceError
 from app.model import VAEService
 from app.validation import float32
+from scoring.artifact import REDRAWN_RESIDUAL
 
 UPLOAD_FIELD = "file"
 
@@ -390,14 +391,21 @@ async def heat_map_response(
     x: np.ndarray, attribution: np.ndarray, vae: VAEService, scale: int
 ) -> Response:
     """One PNG grid with a cell per instance: the input, and beside it its attribution as a heat
-    map in inferno's colours (black: no more unlikely than in normal data; pale yellow: the
-    grid's most anomalous pixel), with the colour scale below, labelled in spreads (standard
-    deviations of -log p(x_d|z*) in normal data) above normal.
+    map in inferno's colours, with the colour scale below.
 
-    Drawn on a log scale, log(1 + a): a pixel that normal data never gets wrong stands a
-    hundred spreads above the rest, and on a linear scale would leave every other one black."""
+    Format 6's residual from x redrawn is drawn on its own fixed scale, from black (as the model
+    redraws it) to pale yellow (off by the whole [0, 1] range), so maps compare across calls.
+    The standardised maps of formats 2 to 5 run from black (no more unlikely than in normal
+    data) to the grid's most anomalous pixel, labelled in spreads (standard deviations of
+    -log p(x_d|z*) in normal data) above normal, on a log scale, log(1 + a): a pixel that normal
+    data never gets wrong stands a hundred spreads above the rest, and on a linear scale would
+    leave every other one black."""
     shape = (vae.input_shape[0], vae.input_shape[1])
     inputs = images.as_rgb(images.to_pixels(x, shape, _value_range(vae)))
+    if vae.attribution_method == REDRAWN_RESIDUAL:
+        heat = images.heat_colours(images.to_pixels(attribution, shape, (0.0, 1.0)))
+        legend = images.Legend(("as redrawn", "0.5", "1"))
+        return await _heat_grid(images.side_by_side(inputs, heat), scale, legend)
     # Not finite (an input beyond what the model represents): as anomalous as the grid gets.
     above = np.nan_to_num(np.maximum(attribution, 0.0), nan=np.inf)
     top = float(above[np.isfinite(above)].max(initial=0.0))
@@ -406,7 +414,10 @@ async def heat_map_response(
     heat = images.heat_colours(images.to_pixels(levels, shape, (0.0, None)))
     mid = math.sqrt(1.0 + top) - 1.0  # where log(1 + a) is half of log(1 + top)
     legend = images.Legend(("normal", f"{mid:.2g}", f"{top:.3g} sd"))
-    cells = images.side_by_side(inputs, heat)
+    return await _heat_grid(images.side_by_side(inputs, heat), scale, legend)
+
+
+async def _heat_grid(cells: np.ndarray, scale: int, legend: images.Legend) -> Response:
     body = await anyio.to_thread.run_sync(
         images.png_grid, cells, scale, legend, limiter=_PICTURE_WORK
     )

@@ -220,9 +220,10 @@ class AnomalyScoreParams(Strict):
     )
     attribution: Flag = Field(
         False,
-        description="Also return, per instance, each feature's share in its anomaly: "
-        "-log p(x_d|z*) at the input's projection z* on normal data (format 3; format 2 "
-        "averages over the L samples), standardised against normal validation data.",
+        description="Also return, per instance, each feature's share in its anomaly, read "
+        "against the input's projection z* on normal data: for an image model (format 6) the "
+        "residual |x_d - E[x_d|z*]| from the input redrawn, in [0, 1]; for a table model (and "
+        "older image models) -log p(x_d|z*) standardised against normal validation data.",
     )
     top_features: Int | None = Field(
         None,
@@ -358,8 +359,9 @@ class AnomalyScoreResponse(BaseModel):
     )
     attribution: list[list[float]] | None = Field(
         None,
-        description="When asked for: per instance, one value per feature, -log p(x_d|z) "
-        "standardised against normal data; the highest are the most anomalous features.",
+        description="When asked for: per instance, one value per feature, the residual from "
+        "the input redrawn (image models, format 6) or -log p(x_d|z*) standardised against "
+        "normal data; the highest are the most anomalous features.",
     )
     top_features: list[list[FeatureShare]] | None = Field(
         None,

@@ -168,7 +168,7 @@ def plan_scores(
             f"it offers {', '.join(s for s in SCORES if s in cal)}."
         )
     attribution = body.attribution or body.top_features is not None
-    if attribution and vae.attribution_stats is None:
+    if attribution and vae.attribution_method is None:
         raise InvalidInputError(
             f"This artifact (format_version {vae.format_version}) has no per-feature "
             "attribution; re-export it with the current trainer."

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/attribution-maps.json"))
     args = p.parse_args(argv)
     vae = VAEService.load(args.artifact, device="cpu")
-    if vae.attribution_stats is None:
-        raise SystemExit(f"{args.artifact}: this artifact offers no attribution")
+    if vae.attribution_stats is None:  # format 6's image map is a residual, not standardised
+        raise SystemExit(f"{args.artifact}: the study filters formats 2 to 5's standardised map")
     mean, scale = vae.attribution_stats
     x = binarize_fixed(load_data(args.data_dir).x_test[: args.images], TEST_BINARIZATION_SEED)
     rows: dict[str, dict[str, float]] = {}

@@ -19,6 +19,7 @@ from bench.servers import Process, ServerError, free_port
 from scoring.scores import References
 from training import pipeline
 from training.config import ModelConfig, TrainConfig
+from training.evaluate import projection_stats
 from training.export import FORMAT_VERSION, build_manifest, export_artifact
 from training.model import VAE
 
@@ -74,6 +75,12 @@ def as_quantiles(calibration: dict[str, Any]) -> None:
         entry["quantiles"] = np.quantile(np.asarray(entry.pop("values")), LEGACY_LEVELS).tolist()
 
 
+def drop_format_6(model: VAE, x: torch.Tensor, scoring: dict[str, Any]) -> None:
+    """An image model's attribution entry (in scoring data or a manifest) as formats 3 to 5 had
+    it, in place: -log p(x_d|z*) at the trimmed projection, standardised on the rows x."""
+    scoring["attribution"] = projection_stats(model, x)
+
+
 def drop_format_5(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
     """A format-5 calibration and scoring data as format 4 had them, in place: no polar
     distance, and the ensemble of three scores (its values here stay format 5's, so they serve
@@ -115,7 +122,8 @@ def make_artifact(
     of the current format (an untrained background model included), or as an older format
     was: 1, the three likelihood scores and nothing else; 2, without the latent distance and
     the ensemble; 1 to 3, without RaPP, calibrated by quantiles rather than sorted values; 1 to
-    4, without the polar distance."""
+    4, without the polar distance; 2 to 5, an image model's attribution standardised at the
+    trimmed projection rather than the residual from x redrawn."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -132,6 +140,8 @@ def make_artifact(
     calibration, scoring, refs = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
+    if format_version <= 5:
+        drop_format_6(model, x_val, scoring)
     if format_version <= 4:
         drop_format_5(calibration, scoring)
         assert refs.neighbours is not None

@@ -192,7 +192,10 @@ def test_attribution_is_one_value_per_feature_in_json_and_npy(client: TestClient
     assert record["is_anomaly"].tolist() == out["is_anomaly"]
 
 
-def test_png_answer_is_each_input_beside_its_heat_map(client: TestClient) -> None:
+def heat_map_canvas(client: TestClient) -> np.ndarray:
+    """The PNG answer to a seeded request for the three instances X, as an RGB array, checked
+    for its size: 3 cells in a 2 x 2 grid, each 4 x (4 + gap + 4) pixels scaled 2x, a gap
+    apart, and the colour scale below, at its least width."""
     r = client.post(
         "/anomaly-score?scale=2",
         json={"instances": X, "seed": 0},
@@ -201,36 +204,57 @@ def test_png_answer_is_each_input_beside_its_heat_map(client: TestClient) -> Non
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(r.content)) as img:
-        # 3 cells in a 2 x 2 grid, each 4 x (4 + gap + 4) pixels scaled 2x, a gap apart, and the
-        # colour scale below, at its least width.
-        cell_w, cell_h = 2 * (8 + SEPARATOR), 2 * 4
-        grid_w, grid_h = 2 * cell_w + SEPARATOR, 2 * cell_h + SEPARATOR
-        assert img.size == (max(grid_w, LEGEND_WIDTH), grid_h + LEGEND_HEIGHT)
+        assert img.size == (max(GRID_W, LEGEND_WIDTH), GRID_H + LEGEND_HEIGHT)
         assert img.mode == "RGB"
-        canvas = np.asarray(img)
-    # The pixels, from the JSON answer to the same seeded request: the input's grey level on the
-    # left; on the right log(1 + attribution) in inferno's colours, from its darkest (0) to its
-    # palest (the grid's largest value).
-    attribution = np.maximum(np.asarray(score(client, attribution=True)["attribution"]), 0.0)
-    heat = np.rint(np.log1p(attribution) / np.log1p(attribution).max() * 255).astype(int)
-    inferno = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255
+        return np.asarray(img)
+
+
+CELL_W, CELL_H = 2 * (8 + SEPARATOR), 2 * 4
+GRID_W, GRID_H = 2 * CELL_W + SEPARATOR, 2 * CELL_H + SEPARATOR
+INFERNO = colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255
+
+
+def assert_cells(canvas: np.ndarray, heat: np.ndarray) -> None:
+    """Each cell holds the input's grey level on the left and, on the right, its heat level
+    (0..255) in inferno's colours; grey gaps between them; the colour scale below runs from
+    inferno's darkest at the left to its palest at the right."""
     inputs = np.asarray(X, dtype=np.float32).astype(np.float64)  # as the service holds them
     for i in range(3):
         top, left = divmod(i, 2)
-        y0, x0 = top * (cell_h + SEPARATOR), left * (cell_w + SEPARATOR)
-        cell = canvas[y0 : y0 + cell_h : 2, x0 : x0 + cell_w : 2]  # one pixel per model pixel
+        y0, x0 = top * (CELL_H + SEPARATOR), left * (CELL_W + SEPARATOR)
+        cell = canvas[y0 : y0 + CELL_H : 2, x0 : x0 + CELL_W : 2]  # one pixel per model pixel
         grey = np.rint(inputs[i].reshape(4, 4) * 255)
         for channel in range(3):
             np.testing.assert_array_equal(cell[:, :4, channel], grey)
         assert (cell[:, 4 : 4 + SEPARATOR] == 128).all()  # the grey gap between the two
-        colours = inferno[heat[i].reshape(4, 4)]
-        np.testing.assert_allclose(cell[:, 4 + SEPARATOR :], colours, atol=1.5)
-    assert (canvas[cell_h : cell_h + SEPARATOR, :grid_w] == 128).all()  # between the rows
-    assert (canvas[cell_h + SEPARATOR : grid_h, cell_w + SEPARATOR : grid_w] == 128).all()
-    # The colour scale: inferno from its darkest at the left to its palest at the right.
-    bar = canvas[grid_h + 6].astype(float)
-    np.testing.assert_allclose(bar[0], inferno[0], atol=1.5)
-    np.testing.assert_allclose(bar[-1], inferno[255], atol=1.5)
+        np.testing.assert_allclose(
+            cell[:, 4 + SEPARATOR :], INFERNO[heat[i].reshape(4, 4)], atol=1.5
+        )
+    assert (canvas[CELL_H : CELL_H + SEPARATOR, :GRID_W] == 128).all()  # between the rows
+    assert (canvas[CELL_H + SEPARATOR : GRID_H, CELL_W + SEPARATOR : GRID_W] == 128).all()
+    bar = canvas[GRID_H + 6].astype(float)
+    np.testing.assert_allclose(bar[0], INFERNO[0], atol=1.5)
+    np.testing.assert_allclose(bar[-1], INFERNO[255], atol=1.5)
+
+
+def test_png_answer_is_each_input_beside_its_redrawn_residual(client: TestClient) -> None:
+    canvas = heat_map_canvas(client)
+    # Format 6: the residual from x redrawn, from the JSON answer to the same seeded request,
+    # on its fixed scale, 0 (as redrawn) to 1 (off by the whole range).
+    attribution = np.asarray(score(client, attribution=True)["attribution"])
+    assert ((attribution >= 0) & (attribution <= 1)).all()
+    assert_cells(canvas, np.rint(attribution * 255).astype(int))
+
+
+def test_png_answer_draws_older_formats_standardised_map_on_a_log_scale(
+    format4_artifact: Path,
+) -> None:
+    with client_for(format4_artifact) as c:
+        canvas = heat_map_canvas(c)
+        # log(1 + attribution) from its darkest (0) to its palest (the grid's largest value).
+        attribution = np.maximum(np.asarray(score(c, attribution=True)["attribution"]), 0.0)
+    heat = np.rint(np.log1p(attribution) / np.log1p(attribution).max() * 255).astype(int)
+    assert_cells(canvas, heat)
 
 
 def test_the_heat_colours_are_matplotlibs_inferno() -> None:

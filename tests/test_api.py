@@ -245,7 +245,7 @@ def test_startup_refuses_an_unknown_format_version(tmp_path: Path) -> None:
     manifest = {"format_version": FORMAT_VERSION + 1, "input_shape": [4], "input_dim": 4,
                 "latent_dim": 2, "likelihood": "bernoulli"}  # fmt: skip
     export_artifact(model, manifest, tmp_path / "future.pt")
-    match = rf"unknown format_version {FORMAT_VERSION + 1}; this service reads \[1, 2, 3, 4, 5\]"
+    match = rf"unknown format_version {FORMAT_VERSION + 1}; this service reads \[1, 2, 3, 4, 5, 6\]"
     with pytest.raises(ModelLoadError, match=match):
         start(Settings(model_path=tmp_path / "future.pt"))
 
@@ -283,4 +283,4 @@ def test_settings_come_from_vae_environment(
 def test_unknown_fields_in_the_manifest_do_not_break_loading(tmp_path: Path) -> None:
     path = make_artifact(tmp_path / "vae.pt")
     with TestClient(create_app(Settings(model_path=path))) as c:
-        assert json.loads(c.get("/model").text)["manifest"]["format_version"] == 5
+        assert json.loads(c.get("/model").text)["manifest"]["format_version"] == FORMAT_VERSION

@@ -12,9 +12,9 @@ import torch
 from app.model import VAEService
 from bench.attribution_maps import SHAPES, SIDE, gaussian, main, opening, window_max_mean
 from bench.attribution_projection import SHAPES as PROJECTION_SHAPES
-from bench.attribution_projection import inpainted, maps
 from bench.attribution_projection import main as projection_main
-from scoring.artifact import project
+from bench.attribution_projection import maps
+from scoring.artifact import project, redrawn_projection
 from tests.conftest import MNIST_DIR
 from training.benchmark_anomaly import paste
 from training.data import load_data
@@ -87,15 +87,17 @@ def test_the_projection_study_runs_on_validation_digits_and_finds_the_trims_cost
     assert set(result["inputs"]["binarised"]["changed_by_under_0.1"].values()) == {0.0}
 
 
-def test_inpainting_starts_from_the_served_projection() -> None:
+def test_redrawing_starts_from_the_trimmed_projection() -> None:
     vae = VAEService.load(SHIPPED, device="cpu")
     digits = np.asarray(load_data(MNIST_DIR).x_test[:4], np.float32)
     x = torch.from_numpy(paste(digits, 8, 8, 0)[0])
     with torch.no_grad():
         # The same steps (to float rounding: TorchScript optimises a graph after its first calls).
         served = project(vae.module, x)[0]
-        torch.testing.assert_close(inpainted(vae.module, x, 0, 0.2), served, rtol=1e-4, atol=1e-5)
-        redrawn = inpainted(vae.module, x, 3, 0.2)
+        torch.testing.assert_close(
+            redrawn_projection(vae.module, x, 0, 0.2), served, rtol=1e-4, atol=1e-5
+        )
+        redrawn = redrawn_projection(vae.module, x, 3, 0.2)
     assert redrawn.shape == (4, vae.latent_dim)
     assert bool(torch.isfinite(redrawn).all())
     assert not torch.allclose(redrawn, served, rtol=1e-2, atol=1e-3)

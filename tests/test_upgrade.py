@@ -11,7 +11,7 @@ import torch
 
 from app.model import VAEService
 from scoring.scores import References
-from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4, drop_format_5
+from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4, drop_format_5, drop_format_6
 from training.__main__ import main as train
 from training.config import ModelConfig
 from training.export import export_artifact, load_weights, sha256_of
@@ -20,21 +20,29 @@ from training.upgrade import main as upgrade
 
 
 def as_format(artifact: Path, out: Path, version: int) -> Path:
-    """The artifact as the trainer of format 2 (no latent reference, DoSE deciding) or 4 (no
-    polar distance, an ensemble of three) wrote it."""
+    """The artifact as the trainer of format 2 (no latent reference, DoSE deciding), 4 (no
+    polar distance, an ensemble of three) or 5 (the attribution standardised at the trimmed
+    projection) wrote it."""
     weights, background, manifest = load_weights(artifact)
     cfg = ModelConfig.from_dict(manifest["model"])
     model, bg = VAE(cfg), VAE(cfg)
     model.load_state_dict(weights)
     assert background is not None
     bg.load_state_dict(background)
-    drop_format_5(manifest["calibration"], manifest)
+    rows = torch.bernoulli(
+        torch.full((64, cfg.input_dim), 0.3), generator=torch.Generator().manual_seed(0)
+    )
+    drop_format_6(model.eval(), rows, manifest)
+    current = VAEService.load(artifact, "cpu")
+    assert current.neighbours is not None
     references = None
-    if version == 4:
-        after = VAEService.load(artifact, "cpu")
-        assert after.neighbours is not None
-        references = References(replace(after.neighbours, log_lengths=None), after.gaps)
+    if version == 5:
+        references = References(current.neighbours, current.gaps)
     else:
+        drop_format_5(manifest["calibration"], manifest)
+    if version == 4:
+        references = References(replace(current.neighbours, log_lengths=None), current.gaps)
+    elif version < 4:
         drop_format_4(manifest["calibration"], manifest)
         drop_format_3(manifest["calibration"], manifest)
     manifest["format_version"] = version
@@ -71,7 +79,9 @@ def test_upgrade_keeps_the_weights_and_adds_the_newer_scores(
     out = tmp_path / "up.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert after.format_version == 5
+    assert after.format_version == 6
+    assert before.attribution_method == "projection"
+    assert after.attribution_method == "redrawn residual"
     assert after.decision_score == "ensemble"
     assert {"latent_distance", "latent_polar_distance", "ensemble"} <= set(after.calibration.scores)
     assert after.neighbours is not None
@@ -115,7 +125,7 @@ def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores
     out = tmp_path / "five.pt"
     assert upgrade([str(four), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert after.format_version == 5
+    assert after.format_version == 6
     assert after.ensemble.scores == (
         "dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity",
     )  # fmt: skip
@@ -126,6 +136,34 @@ def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores
             five_manifest["calibration"]["scores"][name]["values"]
             == four_manifest["calibration"]["scores"][name]["values"]
         ), name
+
+
+def test_a_format_5_artifact_keeps_every_score_and_gains_the_redrawn_residual(
+    old: Path, data: Path, tmp_path: Path
+) -> None:
+    """Format 5 to 6 changes an image model's attribution alone: every calibration value, the
+    ensemble and the seeded scores stay as they were."""
+    current = tmp_path / "current.pt"
+    assert upgrade([str(old), "--data-dir", str(data), "--out", str(current)]) == 0
+    five = as_format(current, tmp_path / "five.pt", 5)
+    before = VAEService.load(five, "cpu")
+    assert (before.format_version, before.attribution_method) == (5, "projection")
+    out = tmp_path / "six.pt"
+    assert upgrade([str(five), "--data-dir", str(data), "--out", str(out)]) == 0
+    after = VAEService.load(out, "cpu")
+    assert (after.format_version, after.attribution_method) == (6, "redrawn residual")
+    assert after.manifest["calibration"] == before.manifest["calibration"]
+    assert after.ensemble == before.ensemble
+    x = np.random.default_rng(5).uniform(size=(4, 16)).astype(np.float32)
+    old_scores = before.anomaly_scores(x, 4, seed=0, attribution=True)
+    new_scores = after.anomaly_scores(x, 4, seed=0, attribution=True)
+    for name, values in old_scores.items():
+        if name != "attribution":
+            np.testing.assert_array_equal(new_scores[name], values, err_msg=name)
+    # The residual is in the data's own units, 0 to 1; the standardised map is not.
+    assert ((new_scores["attribution"] >= 0) & (new_scores["attribution"] <= 1)).all()
+    assert after.attribution_stats is None
+    assert before.attribution_stats is not None
 
 
 def test_upgrade_refuses_data_that_is_not_the_artifacts(

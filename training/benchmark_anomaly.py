@@ -232,7 +232,7 @@ def attribution_hits(
 ) -> dict[str, float] | None:
     """With a height x width white rectangle pasted in each digit, the share of its k = h * w
     most-attributed pixels that lie in it, beside `per_pixel_ceiling`."""
-    if vae.attribution_stats is None:
+    if vae.attribution_method is None:
         return None
     patched, mask = paste(x, height, width, args.seed)
     att = vae.anomaly_scores(patched.astype(np.float32), args.samples, args.seed, attribution=True)

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scoring.artifact import PROJECTION_STEPS, PROJECTION_TRIM, projected_feature_nll
+from scoring.artifact import (
+    PROJECTION_STEPS,
+    PROJECTION_TRIM,
+    REDRAW_ROUNDS,
+    REDRAW_TRIM,
+    REDRAWN_RESIDUAL,
+    projected_feature_nll,
+)
 from scoring.calibration import Calibration
 from scoring.scores import Density, Ensemble, References, complexity_bits, input_complexity
 from training.model import VAE
@@ -178,10 +185,27 @@ def latent_means(model: VAE, x: Tensor, *, batch_size: int = 1000) -> np.ndarray
 
 @torch.no_grad()
 def feature_stats(model: VAE, x: Tensor, *, batch_size: int = 250) -> dict[str, Any]:
-    """Mean and spread of -log p(x_d|z*) per feature on normal data, at each row's trimmed
-    projection z* (app/model.py), as the service computes the attribution: they standardise
-    it, so that a feature that is always hard to reconstruct (a digit's edge) does not outrank
-    one that is never wrong (a background pixel)."""
+    """How the service computes the attribution, as the manifest records it (app/model.py).
+
+    An image model's (Bernoulli, format 6) is the residual from x's redrawn projection,
+    |x_d - E[x_d|z*]| in the data's own [0, 1], which needs nothing from the data. A table
+    model's is -log p(x_d|z*) at the trimmed projection, standardised by its mean and spread
+    per feature on normal data, so that a feature that is always hard to reconstruct does not
+    outrank one that is never wrong."""
+    if model.bernoulli:
+        return {
+            "method": REDRAWN_RESIDUAL,
+            "steps": PROJECTION_STEPS,
+            "rounds": REDRAW_ROUNDS,
+            "trim": REDRAW_TRIM,
+        }
+    return projection_stats(model, x, batch_size=batch_size)
+
+
+@torch.no_grad()
+def projection_stats(model: VAE, x: Tensor, *, batch_size: int = 250) -> dict[str, Any]:
+    """Mean and spread of -log p(x_d|z*) per feature on normal data x, at each row's trimmed
+    projection: a table model's attribution, and every model's in formats 3 to 5."""
     nll = torch.cat([projected_feature_nll(model, xb) for xb in x.split(batch_size)])
     nll = nll.double().cpu()
     return {

@@ -37,7 +37,9 @@ from training.model import VAE
 # percentiles, scoring/calibration.py), not 1001 interpolated quantiles.
 # 5: the latent polar distance, its training rows' log lengths in LATENT_LENGTHS, in an ensemble
 # of five scores.
-FORMAT_VERSION = 5
+# 6: an image model's attribution is the residual from x redrawn (scoring/artifact.py), with no
+# per-feature statistics; a table model's is unchanged.
+FORMAT_VERSION = 6
 
 
 @contextmanager

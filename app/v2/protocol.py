@@ -83,7 +83,7 @@ class V2Model:
         outs: dict[str, tuple[str, list[int]]] = {name: ("FP32", [-1]) for name in offered}
         outs |= {f"{name}_percentile": ("FP32", [-1]) for name in offered}
         outs["is_anomaly"] = ("BOOL", [-1])
-        if vae.attribution_stats is not None:
+        if vae.attribution_method is not None:
             outs["attribution"] = ("FP32", [-1, d])
         return outs
 
