@@ -961,6 +961,41 @@ def tabular_false_alarms(page: Path) -> str:
     return table(head, rows)
 
 
+@block("tabular-false-alarms-seeds")
+def tabular_false_alarms_seeds(page: Path) -> str:
+    """The same false alarms over more seeds, pooled: the rate against the conformal bound."""
+    r = bench("tabular-false-alarms")
+    rows = []
+    for d, v in r["datasets"].items():
+        runs = v["runs"]
+        normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
+        flagged = round(sum(run["false_alarms"] * n for run, n in zip(runs, normal, strict=True)))
+        bounds = [1 / (run["calibration_rows"] + 1) for run in runs]
+        rows.append(
+            (
+                d,
+                str(len(runs)),
+                span([run["calibration_rows"] for run in runs]),
+                f"{sum(normal):,}",
+                f"{flagged} ({percent(flagged / sum(normal), 2)})",
+                " to ".join(dict.fromkeys(percent(b, 2) for b in (min(bounds), max(bounds)))),
+            )
+        )
+    head = (
+        "table",
+        "seeds",
+        "validation rows",
+        "held-out normal rows, all seeds",
+        f"flagged at {default_threshold():g}",
+        "bound, 1 / (V + 1)",
+    )
+    return (
+        f"```bash\n{r['command']}\n```\n\n"
+        f"On {describe_machine(r['machine'])} (raw: "
+        f"{link(page, RESULTS / 'tabular-false-alarms.json')}):\n\n" + table(head, rows)
+    )
+
+
 @block("attribution-setup")
 def attribution_setup(page: Path) -> str:
     return study_setup(page, "attribution-maps", "digits")
