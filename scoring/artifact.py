@@ -111,12 +111,13 @@ def redrawn_projection(
     with torch.no_grad():
         mean, logvar = module.encode(x)
         std = torch.exp(0.5 * logvar)
+    redraw = max(1, round(x.shape[1] * trim))  # a feature at least, however few there are
     filled = x
     for _ in range(rounds):
         z = project(module, filled, trim)[0]
         with torch.no_grad():
             nll = -module.feature_log_prob(x, ((z - mean) / std).unsqueeze(0))
-            worst = torch.topk(nll, round(x.shape[1] * trim), dim=1).values[:, -1:]
+            worst = torch.topk(nll, redraw, dim=1).values[:, -1:]
             filled = torch.where(nll >= worst, module.decode(z), x)
     return project(module, filled, trim)[0]
 

@@ -257,6 +257,22 @@ def test_png_answer_draws_older_formats_standardised_map_on_a_log_scale(
     assert_cells(canvas, heat)
 
 
+@pytest.mark.parametrize("features", [1, 2, 3])
+def test_a_model_of_very_few_features_redraws_at_least_one(tmp_path: Path, features: int) -> None:
+    # 15% of 1 to 3 features rounds to none; the redraw still takes the worst one.
+    path = make_artifact(tmp_path / "vae.pt", input_shape=(features,))
+    rows = np.random.default_rng(features).uniform(0, 1, (5, features)).round(3).tolist()
+    with client_for(path) as c:
+        r = c.post(
+            "/anomaly-score",
+            json={"instances": rows, "seed": 0, "attribution": True, "top_features": 1},
+        )
+        assert r.status_code == 200, r.text
+        attribution = np.asarray(r.json()["attribution"])
+    assert attribution.shape == (5, features)
+    assert ((attribution >= 0) & (attribution <= 1)).all()
+
+
 def test_the_heat_colours_are_matplotlibs_inferno() -> None:
     expected = np.rint(colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255)
     np.testing.assert_array_equal(HEAT_COLOURS, expected)  # scripts/colour_map.py rewrites it
