@@ -20,7 +20,6 @@ shape, the table gives the share of the k = h * w most-attributed pixels that li
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 
 from app.model import VAEService
 from training.benchmark_anomaly import paste, per_pixel_ceiling
-from training.benchmark_latent import machine
+from training.benchmark_latent import machine, write_result
 from training.data import binarize_fixed, default_data_dir, load_data
 from training.pipeline import TEST_BINARIZATION_SEED
 
@@ -125,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": " ".join(["python -m bench.attribution_maps", *argv]),
               "artifact": str(args.artifact), "images": args.images, "machine": machine(),
               "in_shape": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print("| map | " + " | ".join(SHAPES) + " |\n| --- |" + " --- |" * len(SHAPES))
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{100 * row[s]:.1f}%" for s in SHAPES) + " |")

@@ -40,7 +40,7 @@ import torch
 from app.model import VAEService
 from scoring.artifact import project, redrawn_projection
 from training.benchmark_anomaly import changed_found, paste
-from training.benchmark_latent import machine
+from training.benchmark_latent import machine, write_result
 from training.config import TrainConfig
 from training.data import binarize_fixed, default_data_dir, load_data, train_val_split
 from training.pipeline import TEST_BINARIZATION_SEED, validation_size
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "inputs": kinds,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     print(json.dumps(kinds, indent=1))
     return 0
 

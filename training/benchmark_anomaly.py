@@ -39,7 +39,7 @@ import torch
 
 from app.model import VAEService
 from scoring.calibration import Calibration
-from training.benchmark_latent import machine
+from training.benchmark_latent import machine, write_result
 from training.config import ModelConfig, TrainConfig, schedule
 from training.data import Dataset, binarize_fixed, default_data_dir, load_data
 from training.evaluate import SCORE_DIRECTIONS, auroc, signed
@@ -334,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sanity"] = sanity = run_sanity(vae, x, args)
         print(json.dumps(sanity, indent=1))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     return 0
 
 

@@ -19,7 +19,6 @@ with each score alone beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from scoring.calibration import Calibration
-from training.benchmark_latent import machine
+from training.benchmark_latent import machine, write_result
 from training.config import ModelConfig, TrainConfig, schedule
 from training.data import Dataset, default_data_dir, load_data
 from training.evaluate import auroc, signed
@@ -162,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean": {n: round(float(np.mean([d[n] for d in rows])), 4) for n in rows[0]},
             "worst": {n: min(d[n] for d in rows) for n in rows[0]},
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_result(args.out, results)
     print(f"raw results: {args.out}")
     return 0
 

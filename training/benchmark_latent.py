@@ -124,6 +124,12 @@ def fit_and_score(
     }
 
 
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """A benchmark's raw result as the docs read it: indented JSON, its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def machine() -> dict[str, Any]:
     """The hardware and the versions the figures depend on."""
     cpu = "unknown"
@@ -235,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     return 0
 
 

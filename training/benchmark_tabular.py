@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import logging
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import numpy.typing as npt
 from app.model import VAEService
 from training.__main__ import main as train_main
 from training.benchmark_anomaly import flagged
-from training.benchmark_latent import machine
+from training.benchmark_latent import machine, write_result
 from training.evaluate import signed
 from training.tables import TableOptions, load_table
 
@@ -309,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.dataset:
             results["datasets"][name] = run_dataset(name, args, Path(tmp))
             print(markdown(name, results["datasets"][name]["summary"], args.seeds) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_result(args.out, results)
     print(f"raw results: {args.out}")
     return 0
 
