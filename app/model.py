@@ -32,6 +32,7 @@ from scoring.artifact import (
     MANIFEST,
     PROJECTION_STEPS,
     REDRAW_ROUNDS,
+    REDRAW_STEPS,
     REDRAWN_RESIDUAL,
     REQUIRED_KEYS,
     REQUIRED_METHODS,
@@ -333,11 +334,13 @@ class VAEService:
     def attribution_passes(self, samples: int) -> int:
         """The attribution's cost in units of the scores' L decoder passes, for `cost_s`: one
         more for format 2's; for a projection, about three passes (forward, backward, and the
-        encoder's share) per step, whatever L is, and format 6 projects REDRAW_ROUNDS + 1 times."""
+        encoder's share) per step, whatever L is; format 6 projects REDRAW_ROUNDS + 1 times."""
         if self.attribution_method == "samples":
             return 1
-        projections = REDRAW_ROUNDS + 1 if self.attribution_method == REDRAWN_RESIDUAL else 1
-        return math.ceil(3 * PROJECTION_STEPS * projections / max(samples, 1))
+        steps = PROJECTION_STEPS
+        if self.attribution_method == REDRAWN_RESIDUAL:
+            steps = (REDRAW_ROUNDS + 1) * REDRAW_STEPS
+        return math.ceil(3 * steps / max(samples, 1))
 
     def public_manifest(self) -> dict[str, Any]:
         """The manifest without the bulky calibration quantiles and training history."""

@@ -16,7 +16,7 @@ scored by the share of the changed pixels among its most-attributed ones (`chang
 - the residual |x_d - E[x_d|z*]|, unstandardised;
 - that residual after rounds of redrawing: the worst-fitting trim share of x is redrawn from
   the projection, and the redrawn image projected again (a cousin of Dehaene et al.'s
-  iterative projection, ICLR 2020); at trim 0.15, format 6's map.
+  iterative projection, ICLR 2020), with 25 steps a projection; at trim 0.15, format 6's map.
 
 Two facts explain the ranks. `misfit pixels per normal digit`: how many pixels of an unpatched
 digit the reconstruction misses by more than 0.8, at z* and at the posterior mean; each is a
@@ -66,6 +66,10 @@ def maps(module: Any) -> dict[str, tuple[Map, bool]]:
     def residual(rounds: int, trim: float) -> Map:
         return lambda x: (x - module.decode(redrawn_projection(module, x, rounds, trim))).abs()
 
+    def at_z(x: torch.Tensor) -> torch.Tensor:
+        residual: torch.Tensor = (x - module.decode(project(module, x, 0.2)[0])).abs()
+        return residual
+
     return {
         "formats 3 to 5: -log p at z* (trim 0.2), standardised": (nll(0.2), True),
         "-log p at z* (trim 0.1), standardised": (nll(0.1), True),
@@ -74,7 +78,7 @@ def maps(module: Any) -> dict[str, tuple[Map, bool]]:
             lambda x: nll_at(module, x, module.encode(x)[0]),
             True,
         ),
-        "residual at z* (trim 0.2)": (residual(0, 0.2), False),
+        "residual at z* (trim 0.2)": (at_z, False),
         "residual after 3 redrawing rounds (trim 0.2)": (residual(3, 0.2), False),
         "format 6: residual after 3 redrawing rounds (trim 0.15)": (residual(3, 0.15), False),
     }

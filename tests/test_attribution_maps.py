@@ -14,7 +14,7 @@ from bench.attribution_maps import SHAPES, SIDE, gaussian, main, opening, window
 from bench.attribution_projection import SHAPES as PROJECTION_SHAPES
 from bench.attribution_projection import main as projection_main
 from bench.attribution_projection import maps
-from scoring.artifact import project, redrawn_projection
+from scoring.artifact import PROJECTION_STEPS, project, redrawn_projection
 from tests.conftest import MNIST_DIR
 from training.benchmark_anomaly import paste
 from training.data import load_data
@@ -95,7 +95,10 @@ def test_redrawing_starts_from_the_trimmed_projection() -> None:
         # The same steps (to float rounding: TorchScript optimises a graph after its first calls).
         served = project(vae.module, x)[0]
         torch.testing.assert_close(
-            redrawn_projection(vae.module, x, 0, 0.2), served, rtol=1e-4, atol=1e-5
+            redrawn_projection(vae.module, x, 0, 0.2, PROJECTION_STEPS),
+            served,
+            rtol=1e-4,
+            atol=1e-5,
         )
         redrawn = redrawn_projection(vae.module, x, 3, 0.2)
     assert redrawn.shape == (4, vae.latent_dim)

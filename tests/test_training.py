@@ -88,7 +88,7 @@ def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> No
     assert np.asarray(dose["reference"]).shape == (1000, 3)  # every validation row
     # An image model's attribution is the residual from x redrawn: no statistics to carry.
     assert manifest["attribution"] == {
-        "method": "redrawn residual", "steps": 50, "rounds": 3, "trim": 0.15,
+        "method": "redrawn residual", "steps": 25, "rounds": 3, "trim": 0.15,
     }  # fmt: skip
     assert manifest["background"] == {"noise": 0.2, "weight_decay": 1e-4, "epochs": 7}
     vae = VAEService.load(mnist_artifact, "cpu")  # the background model travels inside the artifact

@@ -18,6 +18,7 @@ from scoring.artifact import (
     PROJECTION_STEPS,
     PROJECTION_TRIM,
     REDRAW_ROUNDS,
+    REDRAW_STEPS,
     REDRAW_TRIM,
     REDRAWN_RESIDUAL,
     projected_feature_nll,
@@ -195,7 +196,7 @@ def feature_stats(model: VAE, x: Tensor, *, batch_size: int = 250) -> dict[str, 
     if model.bernoulli:
         return {
             "method": REDRAWN_RESIDUAL,
-            "steps": PROJECTION_STEPS,
+            "steps": REDRAW_STEPS,
             "rounds": REDRAW_ROUNDS,
             "trim": REDRAW_TRIM,
         }
