@@ -30,7 +30,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,8 @@ from scoring.artifact import project, redrawn_projection
 from training.benchmark_anomaly import changed_found, paste
 from training.benchmark_latent import machine, write_result
 from training.config import TrainConfig
-from training.data import binarize_fixed, default_data_dir, load_data, train_val_split
-from training.pipeline import TEST_BINARIZATION_SEED, validation_size
+from training.data import Dataset, binarize_fixed, default_data_dir, load_data
+from training.pipeline import TEST_BINARIZATION_SEED, split
 
 SHAPES = {"8x8 patch": (8, 8), "1x12 line": (1, 12), "4x4 patch": (4, 4)}
 MISFIT = 0.8  # a reconstruction this far off a pixel ranks it with a pasted one
@@ -84,13 +83,10 @@ def maps(module: Any) -> dict[str, tuple[Map, bool]]:
     }
 
 
-def validation_digits(vae: VAEService, x_train: np.ndarray) -> np.ndarray:
-    """The artifact's validation split of x_train, as its trainer drew it."""
-    recorded = vae.manifest.get("training", {})
-    cfg = TrainConfig(
-        **{f.name: recorded[f.name] for f in fields(TrainConfig) if f.name in recorded}
-    )
-    return x_train[train_val_split(len(x_train), validation_size(len(x_train), cfg), cfg.seed)[1]]
+def validation_digits(vae: VAEService, data: Dataset) -> np.ndarray:
+    """The artifact's validation split of the data, as its trainer drew it, grey as served."""
+    cfg = TrainConfig.from_dict(vae.manifest.get("training", {}))
+    return split(data, cfg, vae.likelihood, torch.device("cpu")).val_served.numpy()
 
 
 def study(module: Any, x: np.ndarray, reference: np.ndarray, seed: int) -> dict[str, Any]:
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     vae = VAEService.load(args.artifact, device="cpu")
     if vae.likelihood != "bernoulli":
         raise SystemExit(f"{args.artifact}: the study pastes white shapes in [0, 1] images")
-    val = validation_digits(vae, np.asarray(load_data(args.data_dir).x_train, dtype=np.float32))
+    val = validation_digits(vae, load_data(args.data_dir))
     x, reference = val[: args.images], val[args.images : args.images + args.reference]
     with torch.no_grad():
         kinds = {

@@ -10,7 +10,7 @@ re-declares a shape.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 Likelihood = Literal["bernoulli", "gaussian"]
@@ -101,6 +101,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A manifest's `training` back to its config; settings this trainer no longer has
+        (an older artifact's) are left out."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 # A run shorter than the full one, or on other data than MNIST, is evaluated with the

@@ -16,7 +16,6 @@ manifest says what it was upgraded from. Tables are not upgraded here: retrain t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -60,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     model_cfg = ModelConfig.from_dict(old["model"])
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in old["training"].items() if k in fields})
+    cfg = TrainConfig.from_dict(old["training"])
     model = rebuild(weights, model_cfg)
     background = None if background_weights is None else rebuild(background_weights, model_cfg)
     try:
