@@ -908,7 +908,7 @@ def tabular_design(page: Path) -> str:
     diff = [e - d for e, d in zip(ours["ensemble"], ours["dose"], strict=True)]
     error = statistics.stdev(diff) / math.sqrt(len(diff))
     alarms = [run["false_alarms"] for run in runs]
-    normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
+    normal = held_out_normal(runs)
     return (
         f"```bash\n{command}\n```\n\n"
         f"{len(runs)} seeds of {name} on {describe_machine(r['machine'])} "
@@ -925,6 +925,11 @@ def tabular_design(page: Path) -> str:
     )
 
 
+def held_out_normal(runs: list[dict[str, Any]]) -> list[int]:
+    """Each tabular run's held-out normal rows, on which its false alarms are counted."""
+    return [run["test_rows"] - run["test_anomalies"] for run in runs]
+
+
 def span(counts: Sequence[int]) -> str:
     """A count over runs: one number where they agree, else the lowest and highest."""
     low, high = min(counts), max(counts)
@@ -938,7 +943,7 @@ def tabular_false_alarms(page: Path) -> str:
     rows = []
     for d, v in r["datasets"].items():
         runs = v["runs"]
-        normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
+        normal = held_out_normal(runs)
         shares = [run["false_alarms"] for run in runs]
         rows.append(
             (
@@ -968,7 +973,7 @@ def tabular_false_alarms_seeds(page: Path) -> str:
     rows = []
     for d, v in r["datasets"].items():
         runs = v["runs"]
-        normal = [run["test_rows"] - run["test_anomalies"] for run in runs]
+        normal = held_out_normal(runs)
         flagged = round(sum(run["false_alarms"] * n for run, n in zip(runs, normal, strict=True)))
         bounds = [1 / (run["calibration_rows"] + 1) for run in runs]
         rows.append(
@@ -990,7 +995,7 @@ def tabular_false_alarms_seeds(page: Path) -> str:
         "bound, 1 / (V + 1)",
     )
     return (
-        f"```bash\n{r['command']}\n```\n\n"
+        f"```bash\n{tabular_command(r, 'tabular-false-alarms')}\n```\n\n"
         f"On {describe_machine(r['machine'])} (raw: "
         f"{link(page, RESULTS / 'tabular-false-alarms.json')}):\n\n" + table(head, rows)
     )
