@@ -553,13 +553,24 @@ def test_every_endpoint_answers_through_the_proxy_as_uvicorn_does(
     cluster: tuple[RayCluster, str], uvicorn_answers: dict[int, tuple[Any, ...]]
 ) -> None:
     ray, url = cluster
+    encoded = '"route": "/encode", "method": "POST", "status": 200'
     with httpx.Client(base_url=url, timeout=10) as http:
         # Each call a few times: the proxy spreads them over both replicas.
         for _ in range(4):
             for i, call in enumerate(CALLS):
                 assert answer(http, *call) == uvicorn_answers[i], call
-    for replica in ray.wait_running(2):  # both answered some: their request log lines
-        assert '"route": "/encode", "method": "POST", "status": 200' in ray.worker_log(replica.pid)
+        # Both must have answered some, by their request log lines. The proxy's choice is its
+        # own (two idle replicas tie), so one may not have had an /encode yet: send more, each
+        # still checked, until both have, within a bound that only a router that never picks
+        # one of them would reach.
+        replicas = ray.wait_running(2)
+        for _ in range(64):
+            if all(encoded in ray.worker_log(r.pid) for r in replicas):
+                break
+            assert answer(http, *CALLS[3]) == uvicorn_answers[3]
+            time.sleep(0.05)
+    for replica in replicas:
+        assert encoded in ray.worker_log(replica.pid), replica
 
 
 def test_metrics_answer_through_the_proxy_and_name_the_artifact(
