@@ -11,7 +11,8 @@ Arrays = dict[str, Array]  # an operation's outputs, by name
 
 # The anomaly scores an artifact can be asked for; its calibration states each one's direction.
 # Format-1 artifacts offer the first three; format 2 adds the next three, format 3 the latent
-# distance and the ensemble, format 4 RaPP and format 5 the polar distance (scoring/scores.py).
+# distance and the ensemble, format 4 RaPP, format 5 the polar distance and format 7 (table
+# models) the input distance (scoring/scores.py).
 ScoreName = Literal[
     "kl_divergence",
     "reconstruction_log_prob",
@@ -22,6 +23,7 @@ ScoreName = Literal[
     "latent_distance",
     "latent_polar_distance",
     "rapp",
+    "input_distance",
     "ensemble",
 ]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)

@@ -27,6 +27,7 @@ from scoring.artifact import (
     ATTRIBUTION_METHOD,
     BACKGROUND,
     GAP_PROJECTION,
+    INPUT_REFERENCE,
     LATENT_LENGTHS,
     LATENT_REFERENCE,
     MANIFEST,
@@ -46,6 +47,7 @@ from scoring.scores import (
     Density,
     Ensemble,
     GapProjection,
+    InputNeighbours,
     Neighbours,
     References,
     complexity_bits,
@@ -107,6 +109,7 @@ class VAEService:
         references = references or References()
         self.neighbours = references.neighbours  # format 3
         self.gaps = references.gaps  # format 4
+        self.inputs = references.inputs  # format 7, table models
         self.ensemble = Ensemble.from_manifest(manifest)
         if "ensemble" in calibration.scores:
             lacking = [n for n in self.ensemble.scores if n not in calibration.scores]
@@ -174,7 +177,15 @@ class VAEService:
                 f"{expected_sha256.lower()}; refusing to serve it."
             )
         extra: dict[str, Any] = dict.fromkeys(
-            (MANIFEST, BACKGROUND, LATENT_REFERENCE, LATENT_LENGTHS, GAP_PROJECTION), ""
+            (
+                MANIFEST,
+                BACKGROUND,
+                LATENT_REFERENCE,
+                LATENT_LENGTHS,
+                GAP_PROJECTION,
+                INPUT_REFERENCE,
+            ),
+            "",
         )
         # From the bytes already read: the sha256 reported is of exactly what runs.
         module = _jit_load(path, data, dev, extra)
@@ -194,6 +205,7 @@ class VAEService:
             ("latent_polar_distance", LATENT_REFERENCE),
             ("latent_polar_distance", LATENT_LENGTHS),
             ("rapp", GAP_PROJECTION),
+            ("input_distance", INPUT_REFERENCE),
         )
         for score, file in needs:
             if score in calibration.scores and not extra[file]:
@@ -201,7 +213,7 @@ class VAEService:
         if "rapp" in calibration.scores and not hasattr(module, "hidden_gap"):
             raise ModelLoadError(f"{path}: the rapp score needs the method hidden_gap, absent.")
         try:
-            neighbours = gaps = None
+            neighbours = gaps = inputs = None
             if "latent_distance" in calibration.scores:
                 k, z = manifest["latent_distance"]["k"], manifest["latent_dim"]
                 polar = "latent_polar_distance" in calibration.scores
@@ -210,7 +222,10 @@ class VAEService:
             if "rapp" in calibration.scores:
                 width = sum(manifest["model"]["hidden_dims"])
                 gaps = GapProjection.from_bytes(extra[GAP_PROJECTION], width)
-            references = References(neighbours, gaps)
+            if "input_distance" in calibration.scores:
+                k, width = manifest["input_distance"]["k"], manifest["input_dim"]
+                inputs = InputNeighbours.from_bytes(extra[INPUT_REFERENCE], k, width)
+            references = References(neighbours, gaps, inputs)
             service = cls(module, manifest, sha256, dev, calibration, background, references)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"{path}: the manifest's scoring data is invalid ({e}).") from None
@@ -259,11 +274,11 @@ class VAEService:
         attribution: bool = False,
     ) -> Arrays:
         """Each (B,): KL and the log reconstruction probability over L=`samples`; where the
-        artifact has them, the input complexity, DoSE, the latent distance, RaPP and the
-        ensemble (of the percentiles its manifest names); with `ratio`, the likelihood ratio
-        against the background model; with K=`ll_samples` > 0, the importance-sampled
-        log-likelihood; with `attribution`, (B, D): per feature, -log p(x_d|z) standardised,
-        or for format 6's image models the residual from x redrawn.
+        artifact has them, the input complexity, DoSE, the latent distances, RaPP, the input
+        distance and the ensemble (of the percentiles its manifest names); with `ratio`, the
+        likelihood ratio against the background model; with K=`ll_samples` > 0, the
+        importance-sampled log-likelihood; with `attribution`, (B, D): per feature,
+        -log p(x_d|z) standardised, or for format 6's image models the residual from x redrawn.
 
         The ratio and the attribution reuse the reconstruction's L samples, and the K samples
         are drawn after them, so asking for more never changes a seeded answer's other scores."""
@@ -294,6 +309,8 @@ class VAEService:
                 scores["latent_polar_distance"] = polar_distance
         if self.gaps is not None:
             scores["rapp"] = self.gaps.score(_numpy(self.module.hidden_gap(xt)))
+        if self.inputs is not None:
+            scores["input_distance"] = self.inputs.distances(x)
         if "ensemble" in offered:
             scores["ensemble"] = self.ensemble.score(scores, self.calibration.scores)
         if ratio and self.background is not None:

@@ -212,8 +212,8 @@ class AnomalyScoreParams(Strict):
         None,
         description="Scores to compute besides the ones always given (KL, the reconstruction "
         "probability, in format-2 artifacts input_complexity and dose, in format-3 ones "
-        "latent_distance and ensemble, in format-4 ones rapp, and in format-5 ones "
-        "latent_polar_distance): log_likelihood "
+        "latent_distance and ensemble, in format-4 ones rapp, in format-5 ones "
+        "latent_polar_distance, and in format-7 table models input_distance): log_likelihood "
         "(K importance samples) or likelihood_ratio (a background model's L passes). A score "
         "the artifact lacks is a 422. In a query or form: comma-separated.",
         examples=[["likelihood_ratio"]],
@@ -251,6 +251,7 @@ class ScorePercentiles(BaseModel):
     latent_distance: list[float] | None = None
     latent_polar_distance: list[float] | None = None
     rapp: list[float] | None = None
+    input_distance: list[float] | None = None
     ensemble: list[float] | None = None
 
 
@@ -277,6 +278,7 @@ class AnomalyScoreResponse(BaseModel):
                     "latent_distance": [0.41],
                     "latent_polar_distance": [0.47],
                     "rapp": [812.0],
+                    "input_distance": None,
                     "ensemble": [1.74],
                     "percentiles": {
                         "kl_divergence": [0.14],
@@ -288,6 +290,7 @@ class AnomalyScoreResponse(BaseModel):
                         "latent_distance": [0.62],
                         "latent_polar_distance": [0.6],
                         "rapp": [0.55],
+                        "input_distance": None,
                         "ensemble": [0.71],
                     },
                     "is_anomaly": [False],
@@ -348,14 +351,20 @@ class AnomalyScoreResponse(BaseModel):
         "its reconstruction, layer by layer, whitened by the training rows' own gaps; higher "
         "is more anomalous. Format-4 artifacts.",
     )
+    input_distance: list[float] | None = Field(
+        None,
+        description="Mean Euclidean distance from the instance to its 5 nearest training rows, "
+        "each feature standardised over them (a k-NN detector); higher is more anomalous. "
+        "Table models of format 7.",
+    )
     ensemble: list[float] | None = Field(
         None,
         description="Format 5: the tails of dose's, latent_distance's, latent_polar_distance's, "
         "rapp's and (for data in [0, 1]) input_complexity's percentiles summed, -log(1 - p) "
-        "each; format 4: of dose's, latent_distance's and rapp's; format 3: the larger of "
-        "dose's and latent_distance's. "
+        "each; a format-7 table model's: of dose's and input_distance's; format 4: of dose's, "
+        "latent_distance's and rapp's; format 3: the larger of dose's and latent_distance's. "
         "Higher is more anomalous; infinite where one of them is not finite. The default "
-        "decision for images.",
+        "decision for images, and for tables from format 7.",
     )
     attribution: list[list[float]] | None = Field(
         None,

@@ -21,8 +21,9 @@ class ModelLoadError(Exception):
 # and adds RaPP (its projection in GAP_PROJECTION) to an ensemble its manifest describes. 5 adds
 # the latent polar distance (the training means' log lengths in LATENT_LENGTHS) and takes it and
 # the input complexity into the ensemble. 6 draws an image model's attribution as the residual
-# from x redrawn (REDRAWN_RESIDUAL, below).
-SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5, 6}
+# from x redrawn (REDRAWN_RESIDUAL, below). 7 gives a table model the input distance (its
+# training rows in INPUT_REFERENCE) and decides with the ensemble of it and DoSE.
+SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5, 6, 7}
 REQUIRED_METHODS = (
     "encode",
     "decode",
@@ -37,6 +38,7 @@ BACKGROUND = "background.pt"
 LATENT_REFERENCE = "latent_reference.npy"  # format 3
 GAP_PROJECTION = "gap_projection.npz"  # format 4: RaPP's
 LATENT_LENGTHS = "latent_lengths.npy"  # format 5: the polar distance's
+INPUT_REFERENCE = "input_reference.npz"  # format 7: the input distance's, tables only
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
 
 

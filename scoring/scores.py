@@ -307,13 +307,86 @@ class Ensemble:
 
 
 @dataclass(frozen=True)
+class InputNeighbours:
+    """The input distance's reference (format 7, table models): training rows, each feature
+    shifted by its mean over them and divided by its spread, so that no column outweighs the
+    others by its unit. The score is the mean Euclidean distance to the k nearest of them, the
+    k-NN detector of Ramaswamy et al. (SIGMOD 2000), PyOD's KNN. Where a table's anomaly sits
+    among ordinary values in an odd combination, the VAE's summary statistics (DoSE's) may
+    miss it and the rows' own geometry does not; on wine it is the better of the two, on iris
+    DoSE is (docs/benchmarks/tables.md).
+
+    It travels in the artifact as an .npz file of its own. The rows are float32 there, and are
+    rounded to float32 here as well, so the trainer calibrates on exactly what the service
+    reads. The artifact then holds these training rows, as any k-NN detector must."""
+
+    reference: torch.Tensor  # (N, D) float64, standardised training rows
+    shift: torch.Tensor  # (D,) float64
+    scale: torch.Tensor  # (D,) float64, positive
+    k: int = NEIGHBOURS
+
+    @classmethod
+    def fit(cls, rows: Array, k: int = NEIGHBOURS) -> InputNeighbours:
+        x = np.asarray(rows, dtype=np.float64)
+        shift, spread = x.mean(0), x.std(0)
+        scale = np.where(spread > 0.0, spread, 1.0)
+
+        def f32(a: np.ndarray) -> torch.Tensor:  # as the artifact's file holds it
+            return torch.from_numpy(a.astype(np.float32).astype(np.float64))
+
+        return cls(f32((x - shift) / scale), f32(shift), f32(scale), min(k, len(x)))
+
+    def distances(self, x: Array) -> Array:
+        """Mean Euclidean distance from each row of x (B, D), standardised as the reference
+        is, to its k nearest reference rows; (B,), higher is more anomalous."""
+        q = (torch.as_tensor(np.asarray(x), dtype=torch.float64) - self.shift) / self.scale
+        ref_norms = (self.reference**2).sum(1)
+        out = []
+        for start in range(0, len(q), _CHUNK):
+            block = q[start : start + _CHUNK]
+            # ||a - b||^2 by one product: the (b, N, D) differences would not fit for large N.
+            squared = (block**2).sum(1, keepdim=True) + ref_norms - 2.0 * block @ self.reference.T
+            nearest = torch.topk(squared.clamp(min=0.0), self.k, dim=1, largest=False).values
+            out.append(torch.sqrt(nearest).mean(1))
+        return _joined(out)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            rows=self.reference.numpy().astype(np.float32),
+            shift=self.shift.numpy().astype(np.float32),
+            scale=self.scale.numpy().astype(np.float32),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, k: int, width: int) -> InputNeighbours:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as parts:
+            rows, shift, scale = parts["rows"], parts["shift"], parts["scale"]
+        if rows.ndim != 2 or rows.shape[1] != width or len(rows) < k or k < 1:
+            raise ValueError(f"the input reference must be N x {width} with N >= k = {k} >= 1")
+        if shift.shape != (width,) or scale.shape != (width,) or not np.all(scale > 0):
+            raise ValueError(
+                f"the input reference needs {width} shifts and {width} positive scales"
+            )
+        if not all(np.all(np.isfinite(a)) for a in (rows, shift, scale)):
+            raise ValueError("the input reference must be finite")
+        f64 = torch.float64
+        return cls(torch.from_numpy(rows).to(f64), torch.from_numpy(shift).to(f64),
+                   torch.from_numpy(scale).to(f64), int(k))  # fmt: skip
+
+
+@dataclass(frozen=True)
 class References:
-    """What the latent distance and RaPP measure an input against: the training rows' latent
-    means, and the projection of their hidden-space gaps. Each travels in the artifact as a
-    file of its own (app/model.py names them); either is None where the format has none."""
+    """What the distances and RaPP measure an input against: the training rows' latent means,
+    the projection of their hidden-space gaps, and (format 7, tables) the rows themselves. Each
+    travels in the artifact as a file of its own (app/model.py names them); any is None where
+    the format or the model has none."""
 
     neighbours: Neighbours | None = None
     gaps: GapProjection | None = None
+    inputs: InputNeighbours | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""scoring/scores.py: the input complexity, DoSE's density, the latent distance and the ensemble,
-against direct computations."""
+"""scoring/scores.py: the input complexity, DoSE's density, the latent and input distances and
+the ensemble, against direct computations."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from scoring.scores import (
     Density,
     Ensemble,
     GapProjection,
+    InputNeighbours,
     Neighbours,
     complexity_bits,
     input_complexity,
@@ -243,3 +244,37 @@ def test_the_gap_projection_whitens_the_gaps_of_its_training_rows() -> None:
     np.testing.assert_allclose(again.score(gaps), own, rtol=1e-4)
     with pytest.raises(ValueError, match="over 3 hidden units"):
         GapProjection.from_bytes(projection.to_bytes(), width=3)
+
+
+def test_the_input_distance_is_the_mean_euclidean_distance_to_the_k_nearest_standardised_rows() -> (
+    None
+):
+    rng = np.random.default_rng(3)
+    # Columns on scales 1,000 apart: standardised, neither outweighs the other.
+    rows = rng.normal(size=(400, 2)) * np.array([1000.0, 1.0]) + np.array([5000.0, -3.0])
+    ref = InputNeighbours.fit(rows)
+    queries = rng.normal(size=(300, 2)) * np.array([1000.0, 1.0]) + np.array([5000.0, -3.0])
+    z_rows = (rows - rows.mean(0)) / rows.std(0)
+    z_queries = (queries - rows.mean(0)) / rows.std(0)
+    direct = np.linalg.norm(z_queries[:, None, :] - z_rows[None], axis=-1)
+    expected = np.sort(direct, axis=1)[:, :5].mean(1)
+    np.testing.assert_allclose(ref.distances(queries), expected, rtol=1e-4, atol=1e-5)
+    # A batch scores each row as it scores alone (300 rows: more than one block).
+    alone = np.concatenate([ref.distances(q[None]) for q in queries])
+    np.testing.assert_array_equal(ref.distances(queries), alone)
+    # Off in the second column by 10 of its spreads: far, though its raw change is tiny.
+    odd = np.array([[5000.0, -3.0 + 10.0]])
+    assert ref.distances(odd)[0] > 9.0
+
+
+def test_the_input_reference_round_trips_and_is_checked() -> None:
+    ref = InputNeighbours.fit(np.random.default_rng(4).normal(size=(50, 3)) * 7.0 + 2.0)
+    back = InputNeighbours.from_bytes(ref.to_bytes(), k=5, width=3)
+    x = np.random.default_rng(5).normal(size=(20, 3)).astype(np.float32)
+    # The trainer's reference is already what the float32 file holds: the same scores.
+    np.testing.assert_array_equal(back.distances(x), ref.distances(x))
+    with pytest.raises(ValueError, match=r"N x 4"):
+        InputNeighbours.from_bytes(ref.to_bytes(), k=5, width=4)
+    with pytest.raises(ValueError, match=r"N >= k = 60"):
+        InputNeighbours.from_bytes(ref.to_bytes(), k=60, width=3)
+    assert InputNeighbours.fit(np.ones((3, 2)) * np.arange(3)[:, None]).k == 3  # fewer rows than k

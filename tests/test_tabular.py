@@ -8,6 +8,7 @@ the first bad row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import zipfile
 from collections.abc import Callable, Iterator
@@ -104,11 +105,36 @@ def test_a_csv_trains_on_its_normal_rows_and_records_its_features(
     assert m["dataset"]["normal_value"] == "benign"
     # The statistics are the training rows', which are benign: close to all benign rows'.
     assert np.allclose(m["features"]["mean"], benign.mean(0), rtol=0.1)
-    assert set(m["metrics"]["test_auroc"]) >= {"kl_divergence", "dose", "ensemble"}
-    # A table decides with DoSE: the ensemble's latent distance reads the latent mean's
-    # direction only, and a table's anomalies differ in size (docs/anomaly.md, "Tables").
-    assert m["decision_score"] == "dose"
+    assert set(m["metrics"]["test_auroc"]) >= {"kl_divergence", "dose", "input_distance"}
+    # A table decides with the ensemble of DoSE and the input distance (format 7), not the
+    # image models' five, whose latent distances read a table's anomalies poorly.
+    assert m["decision_score"] == "ensemble"
+    assert m["ensemble"] == {"scores": ["dose", "input_distance"], "combine": "fisher"}
+    assert m["input_distance"]["k"] == 5
+    assert m["input_distance"]["n"] == m["dataset"]["train_size"]
     assert max(m["metrics"]["test_auroc"].values()) > 0.8
+
+
+def test_the_input_distance_reference_is_the_training_rows_standardised(
+    table_model: tuple[Path, list[str], np.ndarray],
+) -> None:
+    """The artifact's rows, undone, are benign rows (the training split: no validation row, no
+    malignant one), and the spread they are standardised by is the training rows' own."""
+    artifact, _, malignant = table_model
+    m = manifest_of(artifact)
+    with zipfile.ZipFile(artifact) as z:
+        name = next(n for n in z.namelist() if n.endswith("extra/input_reference.npz"))
+        with np.load(io.BytesIO(z.read(name))) as parts:
+            rows, shift, scale = parts["rows"], parts["shift"], parts["scale"]
+    assert rows.shape == (m["dataset"]["train_size"], 30)
+    undone = rows.astype(np.float64) * scale + shift
+    benign = load_breast_cancer().data[load_breast_cancer().target == 1]
+    nearest = np.abs(undone[:, None, :] - benign[None]).max(-1).min(1)  # (N,) to any benign row
+    assert np.all(nearest < 1e-3 * np.abs(benign).max())
+    assert len({tuple(np.round(r, 3)) for r in undone}) == len(undone)
+    assert np.allclose(rows.mean(0), 0.0, atol=1e-4)
+    assert np.allclose(rows.std(0), 1.0, atol=1e-4)
+    assert not np.any(np.abs(undone[:, None, :] - malignant[None]).max(-1) < 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +171,16 @@ def test_the_server_scores_records_by_feature_name(
         values = [t["attribution"] for t in top]
         assert values == sorted(values, reverse=True)
         assert len(values) == 3
+    # The input distance, by hand: the mean Euclidean distance to the 5 nearest reference
+    # rows, each feature standardised as they are.
+    with zipfile.ZipFile(table_model[0]) as z:
+        name = next(n for n in z.namelist() if n.endswith("extra/input_reference.npz"))
+        with np.load(io.BytesIO(z.read(name))) as parts:
+            rows, shift, scale = parts["rows"], parts["shift"], parts["scale"]
+    q = (malignant[:4].astype(np.float32).astype(np.float64) - shift) / scale
+    by_hand = np.sort(np.linalg.norm(q[:, None, :] - rows[None], axis=-1), axis=1)[:, :5].mean(1)
+    np.testing.assert_allclose(answer["input_distance"], by_hand, rtol=1e-5)
+    assert answer["decision_score"] == "ensemble"
     # Records and instances are the same inputs: the same seeded scores.
     same = {"instances": malignant[:4].tolist(), "top_features": 3, "seed": 0}
     assert httpx.post(f"{table_server.url}/anomaly-score", json=same).json() == answer

@@ -81,7 +81,7 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
 @pytest.mark.slow
 def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> None:
     _, manifest = load_artifact(mnist_artifact)
-    assert manifest["format_version"] == 6
+    assert manifest["format_version"] == 7
     assert manifest["decision_score"] == "ensemble"
     dose = manifest["dose"]
     assert dose["features"] == ["kl_divergence", "reconstruction_log_prob", "complexity_bits"]

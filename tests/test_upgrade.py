@@ -14,7 +14,7 @@ from scoring.scores import References
 from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4, drop_format_5, drop_format_6
 from training.__main__ import main as train
 from training.config import ModelConfig
-from training.export import export_artifact, load_weights, sha256_of
+from training.export import FORMAT_VERSION, export_artifact, load_weights, sha256_of
 from training.model import VAE
 from training.upgrade import main as upgrade
 
@@ -78,7 +78,7 @@ def test_upgrade_keeps_the_weights_and_adds_the_newer_scores(
     out = tmp_path / "up.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert after.format_version == 6
+    assert after.format_version == FORMAT_VERSION
     assert before.attribution_method == "projection"
     assert after.attribution_method == "redrawn residual"
     assert after.decision_score == "ensemble"
@@ -124,7 +124,7 @@ def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores
     out = tmp_path / "five.pt"
     assert upgrade([str(four), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert after.format_version == 6
+    assert after.format_version == FORMAT_VERSION
     assert after.ensemble.scores == (
         "dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity",
     )  # fmt: skip
@@ -150,7 +150,7 @@ def test_a_format_5_artifact_keeps_every_score_and_gains_the_redrawn_residual(
     out = tmp_path / "six.pt"
     assert upgrade([str(five), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
-    assert (after.format_version, after.attribution_method) == (6, "redrawn residual")
+    assert (after.format_version, after.attribution_method) == (FORMAT_VERSION, "redrawn residual")
     assert after.manifest["calibration"] == before.manifest["calibration"]
     assert after.ensemble == before.ensemble
     x = np.random.default_rng(5).uniform(size=(4, 16)).astype(np.float32)

@@ -431,7 +431,7 @@ BAD_REQUESTS = [
     (bad({**GOOD_JSON, "parameters": {"decision_score": "mse"}}, model="vae-anomaly"),
      "parameters.decision_score: Input should be 'kl_divergence', 'reconstruction_log_prob', "
      "'log_likelihood', 'input_complexity', 'likelihood_ratio', 'dose', 'latent_distance', "
-     "'latent_polar_distance', 'rapp' or 'ensemble'."),
+     "'latent_polar_distance', 'rapp', 'input_distance' or 'ensemble'."),
     (bad({**GOOD_JSON, "outputs": [{"name": "z"}]}),
      "Model 'vae' has no output 'z'; its outputs are mean, std and samples."),
     (bad({**GOOD_JSON, "outputs": [{"name": "mean"}, {"name": "mean"}]}), "Output 'mean' is requested twice."),

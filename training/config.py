@@ -85,7 +85,10 @@ class TrainConfig:
     # latent_distance compares a posterior mean with this many training rows' means: on held-out
     # MNIST digits (10 epochs), a random 2,000 gave a mean AUROC of 0.85, 10,000 0.89 and all
     # ~18,600 0.89; each row costs 128 bytes in the artifact and a dot product per request.
-    latent_reference: int = option(30000, "training rows kept as latent_distance's reference")
+    # A table model (format 7) keeps the same rows, standardised, for the input distance.
+    latent_reference: int = option(
+        30000, "training rows kept as the latent and input distances' reference"
+    )
     # The full evaluation, as papers report it (Burda et al. 2015: K=5000, all test images).
     # Shorter runs get SHORT_RUN_EVALUATION instead unless these are set.
     eval_k: int = option(5000, "importance samples K for the test log-likelihood")

@@ -22,6 +22,7 @@ import torch
 from scoring.artifact import (
     BACKGROUND,
     GAP_PROJECTION,
+    INPUT_REFERENCE,
     LATENT_LENGTHS,
     LATENT_REFERENCE,
     MANIFEST,
@@ -39,7 +40,9 @@ from training.model import VAE
 # of five scores.
 # 6: an image model's attribution is the residual from x redrawn (scoring/artifact.py), with no
 # per-feature statistics; a table model's is unchanged.
-FORMAT_VERSION = 6
+# 7: a table model adds the input distance (its training rows in INPUT_REFERENCE) and decides
+# with the ensemble of it and DoSE; an image model's artifact is as format 6's.
+FORMAT_VERSION = 7
 
 
 @contextmanager
@@ -98,7 +101,7 @@ def export_artifact(
     references: References | None = None,
 ) -> str:
     """Script `model`, save it with `manifest` (the scripted `background` model, for the
-    likelihood ratio, and the `references`, for the latent distances and RaPP) to `path`
+    likelihood ratio, and the `references`, for the distances and RaPP) to `path`
     atomically, and return its sha256."""
     extra: dict[str, Any] = {MANIFEST: json.dumps(manifest, indent=1)}  # str or bytes
     if references is not None and references.neighbours is not None:
@@ -107,6 +110,8 @@ def export_artifact(
             extra[LATENT_LENGTHS] = references.neighbours.lengths_to_bytes()
     if references is not None and references.gaps is not None:
         extra[GAP_PROJECTION] = references.gaps.to_bytes()
+    if references is not None and references.inputs is not None:
+        extra[INPUT_REFERENCE] = references.inputs.to_bytes()
     with _quiet_jit():
         scripted = torch.jit.script(model.cpu().eval())
         if background is not None:

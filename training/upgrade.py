@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.artifact}: already format_version {old['format_version']}.")
         return 0
     if "features" in old or old["format_version"] < 2:
-        print(f"error: {args.artifact}: only format-2 to format-5 image and vector "
-              "artifacts can be upgraded; retrain this one with `python -m training`.",
+        print(f"error: {args.artifact}: only format-2 to format-{FORMAT_VERSION - 1} image and "
+              "vector artifacts can be upgraded; retrain this one with `python -m training`.",
               file=sys.stderr)  # fmt: skip
         return 2
     model_cfg = ModelConfig.from_dict(old["model"])
