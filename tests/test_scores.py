@@ -262,9 +262,10 @@ def test_the_input_distance_is_the_mean_euclidean_distance_to_the_k_nearest_stan
     # A batch scores each row as it scores alone (300 rows: more than one block).
     alone = np.concatenate([ref.distances(q[None]) for q in queries])
     np.testing.assert_array_equal(ref.distances(queries), alone)
-    # Off in the second column by 10 of its spreads: far, though its raw change is tiny.
-    odd = np.array([[5000.0, -3.0 + 10.0]])
-    assert ref.distances(odd)[0] > 9.0
+    # The same raw step of 10 from the centre: 10 spreads in the second column, far out; a
+    # hundredth of one in the first, among the rows.
+    narrow, wide = ref.distances(np.array([[5000.0, -3.0 + 10.0], [5000.0 + 10.0, -3.0]]))
+    assert narrow > 5.0 > 0.5 > wide
 
 
 def test_the_input_reference_round_trips_and_is_checked() -> None:
