@@ -43,6 +43,7 @@ latent distance borrows torch's matrix product; see Neighbours.score.)
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import zlib
@@ -340,7 +341,7 @@ class InputNeighbours:
         """Mean Euclidean distance from each row of x (B, D), standardised as the reference
         is, to its k nearest reference rows; (B,), higher is more anomalous."""
         q = (torch.as_tensor(np.asarray(x), dtype=torch.float64) - self.shift) / self.scale
-        ref_norms = (self.reference**2).sum(1)
+        ref_norms = self._reference_norms
         out = []
         for start in range(0, len(q), _CHUNK):
             block = q[start : start + _CHUNK]
@@ -349,6 +350,12 @@ class InputNeighbours:
             nearest = torch.topk(squared.clamp(min=0.0), self.k, dim=1, largest=False).values
             out.append(torch.sqrt(nearest).mean(1))
         return _joined(out)
+
+    @functools.cached_property
+    def _reference_norms(self) -> torch.Tensor:
+        """||b||^2 of each reference row (N,): a pass over all N x D values, so once, not per
+        request."""
+        return (self.reference**2).sum(1)
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
