@@ -974,15 +974,14 @@ def tabular_false_alarms(page: Path) -> str:
     for d, v in r["datasets"].items():
         runs = v["runs"]
         normal = held_out_normal(runs)
-        shares = [run["false_alarms"] for run in runs]
         rows.append(
             (
                 d,
                 f"`{listing(sorted(tabular_decisions({'datasets': {d: v}})))}`",
                 span([run["calibration_rows"] for run in runs]),
                 span(normal),
-                percent(float(sum(shares) / len(shares)), 2),
-                ", ".join(percent(x, 1) for x in shares),
+                percent(mean_alarms(runs), 2),
+                ", ".join(percent(run["false_alarms"], 1) for run in runs),
             )
         )
     head = (
