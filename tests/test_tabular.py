@@ -54,6 +54,14 @@ def manifest_of(artifact: Path) -> dict[str, Any]:
     return manifest
 
 
+def input_reference(artifact: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The archive's input_reference.npz: the standardised rows, the shifts, the scales."""
+    with zipfile.ZipFile(artifact) as z:
+        name = next(n for n in z.namelist() if n.endswith("extra/input_reference.npz"))
+        with np.load(io.BytesIO(z.read(name))) as parts:
+            return parts["rows"], parts["shift"], parts["scale"]
+
+
 # -- training from a CSV, through the CLI --------------------------------------------------------
 
 # Small and short: the test is about the path, not the model (benchmark_tabular measures that).
@@ -122,10 +130,7 @@ def test_the_input_distance_reference_is_the_training_rows_standardised(
     malignant one), and the spread they are standardised by is the training rows' own."""
     artifact, _, malignant = table_model
     m = manifest_of(artifact)
-    with zipfile.ZipFile(artifact) as z:
-        name = next(n for n in z.namelist() if n.endswith("extra/input_reference.npz"))
-        with np.load(io.BytesIO(z.read(name))) as parts:
-            rows, shift, scale = parts["rows"], parts["shift"], parts["scale"]
+    rows, shift, scale = input_reference(artifact)
     assert rows.shape == (m["dataset"]["train_size"], 30)
     undone = rows.astype(np.float64) * scale + shift
     benign = load_breast_cancer().data[load_breast_cancer().target == 1]
@@ -174,10 +179,7 @@ def test_the_server_scores_records_by_feature_name(
         assert len(values) == 3
     # The input distance, by hand: the mean Euclidean distance to the 5 nearest reference
     # rows, each feature standardised as they are.
-    with zipfile.ZipFile(table_model[0]) as z:
-        name = next(n for n in z.namelist() if n.endswith("extra/input_reference.npz"))
-        with np.load(io.BytesIO(z.read(name))) as parts:
-            rows, shift, scale = parts["rows"], parts["shift"], parts["scale"]
+    rows, shift, scale = input_reference(table_model[0])
     q = (malignant[:4].astype(np.float32).astype(np.float64) - shift) / scale
     by_hand = np.sort(np.linalg.norm(q[:, None, :] - rows[None], axis=-1), axis=1)[:, :5].mean(1)
     np.testing.assert_allclose(answer["input_distance"], by_hand, rtol=1e-5)
