@@ -115,6 +115,9 @@ class VAEService:
             lacking = [n for n in self.ensemble.scores if n not in calibration.scores]
             if lacking:
                 raise ValueError(f"the ensemble combines {', '.join(lacking)}, not calibrated")
+        conformal = calibration.conformal  # format 8: its validation rows are of its own parts
+        if conformal is not None and conformal.parts != self.ensemble.scores:
+            raise ValueError("the ensemble's validation rows are not of the scores it combines")
         # Format 2: what its scores need, checked by load(); absent from format 1.
         self.density = Density.from_manifest(manifest["dose"]) if "dose" in manifest else None
         # How the attribution is computed: format 2 averages -log p(x_d|z) over the posterior

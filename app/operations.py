@@ -110,11 +110,9 @@ async def score(
         # The percentiles too, and their metrics: once per pass rather than once per request.
         # A score that is not finite (an input beyond what the model's arithmetic holds) gets
         # the percentile 1.0, so it is flagged: never a null decision.
-        percentiles = {
-            name: vae.calibration.percentile(name, v)
-            for name, v in out.items()
-            if name != "attribution"
-        }
+        percentiles = vae.calibration.percentiles(
+            {name: v for name, v in out.items() if name != "attribution"}
+        )
         metrics.observe_percentiles(percentiles, vae)
         return out | {PERCENTILE + name: p for name, p in percentiles.items()}
 

@@ -380,7 +380,9 @@ class AnomalyScoreResponse(BaseModel):
     percentiles: ScorePercentiles = Field(
         description="Per score, the share of normal validation data (V rows, counted out of "
         "V + 1) strictly less anomalous than each instance: normal data exceeds a threshold q "
-        "at most 1 - q of the time. 1.0 where the score is not finite (null above)."
+        "at most 1 - q of the time. 1.0 where the score is not finite (null above). From "
+        "format 8 the ensemble's is a full conformal p-value: its rank among the validation "
+        "rows' sums, each taken against the other rows and the instance."
     )
     is_anomaly: list[bool] = Field(
         description="Whether each instance's decision-score percentile exceeds the threshold."

@@ -22,8 +22,9 @@ class ModelLoadError(Exception):
 # the latent polar distance (the training means' log lengths in LATENT_LENGTHS) and takes it and
 # the input complexity into the ensemble. 6 draws an image model's attribution as the residual
 # from x redrawn (REDRAWN_RESIDUAL, below). 7 gives a table model the input distance (its
-# training rows in INPUT_REFERENCE) and decides with the ensemble of it and DoSE.
-SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5, 6, 7}
+# training rows in INPUT_REFERENCE) and decides with the ensemble of it and DoSE. 8 keeps the
+# ensemble's validation rows, for its percentile as a full conformal p-value.
+SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5, 6, 7, 8}
 REQUIRED_METHODS = (
     "encode",
     "decode",

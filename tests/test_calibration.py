@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from scoring.artifact import ModelLoadError
-from scoring.calibration import Calibration, tail_sentence
+from scoring.calibration import Calibration, ScoreCalibration, tail_sentence
+from scoring.scores import Ensemble
 from tests.conftest import MNIST_DIR
 from training.data import load_data
 from training.evaluate import calibrate
-from training.pipeline import ENSEMBLE, ensemble_of
+from training.pipeline import ENSEMBLE, calibrate_with_ensemble, ensemble_of
 
 LEVELS = np.linspace(0, 1, 1001).tolist()
 
@@ -211,33 +212,48 @@ def test_log_likelihood_is_returned_only_when_needed(
     assert all(-400 < v < 0 for v in asked["log_likelihood"])
 
 
-def ensemble_false_alarms(held_out: bool, v: int = 100, trials: int = 200) -> float:
+def ensemble_false_alarms(taken: str, v: int = 100, trials: int = 200) -> float:
     """The share of fresh normal rows the format-5 ensemble flags at 0.99, calibrated as the
-    trainer calibrates it (training/pipeline.py): five scores' sorted validation values, then
-    the ensemble's own values on the same v rows. The rows are exchangeable, heavy-tailed."""
+    trainer calibrates it (training/pipeline.py): five scores' sorted validation values, the
+    ensemble's own values on the same v rows and the rows' values of its parts. The
+    percentile is the conformal one (`taken` = "conformal", format 8), or the rank among the
+    ensemble's validation values, taken each against the other rows ("held out", formats 4
+    to 7) or against all of them ("against all"). The rows are exchangeable, heavy-tailed."""
     rng = np.random.default_rng(0)
     combined = ensemble_of(dict.fromkeys(ENSEMBLE))
     names = combined.scores
     flagged = []
     for _ in range(trials):
         val = {n: rng.lognormal(size=v).astype(np.float32) for n in names}
-        parts = Calibration.from_manifest({"calibration": calibrate(val, {})}, "m")
-        ensemble = combined.score(val, parts.scores, held_out=held_out)
-        cal = Calibration.from_manifest({"calibration": calibrate({"ensemble": ensemble}, {})}, "m")
+        manifest = {"calibration": calibrate_with_ensemble(val, {}, combined)}
+        cal = Calibration.from_manifest(manifest, "m")
+        if taken == "against all":
+            val["ensemble"] = combined.score(val, cal.scores)
+            manifest["calibration"]["scores"] |= calibrate({"ensemble": val["ensemble"]}, {})[
+                "scores"
+            ]
         new = {n: rng.lognormal(size=50).astype(np.float32) for n in names}
-        percentiles = cal.percentile("ensemble", combined.score(new, parts.scores))
+        new["ensemble"] = combined.score(new, cal.scores)
+        if taken == "conformal":
+            percentiles = cal.percentiles(new)["ensemble"]
+        else:
+            ranks = Calibration.from_manifest(manifest, "m").scores["ensemble"]
+            percentiles = ranks.percentile(new["ensemble"])
         flagged.append(np.mean(percentiles > cal.effective_threshold(0.99)))
     return float(np.mean(flagged))
 
 
-def test_the_ensemble_flags_new_normal_data_at_most_its_share() -> None:
+def test_the_ensemble_flags_new_normal_data_at_its_share() -> None:
     """A new row lies beyond one score's last validation value 1 time in V + 1, where its
-    tail grows with the distance; the ensemble's validation values, each row's tails taken
-    against the other rows, meet that too, so the 0.99 threshold flags about 1 / (V + 1) of
-    normal data (0.99% at V = 100; sd of the mean over 200 sets, about 0.07%). Taken against
-    all rows, no validation value meets it, and the threshold flags about three times that."""
-    assert ensemble_false_alarms(held_out=True) < 0.0125
-    assert ensemble_false_alarms(held_out=False) > 0.02
+    tail grows with the distance. With the ensemble's percentile a conformal p-value, every
+    one of the V + 1 sums taken alike, the 0.99 threshold flags 1 / (V + 1) of normal data
+    (0.99% at V = 100; sd of the mean over 200 sets, about 0.07%). Ranked among the
+    validation rows' sums each taken against the other rows (formats 4 to 7), fewer; ranked
+    among sums taken against all rows, about three times as many."""
+    conformal = ensemble_false_alarms("conformal")
+    assert 0.0085 < conformal < 0.0115
+    assert ensemble_false_alarms("held out") < conformal
+    assert ensemble_false_alarms("against all") > 0.02
 
 
 def test_held_out_tails_are_each_value_against_the_others() -> None:
@@ -251,3 +267,72 @@ def test_held_out_tails_are_each_value_against_the_others() -> None:
     assert got[-1] > np.log(24)
     with pytest.raises(ValueError, match="not one of the calibration's validation values"):
         cal.held_out_log_tails(np.array([4.5]))
+
+
+def conformal_calibration(val: dict[str, np.ndarray]) -> tuple[Calibration, Ensemble]:
+    combined = Ensemble(tuple(val), "fisher")
+    manifest = {"calibration": calibrate_with_ensemble(dict(val), {}, combined)}
+    return Calibration.from_manifest(manifest, "m"), combined
+
+
+@pytest.mark.parametrize("v", [5, 10, 37, 120])
+def test_the_conformal_percentile_takes_each_validation_row_against_the_others_and_the_new_one(
+    v: int,
+) -> None:
+    """Checked against the definition, row by row: each validation row's tails against its V
+    references (the other V - 1 and the new row, ScoreCalibration.log_tail as a new row's
+    are taken), summed, and the share of the V + 1 sums below the new row's. One part is
+    anomalous when lower, one has its top value tied (no tail fitted to it), and new rows
+    tie validation values or reach beyond their range."""
+    rng = np.random.default_rng(v)
+    val = {
+        "dose": rng.lognormal(size=v).astype(np.float32),
+        "reconstruction_log_prob": rng.normal(size=v).astype(np.float32),
+        "rapp": rng.gumbel(size=v).astype(np.float32),
+    }
+    val["rapp"][0] = val["rapp"].max()  # a tie at the top
+    cal, combined = conformal_calibration(val)
+    # Half of them validation values themselves (ties), half beyond their range.
+    stretch = np.where(np.arange(40) < 20, 1.0, 1.5).astype(np.float32)
+    new = {n: stretch * rng.choice(values, 40) for n, values in val.items()}
+    new["ensemble"] = combined.score(new, cal.scores)
+    got = cal.percentiles(new)["ensemble"]
+    for j in range(40):
+        sums = np.zeros(v)
+        for name in combined.scores:
+            part = cal.scores[name]
+            for i in range(v):
+                references = np.sort(np.append(np.delete(val[name], i), new[name][j]))
+                peer = ScoreCalibration.of_values(references, part.higher_is_anomalous, 0)
+                sums[i] += peer.log_tail(val[name][i : i + 1])[0]
+        assert got[j] == np.float32(np.sum(sums < new["ensemble"][j]) / (v + 1))
+    # Not the rank among the stored values, each validation row against the other V - 1.
+    assert np.any(got != cal.scores["ensemble"].percentile(new["ensemble"]))
+
+
+def test_a_conformal_percentile_is_one_where_a_part_is_not_finite() -> None:
+    rng = np.random.default_rng(0)
+    cal, combined = conformal_calibration(
+        {"dose": rng.lognormal(size=30), "rapp": rng.lognormal(size=30)}
+    )
+    new = {"dose": np.array([1.0, np.nan, np.inf]), "rapp": np.array([np.inf, 1.0, 1.0])}
+    new["ensemble"] = combined.score(new, cal.scores)
+    assert cal.percentiles(new)["ensemble"].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"parts": ["dose", "nowhere"]}, "of calibrated scores"),
+        ({"rows": [[1.0, 2.0]]}, "must be 30 rows of 2 finite values"),
+        ({"rows": [[1.0, float("nan")]] * 30}, "must be 30 rows of 2 finite values"),
+        ({"rows": [[1.0, 2.0]] * 30}, "the validation values dose was calibrated on"),
+    ],
+)
+def test_broken_ensemble_rows_are_refused(change: dict[str, Any], message: str) -> None:
+    rng = np.random.default_rng(0)
+    val = {"dose": rng.lognormal(size=30), "rapp": rng.lognormal(size=30)}
+    manifest = {"calibration": calibrate_with_ensemble(val, {}, Ensemble(("dose", "rapp")))}
+    manifest["calibration"]["scores"]["ensemble"] |= change
+    with pytest.raises(ModelLoadError, match=message):
+        Calibration.from_manifest(manifest, "m")

@@ -23,9 +23,10 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 from vae_service_client import VAEClient, VAEValidationError
 
+from app.model import VAEService
 from tests.conftest import Server
 from training.__main__ import main
-from training.data import DataError
+from training.data import DataError, train_val_split
 from training.tables import TableOptions, load_table
 
 LABEL = "diagnosis"
@@ -121,6 +122,27 @@ def test_a_csv_trains_on_its_normal_rows_and_records_its_features(
     assert m["input_distance"]["k"] == 5
     assert m["input_distance"]["n"] == m["dataset"]["train_size"]
     assert max(m["metrics"]["test_auroc"].values()) > 0.8
+
+
+def test_the_ensembles_validation_rows_keep_each_rows_parts_together(
+    table_model: tuple[Path, list[str], np.ndarray],
+) -> None:
+    """Format 8's rows: the validation split's own values of DoSE and the input distance, row
+    by row, so the conformal percentile pairs each row's two; sorted columns alone would load
+    as well, and pair them wrongly. The input distance of each validation row, served now,
+    is its row's second value, in the split's order."""
+    artifact, _, _ = table_model
+    m = manifest_of(artifact)
+    entry = m["calibration"]["scores"]["ensemble"]
+    assert entry["parts"] == ["dose", "input_distance"]
+    rows = np.array(entry["rows"])
+    assert rows.shape == (m["calibration"]["n"], 2)
+    path = artifact.parent / "breast_cancer.csv"
+    data = load_table(path, None, TableOptions(LABEL, "benign", seed=m["training"]["seed"]))
+    _, val_idx = train_val_split(len(data.x_train), m["dataset"]["val_size"], m["training"]["seed"])
+    served = VAEService.load(artifact, "cpu").anomaly_scores(data.x_train[val_idx], 16, seed=0)
+    assert served["input_distance"].tolist() == rows[:, 1].tolist()
+    assert sorted(rows[:, 0].tolist()) == m["calibration"]["scores"]["dose"]["values"]
 
 
 def test_the_input_distance_reference_is_the_training_rows_standardised(

@@ -30,6 +30,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def run_digit(data: Dataset, digit: int, args: argparse.Namespace) -> dict[str, 
     for kind, x in (("grey", splits.test_served), ("binarised", splits.x_test)):
         scores = served_scores(model, x[~torch.from_numpy(is_anomaly)], cfg, background,
                                scoring, refs, calibrated)  # fmt: skip
-        alarms[kind] = round(flagged(cal, decision, scores[decision]), 4)
+        alarms[kind] = round(flagged(cal, decision, scores), 4)
     return {"auroc": aurocs, "decision_score": decision, "false_alarms": alarms}
 
 
@@ -198,13 +199,13 @@ def run_sanity(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> dict
     # trainer's test set is, which a format-4 calibration no longer reads.
     binarised = binarize_fixed(x, TEST_BINARIZATION_SEED)
     flags = {
-        "normal test digits": flagged(cal, decision, normal[decision]),
-        "normal test digits, binarised": flagged(cal, decision, score(binarised)[decision]),
+        "normal test digits": flagged(cal, decision, normal),
+        "normal test digits, binarised": flagged(cal, decision, score(binarised)),
     }
     aurocs: dict[str, dict[str, float]] = {}
     for kind, xs in sanity_sets(x, args.seed).items():
         s = score(xs)
-        flags[kind] = flagged(cal, decision, s[decision])
+        flags[kind] = flagged(cal, decision, s)
         if len(xs) > 1:
             aurocs[kind] = {n: auroc(signed(n, normal[n]), signed(n, s[n])) for n in offered}
     return {
@@ -220,10 +221,13 @@ def run_sanity(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> dict
     }
 
 
-def flagged(cal: Calibration, name: str, values: np.ndarray) -> float:
-    """The share of `values` of score `name` the service flags at its default threshold,
-    lowered as the service lowers it where the calibration cannot resolve that tail."""
-    over = cal.percentile(name, values.astype(np.float32)) > cal.effective_threshold(THRESHOLD)
+def flagged(cal: Calibration, name: str, scores: Mapping[str, np.ndarray]) -> float:
+    """The share of rows the service flags by score `name` (one of `scores`, which hold every
+    score the service computed for them: the ensemble's percentile reads its parts) at its
+    default threshold, lowered as the service lowers it where the calibration cannot resolve
+    that tail."""
+    values = {n: v.astype(np.float32) for n, v in scores.items()}
+    over = cal.percentiles(values)[name] > cal.effective_threshold(THRESHOLD)
     return float(over.mean())
 
 

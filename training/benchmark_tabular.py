@@ -236,7 +236,7 @@ def run_vae(
         out[name] = ranking_metrics(data.test_is_anomaly, signed(name, values))
     # The false alarms: the share of the held-out normal rows the default decision flags.
     decision, cal = vae.decision_score, vae.calibration
-    alarms = flagged(cal, decision, scores[decision][~data.test_is_anomaly])
+    alarms = flagged(cal, decision, {n: v[~data.test_is_anomaly] for n, v in scores.items()})
     info = {"train_seconds": round(seconds, 1), "decision_score": decision,
             "artifact_train_size": vae.manifest["dataset"]["train_size"],
             "calibration_rows": cal.n, "false_alarms": round(alarms, 4)}  # fmt: skip

@@ -42,7 +42,9 @@ from training.model import VAE
 # per-feature statistics; a table model's is unchanged.
 # 7: a table model adds the input distance (its training rows in INPUT_REFERENCE) and decides
 # with the ensemble of it and DoSE; an image model's artifact is as format 6's.
-FORMAT_VERSION = 7
+# 8: the ensemble's calibration keeps each validation row's values of its parts, and the
+# service reads the ensemble's percentile as a full conformal p-value (scoring/calibration.py).
+FORMAT_VERSION = 8
 
 
 @contextmanager

@@ -200,6 +200,27 @@ def ensemble_of(scores: Mapping[str, object]) -> Ensemble:
     return Ensemble(tuple(n for n in parts if n in scores), "fisher")
 
 
+def calibrate_with_ensemble(
+    scores: dict[str, np.ndarray], samples: dict[str, int], ensemble: Ensemble
+) -> dict[str, Any]:
+    """The manifest's calibration of the validation `scores` and of the `ensemble` of them
+    (added to `scores`). The ensemble is of tails the service reads off the other scores'
+    calibration, so it is calibrated after them. Its values are each validation row's tails
+    taken against the other rows (what formats 4 to 7 decided by), and beside them are the
+    rows' values of its parts, from which the service takes its percentile as a conformal
+    p-value (scoring/calibration.py, ConformalEnsemble): float32, as calibrate() stores them."""
+    calibrated = calibrate(scores, samples)
+    parts = Calibration.from_manifest({"calibration": calibrated}, "calibration")
+    scores["ensemble"] = ensemble.score(scores, parts.scores, held_out=True)
+    calibrated["scores"] |= calibrate({"ensemble": scores["ensemble"]}, samples)["scores"]
+    rows = np.stack([scores[n].astype(np.float32) for n in ensemble.scores], axis=1)
+    calibrated["scores"]["ensemble"] |= {
+        "parts": list(ensemble.scores),
+        "rows": rows.astype(np.float64).tolist(),
+    }
+    return calibrated
+
+
 def references(model: VAE, splits: Splits, cfg: TrainConfig) -> References:
     """The latent distance's and RaPP's references, from at most cfg.latent_reference training
     rows (a seeded choice) as callers send them: their posterior means, and the projection of
@@ -250,14 +271,8 @@ def calibration(
         )
     }
     samples["log_likelihood"] = n_k
-    # The ensemble is of tails the service reads off the other scores' calibration, so it is
-    # calibrated after them, and its own values join theirs. Each validation row's tails are
-    # taken against the other rows, as a new row's are against all of them.
-    calibrated = calibrate(scores, samples)
-    parts = Calibration.from_manifest({"calibration": calibrated}, "calibration")
     ensemble = ensemble_of(scores)
-    scores["ensemble"] = ensemble.score(scores, parts.scores, held_out=True)
-    calibrated["scores"] |= calibrate({"ensemble": scores["ensemble"]}, samples)["scores"]
+    calibrated = calibrate_with_ensemble(scores, samples, ensemble)
     assert refs.neighbours is not None
     scoring: dict[str, Any] = {
         "decision_score": DECISION_SCORE,
