@@ -966,6 +966,21 @@ def span(counts: Sequence[int]) -> str:
     return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
 
+def beyond_all_range(validation: Sequence[int], held_out: Sequence[int]) -> tuple[float, float]:
+    """Where the share of held-out normal rows flagged beyond every validation row, pooled
+    over independent splits, lies 95% of the time (a normal approximation). Each split's rate
+    r is 1 - F(its validation maximum), a Beta(1, V) draw for exchangeable rows (mean
+    1 / (V + 1)), and its n rows' count is Binomial(n, r): variance n E[r(1 - r)] + n^2 Var r."""
+    mean = var = 0.0
+    for v, n in zip(validation, held_out, strict=True):
+        m, m2 = 1 / (v + 1), 2 / ((v + 1) * (v + 2))  # E r, E r^2
+        mean += n * m
+        var += n * (m - m2) + n * n * (m2 - m * m)
+    total = sum(held_out)
+    spread = 1.96 * math.sqrt(var)
+    return max(0.0, mean - spread) / total, (mean + spread) / total
+
+
 @block("tabular-false-alarms")
 def tabular_false_alarms(page: Path) -> str:
     """The default decision's false alarms on each table's held-out normal rows, per seed."""
@@ -1005,6 +1020,7 @@ def tabular_false_alarms_seeds(page: Path) -> str:
         normal = held_out_normal(runs)
         flagged = round(sum(run["false_alarms"] * n for run, n in zip(runs, normal, strict=True)))
         bounds = [1 / (run["calibration_rows"] + 1) for run in runs]
+        low, high = beyond_all_range([run["calibration_rows"] for run in runs], normal)
         rows.append(
             (
                 d,
@@ -1013,6 +1029,7 @@ def tabular_false_alarms_seeds(page: Path) -> str:
                 f"{sum(normal):,}",
                 f"{flagged} ({percent(flagged / sum(normal), 2)})",
                 " to ".join(dict.fromkeys(percent(b, 2) for b in (min(bounds), max(bounds)))),
+                f"{percent(low, 2)} to {percent(high, 2)}",
             )
         )
     head = (
@@ -1022,6 +1039,7 @@ def tabular_false_alarms_seeds(page: Path) -> str:
         "held-out normal rows, all seeds",
         f"flagged at {default_threshold():g}",
         "bound, 1 / (V + 1)",
+        "95% range of the pooled rate",
     )
     return (
         f"```bash\n{tabular_command(r, 'tabular-false-alarms')}\n```\n\n"
