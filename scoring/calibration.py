@@ -150,7 +150,7 @@ class ConformalEnsemble:
     the new row been among the references, a validation row it outranks on one part would
     have had a rank of V - 1 in V + 1 there, not V - 1 in V. The validation sums ran high, and
     the threshold flagged normal data less often than its share: on 20 breast-cancer splits 8
-    rows of 2,140 where exact ranks flagged 11, with a bound of 1.3% (28 rows).
+    held-out benign rows of 2,140, where this flags 11 (the bound: 1.3%, 28 rows).
 
     Here each validation row's tails are taken against the other V - 1 and the new row, per
     new row, so that all V + 1 sums are computed alike and, the rows being exchangeable, the
@@ -184,7 +184,7 @@ class ConformalEnsemble:
         p = (np.arange(n + 1) / (n + 1)).astype(np.float32).astype(np.float64)
         with np.errstate(divide="ignore"):
             tail_of_rank = -np.log1p(-p)
-        signs = np.array([1.0 if calibration[p].higher_is_anomalous else -1.0 for p in parts])
+        signs = np.array([1.0 if calibration[n].higher_is_anomalous else -1.0 for n in parts])
         signed = rows * signs
         step = np.empty_like(rows)
         base = np.zeros(n)
