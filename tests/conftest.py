@@ -75,6 +75,15 @@ def as_quantiles(calibration: dict[str, Any]) -> None:
         entry["quantiles"] = np.quantile(np.asarray(entry.pop("values")), LEGACY_LEVELS).tolist()
 
 
+def drop_format_8(calibration: dict[str, Any]) -> None:
+    """A format-8 calibration as formats 4 to 7 had it, in place: the ensemble's values alone,
+    without each validation row's values of its parts (read by rank, not as a conformal
+    p-value)."""
+    entry = calibration["scores"].get("ensemble", {})
+    entry.pop("parts", None)
+    entry.pop("rows", None)
+
+
 def drop_format_6(model: VAE, x: torch.Tensor, scoring: dict[str, Any]) -> None:
     """An image model's attribution entry (in scoring data or a manifest) as formats 3 to 5 had
     it, in place: -log p(x_d|z*) at the trimmed projection, standardised on the rows x."""
@@ -123,7 +132,8 @@ def make_artifact(
     was: 1, the three likelihood scores and nothing else; 2, without the latent distance and
     the ensemble; 1 to 3, without RaPP, calibrated by quantiles rather than sorted values; 1 to
     4, without the polar distance; 2 to 5, an image model's attribution standardised at the
-    trimmed projection rather than the residual from x redrawn."""
+    trimmed projection rather than the residual from x redrawn; 1 to 7, without the
+    ensemble's validation rows."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -140,6 +150,8 @@ def make_artifact(
     calibration, scoring, refs = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
+    if format_version <= 7:
+        drop_format_8(calibration)
     if format_version <= 5:
         drop_format_6(model, x_val, scoring)
     if format_version <= 4:

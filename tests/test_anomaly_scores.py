@@ -21,7 +21,7 @@ from app.settings import Settings
 from scoring.artifact import ModelLoadError
 from scoring.calibration import Calibration
 from scoring.scores import References
-from tests.conftest import EVERY_SCORE, make_artifact
+from tests.conftest import EVERY_SCORE, drop_format_8, make_artifact
 from training.config import ModelConfig
 from training.export import export_artifact, load_artifact, load_weights
 from training.model import VAE
@@ -143,6 +143,7 @@ def test_an_ensemble_of_a_score_the_artifact_lacks_is_refused_at_load(tmp_path: 
     weights, background, manifest = load_weights(artifact)
     served = VAEService.load(artifact, "cpu")
     del manifest["calibration"]["scores"]["rapp"], manifest["rapp"]
+    drop_format_8(manifest["calibration"])  # else its rows' parts are refused first
     cfg = ModelConfig.from_dict(manifest["model"])
     model, bg = VAE(cfg), VAE(cfg)
     model.load_state_dict(weights)
@@ -151,6 +152,25 @@ def test_an_ensemble_of_a_score_the_artifact_lacks_is_refused_at_load(tmp_path: 
     broken = tmp_path / "broken.pt"
     export_artifact(model, manifest, broken, bg, References(served.neighbours))
     with pytest.raises(ModelLoadError, match=r"the ensemble combines rapp, not calibrated"):
+        VAEService.load(broken, "cpu")
+
+
+def test_an_ensemble_whose_rows_are_of_other_parts_is_refused_at_load(tmp_path: Path) -> None:
+    """Format 8's rows pair each validation row's parts in the order of `parts`; an ensemble
+    that combines its scores in another order would read each row's values as the wrong
+    scores' (every column is still some score's own values, so the calibration passes)."""
+    artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
+    weights, background, manifest = load_weights(artifact)
+    served = VAEService.load(artifact, "cpu")
+    manifest["ensemble"]["scores"] = manifest["ensemble"]["scores"][::-1]
+    cfg = ModelConfig.from_dict(manifest["model"])
+    model, bg = VAE(cfg), VAE(cfg)
+    model.load_state_dict(weights)
+    assert background is not None
+    bg.load_state_dict(background)
+    broken = tmp_path / "broken.pt"
+    export_artifact(model, manifest, broken, bg, References(served.neighbours, served.gaps))
+    with pytest.raises(ModelLoadError, match=r"validation rows are not of the scores it combines"):
         VAEService.load(broken, "cpu")
 
 

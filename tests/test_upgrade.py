@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import torch
 
 from app.model import VAEService
 from scoring.scores import References
-from tests.conftest import LEGACY_LEVELS, drop_format_3, drop_format_4, drop_format_5, drop_format_6
+from tests.conftest import (
+    LEGACY_LEVELS,
+    drop_format_3,
+    drop_format_4,
+    drop_format_5,
+    drop_format_6,
+    drop_format_8,
+)
 from training.__main__ import main as train
 from training.config import ModelConfig
 from training.export import FORMAT_VERSION, export_artifact, load_weights, sha256_of
@@ -32,6 +40,7 @@ def as_format(artifact: Path, out: Path, version: int) -> Path:
     rows = torch.bernoulli(
         torch.full((64, cfg.input_dim), 0.3), generator=torch.Generator().manual_seed(0)
     )
+    drop_format_8(manifest["calibration"])
     drop_format_6(model.eval(), rows, manifest)
     # Each older format drops what the next one added, as tests/conftest.py's make_artifact.
     current = VAEService.load(artifact, "cpu")
@@ -140,8 +149,9 @@ def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores
 def test_a_format_5_artifact_keeps_every_score_and_gains_the_redrawn_residual(
     old: Path, data: Path, tmp_path: Path
 ) -> None:
-    """Format 5 to 6 changes an image model's attribution alone: every calibration value, the
-    ensemble and the seeded scores stay as they were."""
+    """Format 5 to the current one changes an image model's attribution (6) and adds the
+    ensemble's validation rows (8) alone: every calibration value, the ensemble and the seeded
+    scores stay as they were."""
     current = tmp_path / "current.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(current)]) == 0
     five = as_format(current, tmp_path / "five.pt", 5)
@@ -151,7 +161,10 @@ def test_a_format_5_artifact_keeps_every_score_and_gains_the_redrawn_residual(
     assert upgrade([str(five), "--data-dir", str(data), "--out", str(out)]) == 0
     after = VAEService.load(out, "cpu")
     assert (after.format_version, after.attribution_method) == (FORMAT_VERSION, "redrawn residual")
-    assert after.manifest["calibration"] == before.manifest["calibration"]
+    calibration = copy.deepcopy(after.manifest["calibration"])
+    assert calibration["scores"]["ensemble"]["parts"] == list(after.ensemble.scores)
+    drop_format_8(calibration)
+    assert calibration == before.manifest["calibration"]
     assert after.ensemble == before.ensemble
     x = np.random.default_rng(5).uniform(size=(4, 16)).astype(np.float32)
     old_scores = before.anomaly_scores(x, 4, seed=0, attribution=True)
