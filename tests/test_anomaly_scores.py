@@ -4,7 +4,7 @@ and V2, and format-1 and format-2 artifacts that keep serving their own scores."
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,21 +136,34 @@ def test_a_format_3_ensemble_is_the_larger_of_its_two_percentiles(format3_artifa
     assert len(pct["ensemble"]) == 3
 
 
-def test_an_ensemble_of_a_score_the_artifact_lacks_is_refused_at_load(tmp_path: Path) -> None:
-    """An artifact whose manifest's ensemble names a score its calibration lacks would fail
-    every request: it is refused at load, naming the score."""
-    artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
+def with_manifest(
+    artifact: Path, out: Path, change: Callable[[dict[str, Any]], None], rapp: bool = True
+) -> Path:
+    """The artifact's weights and references exported again with its manifest changed in
+    place by `change` (without RaPP's projection, unless `rapp`)."""
     weights, background, manifest = load_weights(artifact)
     served = VAEService.load(artifact, "cpu")
-    del manifest["calibration"]["scores"]["rapp"], manifest["rapp"]
-    drop_format_8(manifest["calibration"])  # else its rows' parts are refused first
+    change(manifest)
     cfg = ModelConfig.from_dict(manifest["model"])
     model, bg = VAE(cfg), VAE(cfg)
     model.load_state_dict(weights)
     assert background is not None
     bg.load_state_dict(background)
-    broken = tmp_path / "broken.pt"
-    export_artifact(model, manifest, broken, bg, References(served.neighbours))
+    references = References(served.neighbours, served.gaps if rapp else None)
+    export_artifact(model, manifest, out, bg, references)
+    return out
+
+
+def test_an_ensemble_of_a_score_the_artifact_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    """An artifact whose manifest's ensemble names a score its calibration lacks would fail
+    every request: it is refused at load, naming the score."""
+
+    def without_rapp(manifest: dict[str, Any]) -> None:
+        del manifest["calibration"]["scores"]["rapp"], manifest["rapp"]
+        drop_format_8(manifest["calibration"])  # else its rows' parts are refused first
+
+    artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
+    broken = with_manifest(artifact, tmp_path / "broken.pt", without_rapp, rapp=False)
     with pytest.raises(ModelLoadError, match=r"the ensemble combines rapp, not calibrated"):
         VAEService.load(broken, "cpu")
 
@@ -159,17 +172,12 @@ def test_an_ensemble_whose_rows_are_of_other_parts_is_refused_at_load(tmp_path: 
     """Format 8's rows pair each validation row's parts in the order of `parts`; an ensemble
     that combines its scores in another order would read each row's values as the wrong
     scores' (every column is still some score's own values, so the calibration passes)."""
+
+    def reversed_ensemble(manifest: dict[str, Any]) -> None:
+        manifest["ensemble"]["scores"] = manifest["ensemble"]["scores"][::-1]
+
     artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
-    weights, background, manifest = load_weights(artifact)
-    served = VAEService.load(artifact, "cpu")
-    manifest["ensemble"]["scores"] = manifest["ensemble"]["scores"][::-1]
-    cfg = ModelConfig.from_dict(manifest["model"])
-    model, bg = VAE(cfg), VAE(cfg)
-    model.load_state_dict(weights)
-    assert background is not None
-    bg.load_state_dict(background)
-    broken = tmp_path / "broken.pt"
-    export_artifact(model, manifest, broken, bg, References(served.neighbours, served.gaps))
+    broken = with_manifest(artifact, tmp_path / "broken.pt", reversed_ensemble)
     with pytest.raises(ModelLoadError, match=r"validation rows are not of the scores it combines"):
         VAEService.load(broken, "cpu")
 
