@@ -167,9 +167,8 @@ class ConformalEnsemble:
     comparisons, about 10,000 for an image model."""
 
     parts: tuple[str, ...]
-    rows: np.ndarray  # (V, S) float64: each validation row's values of the parts
     signs: np.ndarray  # (S,): 1, or -1 for a part where lower is anomalous
-    signed: np.ndarray  # (V, S): the rows times their part's sign
+    signed: np.ndarray  # (V, S): each validation row's values of the parts, times their signs
     base: np.ndarray  # (V,): each row's sum of tails where the new row outranks it on every part
     step: np.ndarray  # (V, S): what each part's tail gains where the new row is below it
     tops: tuple[_TopTail | None, ...]  # per part: its most anomalous value's own tail
@@ -198,15 +197,16 @@ class ConformalEnsemble:
             top = int(np.argmax(v))
             # log_tail fits no tail below 10 references, and none to a top value that is tied.
             fits = n >= 10 and below[top] == n - 1
-            tops.append(_TopTail(top, ranked[:-1][-max(10, n // 10) :]) if fits else None)
-        return cls(parts, rows, signs, signed, base, step, tuple(tops))
+            k = max(10, n // 10)
+            tops.append(_TopTail(top, float(v[top]), ranked[:-1][-k:], k) if fits else None)
+        return cls(parts, signs, signed, base, step, tuple(tops))
 
     def percentile(self, combined: Array, scores: Mapping[str, Array]) -> Array:
         """The share of the V + 1 sums (the validation rows' and this one's) that are less
         anomalous than each new row's `combined` ensemble value, whose parts are in `scores`;
         1.0 for a value that is not finite."""
         e_new = np.asarray(combined, dtype=np.float64)
-        n = len(self.rows)
+        n = len(self.signed)
         out = np.empty(len(e_new), dtype=np.float64)
         at_once = max(1, _CONFORMAL_CELLS // max(1, n))
         for start in range(0, len(e_new), at_once):
@@ -217,7 +217,7 @@ class ConformalEnsemble:
                 outranked = x[:, None] < self.signed[None, :, s]  # NaN outranks nothing
                 sums += outranked * self.step[:, s]
                 if (top := self.tops[s]) is not None:
-                    sums[:, top.row] += top.extension(x, self.signed[top.row, s], n)
+                    sums[:, top.row] += top.extension(x)
             out[block] = np.sum(sums < e_new[block, None], axis=1) / (n + 1)
         return np.where(np.isfinite(e_new), out, 1.0).astype(np.float32)
 
@@ -229,21 +229,21 @@ class _TopTail:
     its tail on by an exponential fitted to the top k of them (the others' and the new one)."""
 
     row: int
+    value: float  # its signed value
     others: np.ndarray  # the top k of the other V - 1 signed values, ascending (k - 1 if V = 10)
+    k: int  # how many of the V references log_tail fits its exponential to
 
-    def extension(self, x: np.ndarray, value: float, n: int) -> np.ndarray:
+    def extension(self, x: np.ndarray) -> np.ndarray:
         """(B,): what the top value's tail gains over its rank's, for each new signed value x."""
-        k = max(10, n // 10)
         candidates = np.concatenate(
             [np.broadcast_to(self.others, (len(x), len(self.others))), x[:, None]], 1
         )
         with np.errstate(invalid="ignore"):
             candidates.sort(axis=1)
-            head = candidates[:, -k:]  # the top k of the V references
+            head = candidates[:, -self.k :]  # the top k of the V references
             scale = np.mean(head - head[:, :1], axis=1)
-            beyond = value - head[:, -1]
-            gain = beyond / scale
-        return np.where((x < value) & (scale > 0.0), gain, 0.0)
+            gain = (self.value - head[:, -1]) / scale
+        return np.where((x < self.value) & (scale > 0.0), gain, 0.0)
 
 
 # The (new rows x validation rows) cells one pass of ConformalEnsemble.percentile holds in a
@@ -260,10 +260,13 @@ class Calibration:
     def percentiles(self, scores: Mapping[str, Array]) -> dict[str, Array]:
         """Each calibrated score's percentile; the ensemble's, where the calibration holds its
         validation rows (format 8), as a conformal p-value from its parts' values."""
-        out = {name: self.percentile(name, v) for name, v in scores.items() if name in self.scores}
-        if self.conformal is not None and "ensemble" in out:
-            out["ensemble"] = self.conformal.percentile(scores["ensemble"], scores)
-        return out
+        return {
+            name: self.conformal.percentile(v, scores)
+            if name == "ensemble" and self.conformal is not None
+            else self.percentile(name, v)
+            for name, v in scores.items()
+            if name in self.scores
+        }
 
     @property
     def resolvable_tail(self) -> float:
