@@ -41,7 +41,11 @@ log = logging.getLogger("training")
 
 HELD_OUT = 500  # normal training images kept out of training: the design's normal rows
 ANOMALIES = 2000  # at most this many training images of the anomaly class
-SCORES = ("dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity")
+SCORES = (
+    "dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity",
+    "feature_distance",
+)  # fmt: skip
+FORMAT_5 = dict.fromkeys(SCORES[:5], 1.0)
 # The candidates, as weights on SCORES' tails. Format 4's three, each of the two newer scores
 # added, both (format 5's default), and the latent distance weighted up instead, which on
 # these protocols trades one for the other.
@@ -51,7 +55,7 @@ CANDIDATES: dict[str, dict[str, float]] = {
         "dose": 1, "latent_distance": 1, "rapp": 1, "input_complexity": 1,
     },
     "format 4 + polar": {"dose": 1, "latent_distance": 1, "latent_polar_distance": 1, "rapp": 1},
-    "format 5: format 4 + polar + input complexity": dict.fromkeys(SCORES, 1.0),
+    "format 5: format 4 + polar + input complexity": FORMAT_5,
     "format 4 + input complexity, latent x2": {
         "dose": 1, "latent_distance": 2, "rapp": 1, "input_complexity": 1,
     },
@@ -61,6 +65,20 @@ CANDIDATES: dict[str, dict[str, float]] = {
     "polar in place of latent, + input complexity": {
         "dose": 1, "latent_polar_distance": 1, "rapp": 1, "input_complexity": 1,
     },
+    # Format 9's candidates: the feature distance added to format 5's five, or in place of
+    # one or both latent distances.
+    "format 5 + feature": dict.fromkeys(SCORES, 1.0),
+    "format 5, feature in place of polar": {
+        "dose": 1, "latent_distance": 1, "feature_distance": 1, "rapp": 1, "input_complexity": 1,
+    },
+    "format 5, feature in place of both latent": {
+        "dose": 1, "feature_distance": 1, "rapp": 1, "input_complexity": 1,
+    },
+    "format 5 + feature x2": FORMAT_5 | {"feature_distance": 2.0},
+    "feature + latent + polar": {
+        "feature_distance": 1, "latent_distance": 1, "latent_polar_distance": 1,
+    },
+    "feature + latent + dose": {"feature_distance": 1, "latent_distance": 1, "dose": 1},
 }  # fmt: skip
 
 
