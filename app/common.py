@@ -11,8 +11,9 @@ Arrays = dict[str, Array]  # an operation's outputs, by name
 
 # The anomaly scores an artifact can be asked for; its calibration states each one's direction.
 # Format-1 artifacts offer the first three; format 2 adds the next three, format 3 the latent
-# distance and the ensemble, format 4 RaPP, format 5 the polar distance and format 7 (table
-# models) the input distance (scoring/scores.py).
+# distance and the ensemble, format 4 RaPP, format 5 the polar distance, format 7 (table
+# models) the input distance and format 9 (image models) the feature distance
+# (scoring/scores.py).
 ScoreName = Literal[
     "kl_divergence",
     "reconstruction_log_prob",
@@ -24,6 +25,7 @@ ScoreName = Literal[
     "latent_polar_distance",
     "rapp",
     "input_distance",
+    "feature_distance",
     "ensemble",
 ]
 SCORES: tuple[ScoreName, ...] = get_args(ScoreName)

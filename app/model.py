@@ -26,6 +26,7 @@ from app.costs import Costs
 from scoring.artifact import (
     ATTRIBUTION_METHOD,
     BACKGROUND,
+    FEATURE_REFERENCE,
     GAP_PROJECTION,
     INPUT_REFERENCE,
     LATENT_LENGTHS,
@@ -46,6 +47,7 @@ from scoring.calibration import Calibration
 from scoring.scores import (
     Density,
     Ensemble,
+    FeatureNeighbours,
     GapProjection,
     InputNeighbours,
     Neighbours,
@@ -110,6 +112,7 @@ class VAEService:
         self.neighbours = references.neighbours  # format 3
         self.gaps = references.gaps  # format 4
         self.inputs = references.inputs  # format 7, table models
+        self.features = references.features  # format 9, image models
         self.ensemble = Ensemble.from_manifest(manifest)
         if "ensemble" in calibration.scores:
             lacking = [n for n in self.ensemble.scores if n not in calibration.scores]
@@ -118,6 +121,11 @@ class VAEService:
         conformal = calibration.conformal  # format 8: its validation rows are of its own parts
         if conformal is not None and conformal.parts != self.ensemble.scores:
             raise ValueError("the ensemble's validation rows are not of the scores it combines")
+        weights = self.ensemble.weights or (1.0,) * len(self.ensemble.scores)
+        if conformal is not None and tuple(conformal.weights) != weights:
+            raise ValueError(
+                "the ensemble's validation rows are weighted otherwise than its scores"
+            )
         # Format 2: what its scores need, checked by load(); absent from format 1.
         self.density = Density.from_manifest(manifest["dose"]) if "dose" in manifest else None
         # How the attribution is computed: format 2 averages -log p(x_d|z) over the posterior
@@ -187,6 +195,7 @@ class VAEService:
                 LATENT_LENGTHS,
                 GAP_PROJECTION,
                 INPUT_REFERENCE,
+                FEATURE_REFERENCE,
             ),
             "",
         )
@@ -209,14 +218,18 @@ class VAEService:
             ("latent_polar_distance", LATENT_LENGTHS),
             ("rapp", GAP_PROJECTION),
             ("input_distance", INPUT_REFERENCE),
+            ("feature_distance", FEATURE_REFERENCE),
         )
         for score, file in needs:
             if score in calibration.scores and not extra[file]:
                 raise ModelLoadError(f"{path}: the {score} score needs {file}, absent.")
-        if "rapp" in calibration.scores and not hasattr(module, "hidden_gap"):
-            raise ModelLoadError(f"{path}: the rapp score needs the method hidden_gap, absent.")
+        for score, method in (("rapp", "hidden_gap"), ("feature_distance", "features")):
+            if score in calibration.scores and not hasattr(module, method):
+                raise ModelLoadError(
+                    f"{path}: the {score} score needs the method {method}, absent."
+                )
         try:
-            neighbours = gaps = inputs = None
+            neighbours = gaps = inputs = features = None
             if "latent_distance" in calibration.scores:
                 k, z = manifest["latent_distance"]["k"], manifest["latent_dim"]
                 polar = "latent_polar_distance" in calibration.scores
@@ -228,7 +241,10 @@ class VAEService:
             if "input_distance" in calibration.scores:
                 k, width = manifest["input_distance"]["k"], manifest["input_dim"]
                 inputs = InputNeighbours.from_bytes(extra[INPUT_REFERENCE], k, width)
-            references = References(neighbours, gaps, inputs)
+            if "feature_distance" in calibration.scores:
+                k, width = manifest["feature_distance"]["k"], manifest["model"]["hidden_dims"][0]
+                features = FeatureNeighbours.from_bytes(extra[FEATURE_REFERENCE], k, width)
+            references = References(neighbours, gaps, inputs, features)
             service = cls(module, manifest, sha256, dev, calibration, background, references)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"{path}: the manifest's scoring data is invalid ({e}).") from None
@@ -314,6 +330,8 @@ class VAEService:
             scores["rapp"] = self.gaps.score(_numpy(self.module.hidden_gap(xt)))
         if self.inputs is not None:
             scores["input_distance"] = self.inputs.distances(x)
+        if self.features is not None:
+            scores["feature_distance"] = self.features.distances(_numpy(self.module.features(xt)))
         if "ensemble" in offered:
             scores["ensemble"] = self.ensemble.score(scores, self.calibration.scores)
         if ratio and self.background is not None:

@@ -213,7 +213,8 @@ class AnomalyScoreParams(Strict):
         description="Scores to compute besides the ones always given (KL, the reconstruction "
         "probability, in format-2 artifacts input_complexity and dose, in format-3 ones "
         "latent_distance and ensemble, in format-4 ones rapp, in format-5 ones "
-        "latent_polar_distance, and in format-7 table models input_distance): log_likelihood "
+        "latent_polar_distance, in format-7 table models input_distance, and in format-9 image "
+        "models feature_distance): log_likelihood "
         "(K importance samples) or likelihood_ratio (a background model's L passes). A score "
         "the artifact lacks is a 422. In a query or form: comma-separated.",
         examples=[["likelihood_ratio"]],
@@ -252,6 +253,7 @@ class ScorePercentiles(BaseModel):
     latent_polar_distance: list[float] | None = None
     rapp: list[float] | None = None
     input_distance: list[float] | None = None
+    feature_distance: list[float] | None = None
     ensemble: list[float] | None = None
 
 
@@ -279,6 +281,7 @@ class AnomalyScoreResponse(BaseModel):
                     "latent_polar_distance": [0.47],
                     "rapp": [812.0],
                     "input_distance": None,
+                    "feature_distance": [0.52],
                     "ensemble": [1.74],
                     "percentiles": {
                         "kl_divergence": [0.14],
@@ -291,6 +294,7 @@ class AnomalyScoreResponse(BaseModel):
                         "latent_polar_distance": [0.6],
                         "rapp": [0.55],
                         "input_distance": None,
+                        "feature_distance": [0.66],
                         "ensemble": [0.71],
                     },
                     "is_anomaly": [False],
@@ -356,6 +360,12 @@ class AnomalyScoreResponse(BaseModel):
         description="Mean Euclidean distance from the instance to its 5 nearest training rows, "
         "each feature standardised over them (a k-NN detector); higher is more anomalous. "
         "Table models of format 7.",
+    )
+    feature_distance: list[float] | None = Field(
+        None,
+        description="Mean distance, between unit vectors, from the encoder's first-layer "
+        "features of the instance to its 5 nearest training rows' (projected on 128 "
+        "directions), in [0, 2]; higher is more anomalous. Image models of format 9.",
     )
     ensemble: list[float] | None = Field(
         None,

@@ -23,8 +23,10 @@ class ModelLoadError(Exception):
 # the input complexity into the ensemble. 6 draws an image model's attribution as the residual
 # from x redrawn (REDRAWN_RESIDUAL, below). 7 gives a table model the input distance (its
 # training rows in INPUT_REFERENCE) and decides with the ensemble of it and DoSE. 8 keeps the
-# ensemble's validation rows, for its percentile as a full conformal p-value.
-SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5, 6, 7, 8}
+# ensemble's validation rows, for its percentile as a full conformal p-value. 9 gives an image
+# model the feature distance (the encoder's first-layer features of its training rows, in
+# FEATURE_REFERENCE; the module's `features` method) and takes it into the ensemble.
+SUPPORTED_FORMAT_VERSIONS = {1, 2, 3, 4, 5, 6, 7, 8, 9}
 REQUIRED_METHODS = (
     "encode",
     "decode",
@@ -40,6 +42,7 @@ LATENT_REFERENCE = "latent_reference.npy"  # format 3
 GAP_PROJECTION = "gap_projection.npz"  # format 4: RaPP's
 LATENT_LENGTHS = "latent_lengths.npy"  # format 5: the polar distance's
 INPUT_REFERENCE = "input_reference.npz"  # format 7: the input distance's, tables only
+FEATURE_REFERENCE = "feature_reference.npz"  # format 9: the feature distance's, images only
 REQUIRED_KEYS = ("format_version", "input_shape", "input_dim", "latent_dim", "likelihood")
 
 

@@ -167,6 +167,7 @@ class ConformalEnsemble:
     comparisons, about 10,000 for an image model."""
 
     parts: tuple[str, ...]
+    weights: np.ndarray  # (S,): each part's tail counts this many times in the sum (format 9)
     signs: np.ndarray  # (S,): 1, or -1 for a part where lower is anomalous
     signed: np.ndarray  # (V, S): each validation row's values of the parts, times their signs
     base: np.ndarray  # (V,): each row's sum of tails where the new row outranks it on every part
@@ -175,9 +176,14 @@ class ConformalEnsemble:
 
     @classmethod
     def of_rows(
-        cls, parts: tuple[str, ...], rows: np.ndarray, calibration: Mapping[str, ScoreCalibration]
+        cls,
+        parts: tuple[str, ...],
+        rows: np.ndarray,
+        calibration: Mapping[str, ScoreCalibration],
+        weights: np.ndarray | None = None,
     ) -> ConformalEnsemble:
         n = len(rows)
+        w = np.ones(len(parts)) if weights is None else np.asarray(weights, dtype=np.float64)
         # The tail of a rank c among V references, as percentile() rounds it and log_tail()
         # takes it: -log(1 - c / (V + 1)), for c = 0..V.
         p = (np.arange(n + 1) / (n + 1)).astype(np.float32).astype(np.float64)
@@ -192,14 +198,14 @@ class ConformalEnsemble:
             v = signed[:, s]
             ranked = np.sort(v)  # the more anomalous, the further right
             below = np.searchsorted(ranked, v, side="left")  # the others less anomalous than v
-            base += tail_of_rank[below]
-            step[:, s] = tail_of_rank[below + 1] - tail_of_rank[below]
+            base += w[s] * tail_of_rank[below]
+            step[:, s] = w[s] * (tail_of_rank[below + 1] - tail_of_rank[below])
             top = int(np.argmax(v))
             # log_tail fits no tail below 10 references, and none to a top value that is tied.
             fits = n >= 10 and below[top] == n - 1
             k = max(10, n // 10)
             tops.append(_TopTail(top, float(v[top]), ranked[:-1][-k:], k) if fits else None)
-        return cls(parts, signs, signed, base, step, tuple(tops))
+        return cls(parts, w, signs, signed, base, step, tuple(tops))
 
     def percentile(self, combined: Array, scores: Mapping[str, Array]) -> Array:
         """The share of the V + 1 sums (the validation rows' and this one's) that are less
@@ -217,7 +223,7 @@ class ConformalEnsemble:
                 outranked = x[:, None] < self.signed[None, :, s]  # NaN outranks nothing
                 sums += outranked * self.step[:, s]
                 if (top := self.tops[s]) is not None:
-                    sums[:, top.row] += top.extension(x)
+                    sums[:, top.row] += self.weights[s] * top.extension(x)
             out[block] = np.sum(sums < e_new[block, None], axis=1) / (n + 1)
         return np.where(np.isfinite(e_new), out, 1.0).astype(np.float32)
 
@@ -335,7 +341,22 @@ def _conformal(
     for s, part in enumerate(parts):
         if not np.array_equal(np.sort(rows[:, s]), scores[part].points):
             raise ModelLoadError(f"{bad} the validation values {part} was calibrated on.")
-    return ConformalEnsemble.of_rows(parts, rows, scores)
+    return ConformalEnsemble.of_rows(parts, rows, scores, _weights(entry, len(parts), where))
+
+
+def _weights(entry: Mapping[str, Any], size: int, where: str) -> np.ndarray | None:
+    """Format 9's weights of the ensemble's parts, one positive finite number each; None
+    (each part once) where the entry has none, as formats 4 to 8 had."""
+    if entry.get("weights") is None:
+        return None
+    message = f"{where}: the ensemble's weights must be {size} positive finite numbers."
+    try:
+        weights = np.asarray(entry["weights"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ModelLoadError(message) from None
+    if weights.shape != (size,) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ModelLoadError(message)
+    return weights
 
 
 def _levels(raw: Any, where: str) -> np.ndarray:

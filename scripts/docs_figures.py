@@ -74,6 +74,7 @@ SHORT = dict(
             "polar distance",
             "RaPP",
             "input distance",
+            "feature distance",
             "ensemble",
         ),
         strict=True,
@@ -82,16 +83,20 @@ SHORT = dict(
 # Scores that a format adds to the calibration (app/common.py says the same of SCORES' order).
 # Format 4 first held the rank calibration alone; an artifact with `rapp` is of the format 4
 # whose ensemble combines three scores.
-# Format 7 adds a score to table models alone: an image model's is told from format 5 by its
-# manifest, not its scores.
+# Format 7 adds a score to table models alone, format 9 to image models alone: an image
+# model of format 6 to 8 is told from format 5, and a table model of format 8 from format 7, by
+# its manifest, not its scores.
 FORMAT_SCORES = (
+    (9, ("feature_distance",)),
     (7, ("input_distance",)),
     (5, ("latent_polar_distance",)),
     (4, ("rapp",)),
     (3, ("latent_distance", "ensemble")),
     (2, ("input_complexity", "dose")),
 )
-CURRENT_FORMAT = FORMAT_SCORES[0][0]
+# The newest format that changed a table model's scores: format 9's feature distance is an
+# image model's alone, so a table run of format 7 or later trained what the trainer trains now.
+TABLE_FORMAT = 7
 # The shipped MNIST model's earlier artifacts, oldest first, each upgraded to the next with the
 # same weights: an upgraded manifest names only the artifact it was made from, and results
 # keyed to an older sha256 (the latent probe's) still describe these weights.
@@ -863,7 +868,7 @@ def tabular_setup(page: Path) -> str:
         older = (
             f" Format-{fmt} artifacts, from an earlier trainer: no RaPP, format {fmt}'s ensemble, "
             "scored with the interpolated percentiles of earlier releases."
-            if fmt < CURRENT_FORMAT
+            if fmt < TABLE_FORMAT
             else ""
         )
         lines.append(

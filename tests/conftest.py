@@ -28,7 +28,7 @@ V1_SCORES = ("kl_divergence", "reconstruction_log_prob", "log_likelihood")
 # Every score of the current artifact format, in the order the service lists them, written out
 # here rather than read from the app (app.common.SCORES), so a score that goes missing fails.
 EVERY_SCORE = (*V1_SCORES, "input_complexity", "likelihood_ratio", "dose", "latent_distance",
-               "latent_polar_distance", "rapp", "ensemble")  # fmt: skip
+               "latent_polar_distance", "rapp", "feature_distance", "ensemble")  # fmt: skip
 # The real MNIST slice that ships with the tests (10,000 training and 5,000 test images; its
 # README says how it was cut): every test reads it, so a clone with nothing beside it passes.
 MNIST_DIR = REPO / "tests" / "data" / "mnist"
@@ -73,6 +73,22 @@ def as_quantiles(calibration: dict[str, Any]) -> None:
     calibration["levels"] = LEGACY_LEVELS.round(4).tolist()
     for entry in calibration["scores"].values():
         entry["quantiles"] = np.quantile(np.asarray(entry.pop("values")), LEGACY_LEVELS).tolist()
+
+
+def drop_format_9(calibration: dict[str, Any], scoring: dict[str, Any]) -> None:
+    """A format-9 image model's calibration and scoring data as format 8 had them, in place: no
+    feature distance, and the ensemble of format 5's five scores, unweighted, its validation
+    rows without the feature distance's column (its values here stay format 9's, so they
+    serve the mechanics only, not a decision)."""
+    del calibration["scores"]["feature_distance"]
+    del scoring["feature_distance"]
+    parts = scoring["ensemble"]["scores"]
+    column = parts.index("feature_distance")
+    scoring["ensemble"] = {"scores": parts[:column] + parts[column + 1 :], "combine": "fisher"}
+    entry = calibration["scores"]["ensemble"]
+    del entry["weights"]
+    entry["parts"] = scoring["ensemble"]["scores"]
+    entry["rows"] = [row[:column] + row[column + 1 :] for row in entry["rows"]]
 
 
 def drop_format_8(calibration: dict[str, Any]) -> None:
@@ -133,7 +149,7 @@ def make_artifact(
     the ensemble; 1 to 3, without RaPP, calibrated by quantiles rather than sorted values; 1 to
     4, without the polar distance; 2 to 5, an image model's attribution standardised at the
     trimmed projection rather than the residual from x redrawn; 1 to 7, without the
-    ensemble's validation rows."""
+    ensemble's validation rows; 1 to 8, without the feature distance."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         input_dim=int(np.prod(input_shape)),
@@ -150,6 +166,9 @@ def make_artifact(
     calibration, scoring, refs = pipeline.calibration(
         model, pipeline.Splits(x_val, x_val, x_val, binarize=False), cal_cfg, background
     )
+    if format_version <= 8 and refs.features is not None:
+        drop_format_9(calibration, scoring)
+        refs = replace(refs, features=None)
     if format_version <= 7:
         drop_format_8(calibration)
     if format_version <= 5:

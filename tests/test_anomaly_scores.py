@@ -28,11 +28,15 @@ from training.model import VAE
 
 X = np.random.default_rng(0).uniform(0, 1, (3, 16)).round(3).tolist()  # 4x4 images
 NEW = ("input_complexity", "likelihood_ratio", "dose", "latent_distance", "latent_polar_distance",
-       "rapp", "ensemble")  # fmt: skip
+       "rapp", "feature_distance", "ensemble")  # fmt: skip
 CHEAP = ("kl_divergence", "reconstruction_log_prob", "input_complexity", "dose",
-         "latent_distance", "latent_polar_distance", "rapp", "ensemble")  # fmt: skip
-# Format 5's ensemble, and format 4's.
-ENSEMBLE = ("dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity")
+         "latent_distance", "latent_polar_distance", "rapp", "feature_distance",
+         "ensemble")  # fmt: skip
+# Format 5's ensemble, format 9's (the same and the feature distance, counted twice), and
+# format 4's.
+ENSEMBLE_5 = ("dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity")
+ENSEMBLE = (*ENSEMBLE_5, "feature_distance")
+WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 ENSEMBLE_4 = ("dose", "latent_distance", "rapp")
 
 
@@ -45,6 +49,12 @@ def v2_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def v1_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("v1") / "vae.pt"
     return make_artifact(path, input_shape=(4, 4), format_version=1)
+
+
+@pytest.fixture(scope="module")
+def format8_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("f8") / "vae.pt"
+    return make_artifact(path, input_shape=(4, 4), format_version=8)
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +108,36 @@ def test_the_artifact_recommends_the_decision_score(client: TestClient) -> None:
     assert score(client)["decision_score"] == "ensemble"
 
 
-def sum_of_tails(out: dict[str, Any], names: tuple[str, ...]) -> list[float]:
-    """-log(1 - p) summed over the named scores' percentiles, per instance: the ensemble,
-    for values within the calibration's range (beyond it, each tail grows on)."""
+def sum_of_tails(
+    out: dict[str, Any], names: tuple[str, ...], weights: tuple[float, ...] | None = None
+) -> list[float]:
+    """-log(1 - p) summed over the named scores' percentiles, each times its weight, per
+    instance: the ensemble, for values within the calibration's range (beyond it, each tail
+    grows on)."""
     rows = zip(*(out["percentiles"][n] for n in names), strict=True)
-    return [sum(-np.log1p(-p) for p in ps) for ps in rows]
+    w = weights or (1.0,) * len(names)
+    return [sum(wi * -np.log1p(-p) for wi, p in zip(w, ps, strict=True)) for ps in rows]
 
 
-def test_the_ensemble_sums_the_tails_of_its_five_percentiles(client: TestClient) -> None:
+def test_the_ensemble_sums_the_tails_of_its_six_percentiles(client: TestClient) -> None:
     out = score(client)
-    np.testing.assert_allclose(out["ensemble"], sum_of_tails(out, ENSEMBLE), rtol=1e-5)
+    np.testing.assert_allclose(out["ensemble"], sum_of_tails(out, ENSEMBLE, WEIGHTS), rtol=1e-5)
+    assert all(0.0 <= d <= 2.0 for d in out["feature_distance"])
     assert all(0.0 <= d <= 2.0 for d in out["latent_distance"])
     assert all(r >= 0.0 for r in out["rapp"])
     # The polar distance is the direction's chord and the log lengths' gap together: never
     # below the direction's alone, for the same neighbours or nearer ones.
     assert all(p >= 0.0 for p in out["latent_polar_distance"])
+
+
+def test_a_format_8_artifact_keeps_its_ensemble_of_five(format8_artifact: Path) -> None:
+    with client_for(format8_artifact) as c:
+        out = score(c)
+        ensemble = c.get("/model").json()["manifest"]["ensemble"]
+    assert ensemble == {"scores": list(ENSEMBLE_5), "combine": "fisher"}  # no weights
+    assert out["feature_distance"] is None
+    assert out["percentiles"]["feature_distance"] is None
+    np.testing.assert_allclose(out["ensemble"], sum_of_tails(out, ENSEMBLE_5), rtol=1e-5)
 
 
 def test_a_format_4_artifact_keeps_its_ensemble_of_three(format4_artifact: Path) -> None:
@@ -149,7 +174,9 @@ def with_manifest(
     model.load_state_dict(weights)
     assert background is not None
     bg.load_state_dict(background)
-    references = References(served.neighbours, served.gaps if rapp else None)
+    references = References(
+        served.neighbours, served.gaps if rapp else None, features=served.features
+    )
     export_artifact(model, manifest, out, bg, references)
     return out
 
@@ -179,6 +206,19 @@ def test_an_ensemble_whose_rows_are_of_other_parts_is_refused_at_load(tmp_path: 
     artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
     broken = with_manifest(artifact, tmp_path / "broken.pt", reversed_ensemble)
     with pytest.raises(ModelLoadError, match=r"validation rows are not of the scores it combines"):
+        VAEService.load(broken, "cpu")
+
+
+def test_an_ensemble_weighted_otherwise_than_its_rows_is_refused_at_load(tmp_path: Path) -> None:
+    """Format 9's weights enter the ensemble's value and, from the calibration's own copy,
+    its conformal percentile: an artifact whose two copies differ is refused."""
+
+    def unweighted(manifest: dict[str, Any]) -> None:
+        del manifest["ensemble"]["weights"]
+
+    artifact = make_artifact(tmp_path / "good.pt", input_shape=(4, 4))
+    broken = with_manifest(artifact, tmp_path / "broken.pt", unweighted)
+    with pytest.raises(ModelLoadError, match=r"rows are weighted otherwise than its scores"):
         VAEService.load(broken, "cpu")
 
 

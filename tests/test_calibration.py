@@ -269,21 +269,25 @@ def test_held_out_tails_are_each_value_against_the_others() -> None:
         cal.held_out_log_tails(np.array([4.5]))
 
 
-def conformal_calibration(val: dict[str, np.ndarray]) -> tuple[Calibration, Ensemble]:
-    combined = Ensemble(tuple(val), "fisher")
+def conformal_calibration(
+    val: dict[str, np.ndarray], weights: tuple[float, ...] | None = None
+) -> tuple[Calibration, Ensemble]:
+    combined = Ensemble(tuple(val), "fisher", weights)
     manifest = {"calibration": calibrate_with_ensemble(dict(val), {}, combined)}
     return Calibration.from_manifest(manifest, "m"), combined
 
 
+@pytest.mark.parametrize("weights", [None, (1.0, 1.0, 2.0)])
 @pytest.mark.parametrize("v", [5, 10, 37, 120])
 def test_the_conformal_percentile_takes_each_validation_row_against_the_others_and_the_new_one(
-    v: int,
+    v: int, weights: tuple[float, ...] | None
 ) -> None:
     """Checked against the definition, row by row: each validation row's tails against its V
     references (the other V - 1 and the new row, ScoreCalibration.log_tail as a new row's
-    are taken), summed, and the share of the V + 1 sums below the new row's. One part is
-    anomalous when lower, one has its top value tied (no tail fitted to it), and new rows
-    tie validation values or reach beyond their range."""
+    are taken), times their weights (format 9), summed, and the share of the V + 1 sums
+    below the new row's. One part is anomalous when lower, one has its top value tied (no
+    tail fitted to it) and counts twice where weighted, and new rows tie validation values or
+    reach beyond their range."""
     rng = np.random.default_rng(v)
     val = {
         "dose": rng.lognormal(size=v).astype(np.float32),
@@ -291,7 +295,7 @@ def test_the_conformal_percentile_takes_each_validation_row_against_the_others_a
         "rapp": rng.gumbel(size=v).astype(np.float32),
     }
     val["rapp"][0] = val["rapp"].max()  # a tie at the top
-    cal, combined = conformal_calibration(val)
+    cal, combined = conformal_calibration(val, weights)
     # Half of them validation values themselves (ties), half beyond their range.
     stretch = np.where(np.arange(40) < 20, 1.0, 1.5).astype(np.float32)
     new = {n: stretch * rng.choice(values, 40) for n, values in val.items()}
@@ -299,12 +303,12 @@ def test_the_conformal_percentile_takes_each_validation_row_against_the_others_a
     got = cal.percentiles(new)["ensemble"]
     for j in range(40):
         sums = np.zeros(v)
-        for name in combined.scores:
+        for name, weight in zip(combined.scores, weights or (1.0, 1.0, 1.0), strict=True):
             part = cal.scores[name]
             for i in range(v):
                 references = np.sort(np.append(np.delete(val[name], i), new[name][j]))
                 peer = ScoreCalibration.of_values(references, part.higher_is_anomalous, 0)
-                sums[i] += peer.log_tail(val[name][i : i + 1])[0]
+                sums[i] += weight * peer.log_tail(val[name][i : i + 1])[0]
         assert got[j] == np.float32(np.sum(sums < new["ensemble"][j]) / (v + 1))
     # Not the rank among the stored values, each validation row against the other V - 1.
     assert np.any(got != cal.scores["ensemble"].percentile(new["ensemble"]))
@@ -327,6 +331,9 @@ def test_a_conformal_percentile_is_one_where_a_part_is_not_finite() -> None:
         ({"rows": [[1.0, 2.0]]}, "must be 30 rows of 2 finite values"),
         ({"rows": [[1.0, float("nan")]] * 30}, "must be 30 rows of 2 finite values"),
         ({"rows": [[1.0, 2.0]] * 30}, "the validation values dose was calibrated on"),
+        ({"weights": [1.0]}, "weights must be 2 positive finite numbers"),
+        ({"weights": [1.0, 0.0]}, "weights must be 2 positive finite numbers"),
+        ({"weights": [1.0, "two"]}, "weights must be 2 positive finite numbers"),
     ],
 )
 def test_broken_ensemble_rows_are_refused(change: dict[str, Any], message: str) -> None:

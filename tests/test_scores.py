@@ -13,6 +13,7 @@ from scoring.calibration import Calibration, ScoreCalibration
 from scoring.scores import (
     Density,
     Ensemble,
+    FeatureNeighbours,
     GapProjection,
     InputNeighbours,
     Neighbours,
@@ -279,3 +280,51 @@ def test_the_input_reference_round_trips_and_is_checked() -> None:
     with pytest.raises(ValueError, match=r"N >= k = 60"):
         InputNeighbours.from_bytes(ref.to_bytes(), k=60, width=3)
     assert InputNeighbours.fit(np.ones((3, 2)) * np.arange(3)[:, None]).k == 3  # fewer rows than k
+
+
+def test_the_feature_distance_is_the_chord_distance_to_the_k_nearest_projected_directions() -> None:
+    rng = np.random.default_rng(6)
+    # Non-negative features, as a ReLU layer gives, of 40 units, on three rank-4 clusters.
+    centres = rng.uniform(0, 1, (3, 40))
+    rows = np.abs(centres[rng.integers(0, 3, 600)] + 0.1 * rng.normal(size=(600, 40)))
+    ref = FeatureNeighbours.fit(rows, rank=8)
+    assert ref.basis.shape == (40, 8)
+    assert len(ref.neighbours.reference) == 600
+    queries = np.abs(rng.normal(size=(300, 40)))
+    # Directly: unit rows, their uncentred top-8 right singular vectors, unit again, the mean
+    # of the 5 smallest chord distances.
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    basis = np.linalg.svd(unit, full_matrices=False)[2][:8].T
+
+    def projected(a: np.ndarray) -> np.ndarray:
+        p = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ basis
+        return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+    chords = np.linalg.norm(projected(queries)[:, None] - projected(rows)[None], axis=-1)
+    expected = np.sort(chords, axis=1)[:, :5].mean(1)
+    # The basis's signs are the SVD's choice, and each is rounded to float32: the distances
+    # agree to float32's precision.
+    np.testing.assert_allclose(ref.distances(queries), expected, rtol=1e-4, atol=1e-5)
+    # The direction counts, not the size: a training row scaled up is as near as itself.
+    near, far = ref.distances(np.stack([rows[0] * 5.0, queries[0]]))
+    assert near < 0.1 < far
+    # A batch scores each row as it scores alone (300 rows: more than one block).
+    alone = np.concatenate([ref.distances(q[None]) for q in queries])
+    np.testing.assert_array_equal(ref.distances(queries), alone)
+
+
+def test_the_feature_reference_round_trips_and_is_checked() -> None:
+    rows = np.abs(np.random.default_rng(7).normal(size=(50, 12)))
+    ref = FeatureNeighbours.fit(rows, rank=6)
+    back = FeatureNeighbours.from_bytes(ref.to_bytes(), k=5, width=12)
+    x = np.abs(np.random.default_rng(8).normal(size=(20, 12))).astype(np.float32)
+    # The trainer's reference is already what the float32 file holds: the same scores.
+    np.testing.assert_array_equal(back.distances(x), ref.distances(x))
+    with pytest.raises(ValueError, match=r"13 x R"):
+        FeatureNeighbours.from_bytes(ref.to_bytes(), k=5, width=13)
+    with pytest.raises(ValueError, match=r"N >= k = 60"):
+        FeatureNeighbours.from_bytes(ref.to_bytes(), k=60, width=12)
+    # Fewer rows than k or than the rank: all of them, and as many directions as there are.
+    few = FeatureNeighbours.fit(rows[:3], rank=6)
+    assert few.neighbours.k == 3
+    assert few.basis.shape == (12, 3)

@@ -19,6 +19,7 @@ from tests.conftest import (
     drop_format_5,
     drop_format_6,
     drop_format_8,
+    drop_format_9,
 )
 from training.__main__ import main as train
 from training.config import ModelConfig
@@ -30,7 +31,7 @@ from training.upgrade import main as upgrade
 def as_format(artifact: Path, out: Path, version: int) -> Path:
     """The artifact as the trainer of format 2 (no latent reference, DoSE deciding), 4 (no
     polar distance, an ensemble of three) or 5 (the attribution standardised at the trimmed
-    projection) wrote it."""
+    projection; no ensemble rows, no feature distance) wrote it."""
     weights, background, manifest = load_weights(artifact)
     cfg = ModelConfig.from_dict(manifest["model"])
     model, bg = VAE(cfg), VAE(cfg)
@@ -40,6 +41,7 @@ def as_format(artifact: Path, out: Path, version: int) -> Path:
     rows = torch.bernoulli(
         torch.full((64, cfg.input_dim), 0.3), generator=torch.Generator().manual_seed(0)
     )
+    drop_format_9(manifest["calibration"], manifest)
     drop_format_8(manifest["calibration"])
     drop_format_6(model.eval(), rows, manifest)
     # Each older format drops what the next one added, as tests/conftest.py's make_artifact.
@@ -136,7 +138,9 @@ def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores
     assert after.format_version == FORMAT_VERSION
     assert after.ensemble.scores == (
         "dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity",
+        "feature_distance",
     )  # fmt: skip
+    assert after.ensemble.weights == (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
     _, _, four_manifest = load_weights(four)
     _, _, five_manifest = load_weights(out)
     for name in ("kl_divergence", "dose", "latent_distance", "rapp"):
@@ -149,9 +153,9 @@ def test_a_format_4_artifact_gains_the_polar_distance_and_keeps_its_other_scores
 def test_a_format_5_artifact_keeps_every_score_and_gains_the_redrawn_residual(
     old: Path, data: Path, tmp_path: Path
 ) -> None:
-    """Format 5 to the current one changes an image model's attribution (6) and adds the
-    ensemble's validation rows (8) alone: every calibration value, the ensemble and the seeded
-    scores stay as they were."""
+    """Format 5 to the current one changes an image model's attribution (6), adds the
+    ensemble's validation rows (8), and adds the feature distance to the ensemble (9): every
+    other score keeps its calibration values and its seeded answers."""
     current = tmp_path / "current.pt"
     assert upgrade([str(old), "--data-dir", str(data), "--out", str(current)]) == 0
     five = as_format(current, tmp_path / "five.pt", 5)
@@ -163,14 +167,18 @@ def test_a_format_5_artifact_keeps_every_score_and_gains_the_redrawn_residual(
     assert (after.format_version, after.attribution_method) == (FORMAT_VERSION, "redrawn residual")
     calibration = copy.deepcopy(after.manifest["calibration"])
     assert calibration["scores"]["ensemble"]["parts"] == list(after.ensemble.scores)
-    drop_format_8(calibration)
-    assert calibration == before.manifest["calibration"]
-    assert after.ensemble == before.ensemble
+    assert after.ensemble.scores == (*before.ensemble.scores, "feature_distance")
+    scores = calibration["scores"]
+    del scores["ensemble"], scores["feature_distance"]
+    assert scores == {
+        n: v for n, v in before.manifest["calibration"]["scores"].items() if n != "ensemble"
+    }
     x = np.random.default_rng(5).uniform(size=(4, 16)).astype(np.float32)
     old_scores = before.anomaly_scores(x, 4, seed=0, attribution=True)
     new_scores = after.anomaly_scores(x, 4, seed=0, attribution=True)
+    assert new_scores.keys() - old_scores.keys() == {"feature_distance"}
     for name, values in old_scores.items():
-        if name != "attribution":
+        if name not in ("attribution", "ensemble"):
             np.testing.assert_array_equal(new_scores[name], values, err_msg=name)
     # The residual is in the data's own units, 0 to 1; the standardised map is not.
     assert ((new_scores["attribution"] >= 0) & (new_scores["attribution"] <= 1)).all()

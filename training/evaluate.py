@@ -42,6 +42,7 @@ SCORE_DIRECTIONS = {
     "dose": "higher",  # format 2
     "latent_distance": "higher",  # format 3
     "latent_polar_distance": "higher",  # format 5: the latent distance, the length kept
+    "feature_distance": "higher",  # format 9: k-NN among the encoder's first-layer features
     "rapp": "higher",  # format 4: the hidden-space reconstruction gap, whitened (NAP)
     "input_distance": "higher",  # format 7, table models: k-NN distance among training rows
     # Format 3: the larger percentile of two; 4: the tails of three, summed; 5: of four or five.
@@ -151,6 +152,8 @@ def anomaly_scores(
             scores.setdefault("latent_mean", []).append(model.encode(xb)[0])
         if references.gaps is not None:
             scores.setdefault("hidden_gap", []).append(model.hidden_gap(xb))
+        if references.features is not None:
+            scores.setdefault("features", []).append(model.features(xb))
         if background is not None:
             ratio = recon - background.reconstruction_log_prob(xb, eps)
             scores.setdefault("likelihood_ratio", []).append(ratio)
@@ -170,6 +173,8 @@ def anomaly_scores(
             out["latent_polar_distance"] = polar_distance
     if references.gaps is not None:
         out["rapp"] = references.gaps.score(out["hidden_gap"])
+    if references.features is not None:
+        out["feature_distance"] = references.features.distances(out.pop("features"))
     if references.inputs is not None:
         out["input_distance"] = references.inputs.distances(x.cpu().numpy())
     if calibration is not None and ensemble is not None and all(n in out for n in ensemble.scores):
@@ -181,6 +186,13 @@ def anomaly_scores(
 def hidden_gaps(model: VAE, x: Tensor, *, batch_size: int = 1000) -> np.ndarray:
     """RaPP's hidden-space reconstruction gaps of x, (N, sum of hidden_dims)."""
     return torch.cat([model.hidden_gap(xb) for xb in x.split(batch_size)]).cpu().numpy()
+
+
+@torch.no_grad()
+def encoder_features(model: VAE, x: Tensor, *, batch_size: int = 1000) -> np.ndarray:
+    """The encoder's first hidden layer for x, (N, hidden_dims[0]): the feature distance's
+    reference."""
+    return torch.cat([model.features(xb) for xb in x.split(batch_size)]).cpu().numpy()
 
 
 @torch.no_grad()

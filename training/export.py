@@ -21,6 +21,7 @@ import torch
 
 from scoring.artifact import (
     BACKGROUND,
+    FEATURE_REFERENCE,
     GAP_PROJECTION,
     INPUT_REFERENCE,
     LATENT_LENGTHS,
@@ -44,7 +45,10 @@ from training.model import VAE
 # with the ensemble of it and DoSE; an image model's artifact is as format 6's.
 # 8: the ensemble's calibration keeps each validation row's values of its parts, and the
 # service reads the ensemble's percentile as a full conformal p-value (scoring/calibration.py).
-FORMAT_VERSION = 8
+# 9: an image model adds the feature distance (the encoder's first-layer features of its
+# training rows, projected, in FEATURE_REFERENCE) and takes it into the ensemble twice over
+# (the ensemble's `weights`).
+FORMAT_VERSION = 9
 
 
 @contextmanager
@@ -114,6 +118,8 @@ def export_artifact(
         extra[GAP_PROJECTION] = references.gaps.to_bytes()
     if references is not None and references.inputs is not None:
         extra[INPUT_REFERENCE] = references.inputs.to_bytes()
+    if references is not None and references.features is not None:
+        extra[FEATURE_REFERENCE] = references.features.to_bytes()
     with _quiet_jit():
         scripted = torch.jit.script(model.cpu().eval())
         if background is not None:

@@ -61,6 +61,12 @@ class VAE(nn.Module):
         return out
 
     @torch.jit.export
+    def features(self, x: Tensor) -> Tensor:
+        """The encoder's first hidden layer for x, (B, D) -> (B, hidden_dims[0]): what the
+        feature distance (format 9) compares with the training rows'."""
+        return self.activations(x)[0]
+
+    @torch.jit.export
     def hidden_gap(self, x: Tensor) -> Tensor:
         """RaPP's reconstruction in the hidden spaces (Kim et al., ICLR 2020): the encoder's
         activations of x minus those of its reconstruction E[x|z = mean], every hidden layer

@@ -86,9 +86,10 @@ JSON = "application/json"
 NPY = "application/x-npy"
 # .npy preferred for array answers; errors (and /anomaly-score) come back as JSON regardless.
 ACCEPT_NPY = f"{NPY}, {JSON};q=0.5"
-# Format-2 to format-7 scores: None from servers or artifacts without them.
+# Format-2 to format-9 scores: None from servers or artifacts without them.
 NEW_SCORES = ("input_complexity", "likelihood_ratio", "dose", "latent_distance",
-              "latent_polar_distance", "rapp", "input_distance", "ensemble")  # fmt: skip
+              "latent_polar_distance", "rapp", "input_distance", "feature_distance",
+              "ensemble")  # fmt: skip
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
@@ -106,6 +107,7 @@ ScoreName = Literal[
     "latent_polar_distance",
     "rapp",
     "input_distance",
+    "feature_distance",
     "ensemble",
 ]
 # The state of a model in the repository, or of one of its versions: READY serves, LOADING is
@@ -274,6 +276,7 @@ class ScorePercentiles:
     latent_polar_distance: Array | None = None
     rapp: Array | None = None
     input_distance: Array | None = None
+    feature_distance: Array | None = None
     ensemble: Array | None = None
 
 
@@ -301,6 +304,7 @@ class AnomalyScores:
     latent_polar_distance: Array | None = None
     rapp: Array | None = None
     input_distance: Array | None = None
+    feature_distance: Array | None = None
     ensemble: Array | None = None
     attribution: Array | None = None  # (B, D) when asked for
     top_features: list[list[FeatureShare]] | None = None  # per instance, when asked for
