@@ -218,6 +218,30 @@ def test_the_format_4_ensemble_sums_the_tails_and_is_infinite_beyond_normal_data
     assert Ensemble.from_manifest({}) == Ensemble()  # format 3: the larger of two
 
 
+def test_a_weighted_ensemble_counts_each_tail_its_weight_times() -> None:
+    """Format 9: each tail times its weight; the weights travel with the recipe, and a recipe
+    whose weights cannot be summed as tails is refused."""
+    ensemble = Ensemble(("dose", "latent_distance", "rapp"), "fisher", (1.0, 1.0, 2.0))
+    cal = ranks(*ensemble.scores)
+    scores = {"dose": np.array([49.5, 89.5]), "latent_distance": np.array([49.5, 49.5]),
+              "rapp": np.array([89.5, 49.5])}  # fmt: skip
+    half, ninety = -np.log1p(-50 / 101), -np.log1p(-90 / 101)
+    got = ensemble.score(scores, cal)
+    assert got.tolist() == pytest.approx([2 * half + 2 * ninety, ninety + 3 * half], rel=1e-6)
+    # The rapp-alarmed row outranks the dose-alarmed one, where unweighted they tie.
+    assert got[0] > got[1]
+    unweighted = Ensemble(ensemble.scores, "fisher").score(scores, cal)
+    assert unweighted[0] == pytest.approx(unweighted[1], rel=1e-6)
+    entry = ensemble.to_manifest()
+    assert entry["weights"] == [1.0, 1.0, 2.0]
+    assert Ensemble.from_manifest({"ensemble": entry}) == ensemble
+    assert "weights" not in Ensemble(ensemble.scores, "fisher").to_manifest()  # formats 4 to 8
+    for bad in ({**entry, "weights": [1.0, 2.0]}, {**entry, "weights": [1.0, 1.0, -2.0]},
+                {**entry, "weights": [1.0, 1.0, float("inf")]}, {**entry, "combine": "max"}):  # fmt: skip
+        with pytest.raises(ValueError, match="weights"):
+            Ensemble.from_manifest({"ensemble": bad})
+
+
 def test_one_score_far_beyond_all_normal_data_outweighs_two_at_its_edge() -> None:
     """The rank stops at the last validation value (ln(V + 1) = 4.6 here); beyond it the tail
     goes on growing, so one score far out cannot be outvoted by two that see nothing."""

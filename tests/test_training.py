@@ -81,7 +81,7 @@ def test_manifest_calibration_is_monotone_and_complete(mnist_artifact: Path) -> 
 @pytest.mark.slow
 def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> None:
     _, manifest = load_artifact(mnist_artifact)
-    assert manifest["format_version"] == 8
+    assert manifest["format_version"] == 9
     assert manifest["decision_score"] == "ensemble"
     dose = manifest["dose"]
     assert dose["features"] == ["kl_divergence", "reconstruction_log_prob", "complexity_bits"]
@@ -117,10 +117,27 @@ def test_manifest_carries_what_the_newer_scores_need(mnist_artifact: Path) -> No
     }
     assert vae.neighbours.log_lengths is not None
     assert vae.neighbours.log_lengths.shape == (train_size,)
-    assert manifest["ensemble"] == {
-        "scores": ["dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity"],
-        "combine": "fisher",
+    # The feature distance's reference: the same rows' first-layer features (512 units),
+    # projected on 128 directions, unit rows.
+    assert manifest["feature_distance"] == {
+        "k": 5,
+        "n": train_size,
+        "rank": 128,
+        "source": "the encoder's first hidden layer of training rows, projected",
     }
+    assert vae.features is not None
+    assert vae.features.basis.shape == (512, 128)
+    assert vae.features.neighbours.reference.shape == (train_size, 128)
+    np.testing.assert_allclose(
+        np.linalg.norm(vae.features.neighbours.reference, axis=1), 1.0, atol=1e-6
+    )
+    assert manifest["ensemble"] == {
+        "scores": ["dose", "latent_distance", "latent_polar_distance", "rapp", "input_complexity",
+                   "feature_distance"],
+        "combine": "fisher",
+        "weights": [1.0, 1.0, 1.0, 1.0, 1.0, 2.0],
+    }  # fmt: skip
+    assert manifest["calibration"]["scores"]["ensemble"]["weights"] == [1, 1, 1, 1, 1, 2]
 
 
 @pytest.mark.slow

@@ -228,7 +228,8 @@ def test_tritonclient_anomaly_leaves_out_the_log_likelihood_it_did_not_compute(
     result = client.infer("vae-anomaly", [triton_input("instances", X)], parameters={"seed": 3})
     names = [o["name"] for o in result.get_response()["outputs"]]
     cheap = ["kl_divergence", "reconstruction_log_prob", "input_complexity", "dose",
-             "latent_distance", "latent_polar_distance", "rapp", "ensemble"]  # fmt: skip
+             "latent_distance", "latent_polar_distance", "rapp", "feature_distance",
+             "ensemble"]  # fmt: skip
     assert names == [*cheap, *(f"{n}_percentile" for n in cheap), "is_anomaly"]
 
 
@@ -431,7 +432,7 @@ BAD_REQUESTS = [
     (bad({**GOOD_JSON, "parameters": {"decision_score": "mse"}}, model="vae-anomaly"),
      "parameters.decision_score: Input should be 'kl_divergence', 'reconstruction_log_prob', "
      "'log_likelihood', 'input_complexity', 'likelihood_ratio', 'dose', 'latent_distance', "
-     "'latent_polar_distance', 'rapp', 'input_distance' or 'ensemble'."),
+     "'latent_polar_distance', 'rapp', 'input_distance', 'feature_distance' or 'ensemble'."),
     (bad({**GOOD_JSON, "outputs": [{"name": "z"}]}),
      "Model 'vae' has no output 'z'; its outputs are mean, std and samples."),
     (bad({**GOOD_JSON, "outputs": [{"name": "mean"}, {"name": "mean"}]}), "Output 'mean' is requested twice."),
