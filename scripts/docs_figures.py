@@ -574,10 +574,10 @@ def ensemble_design(page: Path) -> str:
 
 @block("oneclass-seeds")
 def oneclass_seeds(page: Path) -> str:
-    """The one-class run again with another seed, as format 5 and as format 4 (the trainer
-    before it): the ensemble's mean and worst digit, and its false alarms, run by run."""
+    """The one-class run again with another seed, by the current trainer and by those of
+    formats 5 and 4: the ensemble's mean and worst digit, and its false alarms, run by run."""
     rows = []
-    for name in (ONECLASS, "oneclass-seed1", "oneclass-seed1-format4"):
+    for name in (ONECLASS, "oneclass-seed1", "oneclass-seed1-format5", "oneclass-seed1-format4"):
         r = bench(name)
         worst = worst_digit(r, "ensemble")
         alarms = {d: a["grey"] for d, a in r["false_alarms"].items()}
