@@ -245,7 +245,7 @@ def test_startup_refuses_an_unknown_format_version(tmp_path: Path) -> None:
     manifest = {"format_version": FORMAT_VERSION + 1, "input_shape": [4], "input_dim": 4,
                 "latent_dim": 2, "likelihood": "bernoulli"}  # fmt: skip
     export_artifact(model, manifest, tmp_path / "future.pt")
-    match = rf"unknown format_version {FORMAT_VERSION + 1}; this service reads \[1, 2, 3, 4, 5, 6, 7, 8\]"
+    match = rf"unknown format_version {FORMAT_VERSION + 1}; this service reads \[1, 2, 3, 4, 5, 6, 7, 8, 9\]"
     with pytest.raises(ModelLoadError, match=match):
         start(Settings(model_path=tmp_path / "future.pt"))
 

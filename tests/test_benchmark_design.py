@@ -45,3 +45,12 @@ def test_the_design_reports_every_score_and_candidate_per_digit(tmp_path: Path) 
     assert np.isfinite(list(one["mean"].values())).all()
     # One epoch already tells a 1 from the other digits better than chance.
     assert one["mean"]["format 5: format 4 + polar + input complexity"] > 0.5
+
+
+def test_the_trainers_ensemble_is_one_the_design_scores() -> None:
+    """The recipe an image model is trained with is a candidate of the design split, with the
+    same scores and weights, so the design's figures are of what ships."""
+    from training.pipeline import ENSEMBLE
+
+    assert ENSEMBLE in CANDIDATES.values()
+    assert set(ENSEMBLE) <= set(SCORES)
