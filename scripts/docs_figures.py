@@ -711,32 +711,38 @@ def sanity_table(page: Path) -> str:
     return table(head, rows)
 
 
+# The shipped weights brought to newer formats by training.upgrade, oldest first, and the
+# format each is.
+UPGRADED = (("sanity-format6", 6), ("sanity-format9", 9))
+
+
 @block("sanity-upgraded")
 def sanity_upgraded(page: Path) -> str:
-    """The shipped weights' sanity sets as format 4 (shipped) and as format 6 (upgraded): the
+    """The shipped weights' sanity sets as format 4 (shipped) and as each upgrade of them: the
     ensemble's AUROC and the share the default decision flags, set by set."""
-    four, six = bench("sanity")["sanity"], bench("sanity-format6")["sanity"]
+    runs = [bench("sanity")["sanity"], *(bench(name)["sanity"] for name, _ in UPGRADED)]
     rows = []
-    for key in four["flagged"]:
-        aurocs = [r["auroc"].get(key, {}).get("ensemble") for r in (four, six)]
+    for key in runs[0]["flagged"]:
+        aurocs = [r["auroc"].get(key, {}).get("ensemble") for r in runs]
         cells = ["" if a is None else f"{a:.3f}" for a in aurocs]
-        flags = [flagged_cell(r, key) for r in (four, six)]
+        flags = [flagged_cell(r, key) for r in runs]
         rows.append((SANITY_SETS.get(key, key), *cells, *flags))
-    head = ("set", "ensemble AUROC, format 4", "format 6", "flagged, format 4", "format 6")
-    command = anomaly_command("sanity-format6")
-    return f"```bash\n{command}\n```\n\n" + table(head, rows)
+    formats = [f"format {fmt}" for _, fmt in UPGRADED]
+    head = ("set", "ensemble AUROC, format 4", *formats, "flagged, format 4", *formats)
+    commands = "\n".join(anomaly_command(name) for name, _ in UPGRADED)
+    return f"```bash\n{commands}\n```\n\n" + table(head, rows)
 
 
 @block("sanity-costs")
 def sanity_costs(page: Path) -> str:
-    runs = [bench(n) for n in ("sanity", "sanity-format6")]
+    runs = [bench(n) for n in ("sanity", *(name for name, _ in UPGRADED))]
     machines = {describe_machine(r["machine"]) for r in runs}
     if len(machines) != 1:
-        raise ValueError("the two sanity runs' costs compare only from one machine")
-    four, six = (r["sanity"]["microseconds_per_instance"] for r in runs)
+        raise ValueError("the sanity runs' costs compare only from one machine")
+    costs = [r["sanity"]["microseconds_per_instance"] for r in runs]
+    head = ("scoring", "microseconds per instance, format 4", *(f"format {f}" for _, f in UPGRADED))
     return f"On {machines.pop()}:\n\n" + table(
-        ("scoring", "microseconds per instance, format 4", "format 6"),
-        [(k, f"{v:,.0f}", f"{six[k]:,.0f}") for k, v in four.items()],
+        head, [(k, *(f"{c[k]:,.0f}" for c in costs)) for k in costs[0]]
     )
 
 
