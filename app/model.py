@@ -121,8 +121,7 @@ class VAEService:
         conformal = calibration.conformal  # format 8: its validation rows are of its own parts
         if conformal is not None and conformal.parts != self.ensemble.scores:
             raise ValueError("the ensemble's validation rows are not of the scores it combines")
-        weights = self.ensemble.weights or (1.0,) * len(self.ensemble.scores)
-        if conformal is not None and tuple(conformal.weights) != weights:
+        if conformal is not None and tuple(conformal.weights) != self.ensemble.tail_weights:
             raise ValueError(
                 "the ensemble's validation rows are weighted otherwise than its scores"
             )

@@ -354,6 +354,11 @@ class Ensemble:
                 raise ValueError("the ensemble's weights must be positive and finite")
         return cls(scores, combine, weights)
 
+    @property
+    def tail_weights(self) -> tuple[float, ...]:
+        """Each score's weight in the sum of tails: its own (format 9), else 1."""
+        return self.weights or (1.0,) * len(self.scores)
+
     def to_manifest(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"scores": list(self.scores), "combine": self.combine}
         if self.weights is not None:
@@ -377,7 +382,6 @@ class Ensemble:
             parts = [calibration[n].as_trained(scores[n]).astype(np.float64) for n in self.scores]
             combined = np.maximum.reduce(parts)
         else:
-            weights = self.weights or (1.0,) * len(self.scores)
             tails = [
                 w
                 * (
@@ -385,7 +389,7 @@ class Ensemble:
                     if held_out
                     else calibration[n].log_tail(scores[n])
                 )
-                for n, w in zip(self.scores, weights, strict=True)
+                for n, w in zip(self.scores, self.tail_weights, strict=True)
             ]
             combined = np.sum(tails, axis=0)
         beyond = ~np.all([np.isfinite(scores[n]) for n in self.scores], axis=0)
