@@ -53,8 +53,8 @@ def test_the_app_imports_neither_the_trainer_nor_the_client(path: Path) -> None:
 TRAINING = APP.parent / "training"
 SCORING = APP.parent / "scoring"
 # The trainer's tools that score a finished artifact exactly as the service does.
-SERVED_BY_THE_SERVICE = {"benchmark_anomaly.py", "benchmark_latent.py", "benchmark_tabular.py",
-                         "report.py"}  # fmt: skip
+SERVED_BY_THE_SERVICE = {"benchmark_anomaly.py", "benchmark_latent.py", "benchmark_selection.py",
+                         "benchmark_tabular.py", "report.py"}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", sorted(SCORING.glob("*.py")), ids=lambda p: p.name)

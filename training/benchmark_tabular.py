@@ -215,9 +215,10 @@ def run_pyod(
     return out
 
 
-def run_vae(
+def train_artifact(
     csv_path: Path, table: Table, seed: int, args: argparse.Namespace, work: Path
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+) -> tuple[Path, float]:
+    """Train on the table through the real CLI; the artifact's path and the seconds it took."""
     artifact = work / f"vae-{seed}.pt"
     argv = ["--data", str(csv_path), "--label-column", LABEL, "--normal-value", table.normal,
             "--test-fraction", str(args.test_fraction), "--seed", str(seed), "--out",
@@ -226,7 +227,13 @@ def run_vae(
     with contextlib.redirect_stdout(io.StringIO()):
         if train_main(argv) != 0:
             raise SystemExit(f"training failed: python -m training {' '.join(argv)}")
-    seconds = time.perf_counter() - t0
+    return artifact, time.perf_counter() - t0
+
+
+def run_vae(
+    csv_path: Path, table: Table, seed: int, args: argparse.Namespace, work: Path
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    artifact, seconds = train_artifact(csv_path, table, seed, args, work)
     data = load_table(csv_path, None, options(table, seed, args))
     assert data.test_is_anomaly is not None
     vae = VAEService.load(artifact, device="cpu")
