@@ -961,6 +961,41 @@ def tabular_design(page: Path) -> str:
     )
 
 
+@block("tabular-selection")
+def tabular_selection(page: Path) -> str:
+    """Per-artifact choice on synthetic anomalies: its command; each score's mean AUROC on the
+    synthetic anomalies and on the test rows, per table; then the choice beside the default,
+    with what was chosen how often."""
+    r = bench("tabular-selection")
+    datasets = r["datasets"]
+    scores = list(next(iter(datasets.values()))["summary"]["scores"])
+    scores.sort(key=lambda s: SCORES.index(s) if s in SCORES else len(SCORES))
+    rows = []
+    for s in scores:
+        cells = []
+        for d in datasets.values():
+            m = d["summary"]["scores"][s]
+            cells.append(f"{m['synthetic']:.3f} / {m['test']:.3f}")
+        rows.append((f"`{s}`", *cells))
+    chosen, default = [], []
+    for d in datasets.values():
+        counts: dict[str, int] = {}
+        for run in d["runs"]:
+            counts[run["chosen"]] = counts.get(run["chosen"], 0) + 1
+        picks = ", ".join(f"`{c}` x{n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        chosen.append(f"{d['summary']['chosen_test']:.3f} ({picks})")
+        defaults = sorted({run["default"] for run in d["runs"]})
+        default.append(f"{d['summary']['default_test']:.3f} (`{listing(defaults)}`)")
+    rows += [("**chosen per artifact**", *chosen), ("**default decision**", *default)]
+    seeds = ", ".join(f"{len(d['runs'])} seeds of {name}" for name, d in datasets.items())
+    head = ("score: synthetic / test AUROC", *datasets)
+    return (
+        f"```bash\n{out_at(r['command'], 'tabular-selection')}\n```\n\n"
+        f"{seeds} on {describe_machine(r['machine'])} "
+        f"(raw: {link(page, RESULTS / 'tabular-selection.json')}):\n\n" + table(head, rows)
+    )
+
+
 def mean_alarms(runs: list[dict[str, Any]]) -> float:
     """The default decision's false alarms on the held-out normal rows, averaged over runs."""
     return statistics.fmean(run["false_alarms"] for run in runs)
