@@ -12,8 +12,8 @@ import torch
 from app.model import VAEService
 from bench.attribution_maps import SHAPES, SIDE, gaussian, main, opening, window_max_mean
 from bench.attribution_projection import SHAPES as PROJECTION_SHAPES
+from bench.attribution_projection import dehaene_change, maps
 from bench.attribution_projection import main as projection_main
-from bench.attribution_projection import maps
 from scoring.artifact import PROJECTION_STEPS, project, redrawn_projection
 from tests.conftest import MNIST_DIR
 from training.benchmark_anomaly import paste
@@ -104,3 +104,17 @@ def test_redrawing_starts_from_the_trimmed_projection() -> None:
     assert redrawn.shape == (4, vae.latent_dim)
     assert bool(torch.isfinite(redrawn).all())
     assert not torch.allclose(redrawn, served, rtol=1e-2, atol=1e-3)
+
+
+def test_dehaenes_projection_moves_a_pasted_patch_more_than_the_digit() -> None:
+    vae = VAEService.load(SHIPPED, device="cpu")
+    digits = np.asarray(load_data(MNIST_DIR).x_test[:8], np.float32)
+    patched, _ = paste(digits, 8, 8, 0)
+    with torch.no_grad():
+        change = dehaene_change(vae.module, torch.from_numpy(patched)).numpy()
+    assert change.shape == patched.shape
+    assert ((change >= 0) & (change <= 1)).all()
+    inside = patched != digits
+    # The map is how far each pixel moved towards what the model explains: the pasted white
+    # pixels move, on average, several times as far as the rest of the image.
+    assert change[inside].mean() > 3 * change[~inside].mean()
