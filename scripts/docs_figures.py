@@ -824,7 +824,11 @@ TABULAR = ("tabular", "tabular_latent2")
 
 
 def tabular_format(r: dict[str, Any]) -> int:
-    """The artifact format a tabular run trained, from the scores it reports."""
+    """The artifact format a tabular run trained: as its runs record it, or, for runs from
+    before they did, from the scores it reports (the earliest format that serves them all)."""
+    recorded = {run.get("format_version") for d in r["datasets"].values() for run in d["runs"]}
+    if None not in recorded:
+        return max(recorded)
     methods = next(iter(r["datasets"].values()))["summary"]
     return artifact_format(m.partition(": ")[2] for m in methods if not m.startswith("PyOD"))
 

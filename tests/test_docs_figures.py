@@ -90,3 +90,15 @@ def test_a_plot_is_stale_once_its_input_changes_and_missing_once_gone(tmp_path: 
 
 def test_the_check_passes_on_the_committed_pages() -> None:
     assert docs_figures.main(["--check"]) == 0
+
+
+def test_a_table_runs_format_is_what_its_runs_recorded_or_else_told_by_its_scores() -> None:
+    summary = {"vae-service: dose": {}, "vae-service: input_distance": {}, "PyOD: KNN": {}}
+
+    def run(*recorded: int) -> dict[str, object]:
+        runs = [{"format_version": v} for v in recorded] or [{}]
+        return {"datasets": {"wine": {"runs": runs, "summary": summary}}}
+
+    assert docs_figures.tabular_format(run(9, 9)) == 9
+    # A run from before the benchmark recorded it: the earliest format serving its scores.
+    assert docs_figures.tabular_format(run()) == 7

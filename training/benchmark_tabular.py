@@ -245,6 +245,7 @@ def run_vae(
     decision, cal = vae.decision_score, vae.calibration
     alarms = flagged(cal, decision, {n: v[~data.test_is_anomaly] for n, v in scores.items()})
     info = {"train_seconds": round(seconds, 1), "decision_score": decision,
+            "format_version": vae.format_version,
             "artifact_train_size": vae.manifest["dataset"]["train_size"],
             "calibration_rows": cal.n, "false_alarms": round(alarms, 4)}  # fmt: skip
     return out, info
