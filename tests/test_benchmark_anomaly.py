@@ -94,7 +94,6 @@ def test_sanity_sets_score_a_served_model(mnist_artifact: Path, tmp_path: Path) 
         assert 0.0 <= hits["in_shape"] <= 1.0
         assert 0.0 < hits["per_pixel_ceiling"] <= 1.0
         assert 0.0 <= hits["changed_found"] <= 1.0
-    assert set(sanity["microseconds_per_instance"]) >= {"default scores", "+ attribution"}
 
 
 def test_patches_are_white_squares_inside_the_image() -> None:

@@ -13,9 +13,9 @@ the share of the normal test digits the default decision flags at its 0.99 thres
 Sanity sets (--artifact): the artifact is loaded and scored by the service's own code
 (app/model.py), normal test digits against uniform noise, all-black and all-white images,
 inverted, blurred and patched digits (a bright 8x8 square pasted in): AUROC per score, the
-share flagged at the service's default threshold, whether the attribution finds a pasted square
-and a pasted thin line (beside what a per-pixel map could reach at best), and what each score
-costs per instance.
+share flagged at the service's default threshold, and whether the attribution finds a pasted
+square and a pasted thin line (beside what a per-pixel map could reach at best). What each
+score costs is bench/score_costs.py's, artifacts timed in turns in one process.
 
     python -m training.benchmark_anomaly --data-dir ../shared/datasets/mnist --out runs/lodo.json
     python -m training.benchmark_anomaly --data-dir ... --protocol oneclass --epochs 40
@@ -217,7 +217,6 @@ def run_sanity(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> dict
             kind: attribution_hits(vae, x[:100], height, width, args)
             for kind, (height, width) in ATTRIBUTION_SHAPES.items()
         },
-        "microseconds_per_instance": costs(vae, x[:1000], args),
     }
 
 
@@ -270,27 +269,6 @@ def per_pixel_ceiling(x: np.ndarray, patched: np.ndarray, mask: np.ndarray) -> f
     rest = k - np.minimum(changed, k)  # the top-k places left to unchanged pixels
     found = np.minimum(changed, k) + rest * (k - changed) / (x.shape[1] - changed)
     return float((found / k).mean())
-
-
-def costs(vae: VAEService, x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
-    """Microseconds per instance, in batches of 64, of the default scores (KL, reconstruction,
-    and where offered input complexity and DoSE), and of what each costly option adds."""
-    xs = x.astype(np.float32)
-    options: dict[str, dict[str, Any]] = {
-        "default scores": {},
-        "+ likelihood_ratio": {"ratio": True},
-        f"+ log_likelihood (K={args.ll_samples})": {"ll_samples": args.ll_samples},
-        "+ attribution": {"attribution": True},
-    }
-    out = {}
-    for label, kw in options.items():
-        for size in (64, len(xs) % 64 or 64):  # TorchScript profiles each new shape once
-            vae.anomaly_scores(xs[:size], args.samples, args.seed, **kw)
-        t0 = time.perf_counter()
-        for start in range(0, len(xs), 64):
-            vae.anomaly_scores(xs[start : start + 64], args.samples, args.seed, **kw)
-        out[label] = round((time.perf_counter() - t0) / len(xs) * 1e6, 1)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
