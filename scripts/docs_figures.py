@@ -735,14 +735,21 @@ def sanity_upgraded(page: Path) -> str:
 
 @block("sanity-costs")
 def sanity_costs(page: Path) -> str:
-    runs = [bench(n) for n in ("sanity", *(name for name, _ in UPGRADED))]
-    machines = {describe_machine(r["machine"]) for r in runs}
-    if len(machines) != 1:
-        raise ValueError("the sanity runs' costs compare only from one machine")
-    costs = [r["sanity"]["microseconds_per_instance"] for r in runs]
-    head = ("scoring", "microseconds per instance, format 4", *(f"format {f}" for _, f in UPGRADED))
-    return f"On {machines.pop()}:\n\n" + table(
-        head, [(k, *(f"{c[k]:,.0f}" for c in costs)) for k in costs[0]]
+    """Microseconds per instance of each artifact at each option, timed in turns in one run,
+    with each figure's ratio to the first artifact's."""
+    r = bench("score-costs")
+    micro, ratio = r["microseconds_per_instance"], r["ratio_to_baseline"]
+    formats = list(r["artifacts"])
+    rows = [
+        (option, *(f"{per[f]:,.0f} (x{ratio[option][f]:.2f})" for f in formats))
+        for option, per in micro.items()
+    ]
+    return (
+        f"```bash\n{portable(r['command'])}\n```\n\n"
+        f"{r['images']:,} grey test digits a pass, the best of {r['rounds']} rounds, on "
+        f"{describe_machine(r['machine'])} (raw: {link(page, RESULTS / 'score-costs.json')}). "
+        f"Microseconds per instance, and the ratio to {formats[0]}'s:\n\n"
+        + table(("scoring", *formats), rows)
     )
 
 
