@@ -20,6 +20,7 @@ a new shipped model, run this script and commit what it changes.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import hashlib
 import inspect
@@ -979,8 +980,7 @@ def tabular_selection(page: Path) -> str:
     with what was chosen how often."""
     r = bench("tabular-selection")
     datasets = r["datasets"]
-    scores = list(next(iter(datasets.values()))["summary"]["scores"])
-    scores.sort(key=lambda s: SCORES.index(s) if s in SCORES else len(SCORES))
+    scores = sorted(next(iter(datasets.values()))["summary"]["scores"], key=SCORES.index)
     rows = []
     for s in scores:
         cells = []
@@ -990,10 +990,8 @@ def tabular_selection(page: Path) -> str:
         rows.append((f"`{s}`", *cells))
     chosen, default = [], []
     for d in datasets.values():
-        counts: dict[str, int] = {}
-        for run in d["runs"]:
-            counts[run["chosen"]] = counts.get(run["chosen"], 0) + 1
-        picks = ", ".join(f"`{c}` x{n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        counts = collections.Counter(run["chosen"] for run in d["runs"])
+        picks = ", ".join(f"`{c}` x{n}" for c, n in counts.most_common())
         chosen.append(f"{d['summary']['chosen_test']:.3f} ({picks})")
         defaults = sorted({run["default"] for run in d["runs"]})
         default.append(f"{d['summary']['default_test']:.3f} (`{listing(defaults)}`)")
