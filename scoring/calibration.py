@@ -344,19 +344,28 @@ def _conformal(
     return ConformalEnsemble.of_rows(parts, rows, scores, _weights(entry, len(parts), where))
 
 
+def ensemble_weights(raw: Any, size: int) -> np.ndarray:
+    """Format 9's weights of the ensemble's `size` parts, as its recipe and its calibration
+    entry both hold them: one positive finite number each, or a ValueError."""
+    message = f"the ensemble's weights must be {size} positive finite numbers"
+    try:
+        weights = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if weights.shape != (size,) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ValueError(message)
+    return weights
+
+
 def _weights(entry: Mapping[str, Any], size: int, where: str) -> np.ndarray | None:
-    """Format 9's weights of the ensemble's parts, one positive finite number each; None
-    (each part once) where the entry has none, as formats 4 to 8 had."""
+    """The calibration entry's weights; None (each part once) where it has none, as formats
+    4 to 8 had."""
     if entry.get("weights") is None:
         return None
-    message = f"{where}: the ensemble's weights must be {size} positive finite numbers."
     try:
-        weights = np.asarray(entry["weights"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ModelLoadError(message) from None
-    if weights.shape != (size,) or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
-        raise ModelLoadError(message)
-    return weights
+        return ensemble_weights(entry["weights"], size)
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: {e}.") from None
 
 
 def _levels(raw: Any, where: str) -> np.ndarray:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from scoring import Array
-from scoring.calibration import ScoreCalibration
+from scoring.calibration import ScoreCalibration, ensemble_weights
 
 LN2 = math.log(2.0)
 # Rows per block: DoSE's (256, N, F) float64 stays near 12 MB for N = 2000, F = 3; the latent
@@ -345,13 +345,11 @@ class Ensemble:
         if combine not in ("max", "fisher") or not entry["scores"]:
             raise ValueError("the ensemble combines its scores by max or fisher")
         scores = tuple(str(n) for n in entry["scores"])
-        weights = entry.get("weights")
-        if weights is not None:
-            weights = tuple(float(w) for w in weights)
-            if combine != "fisher" or len(weights) != len(scores):
-                raise ValueError("the ensemble's weights are one per score, summed by fisher")
-            if not all(math.isfinite(w) and w > 0 for w in weights):
-                raise ValueError("the ensemble's weights must be positive and finite")
+        weights = None
+        if entry.get("weights") is not None:
+            if combine != "fisher":
+                raise ValueError("the ensemble's weights are summed by fisher, not max")
+            weights = tuple(ensemble_weights(entry["weights"], len(scores)).tolist())
         return cls(scores, combine, weights)
 
     @property
